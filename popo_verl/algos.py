@@ -1,0 +1,98 @@
+"""POPO's entries in verl's `core_algos` registries (advantage estimator and policy loss).
+
+verl contract mirrored: verl/trainer/ppo/core_algos.py (`register_adv_est`, `register_policy_loss`,
+`PolicyLossFn` signature, `agg_loss`) and verl/workers/utils/losses.py (`ppo_loss` calls the policy loss
+on one micro-batch with `config.global_batch_info` filled in). tests/test_plugin.py pins both.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from verl.trainer.ppo import core_algos
+from verl.utils import torch_functional as verl_F
+
+from popo_verl import core
+
+NAME = "popo"
+
+
+def _popo_cfg(config) -> dict:
+    if config is None:
+        return {}
+    popo = config.get("popo", None) if hasattr(config, "get") else getattr(config, "popo", None)
+    return dict(popo) if popo is not None else {}
+
+
+def compute_popo_outcome_advantage(
+    token_level_rewards: torch.Tensor,
+    response_mask: torch.Tensor,
+    index: np.ndarray | None = None,
+    config=None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform positive-set weights as "advantages": w = 1/|S+(x)| on positives, 0 elsewhere.
+
+    For trainers that have no old log-probs at advantage time. The POPO trainer overwrites these with
+    the softmax weights (POPO.md) computed from verl's old_log_probs.
+    """
+    if index is None:
+        raise ValueError("popo advantage estimator needs the group ids (`uid`) of the batch")
+    tau_r = float(_popo_cfg(config).get("tau_r", 0.0))
+    with torch.no_grad():
+        scores = token_level_rewards.sum(dim=-1)
+        positive = core.positive_mask(scores, tau_r)
+        weights = core.popo_weights(torch.zeros_like(scores, dtype=torch.float32), positive, index, mode="uniform")
+        advantages = weights.unsqueeze(-1).to(token_level_rewards.dtype) * response_mask
+    return advantages, advantages
+
+
+def compute_policy_loss_popo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config=None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Weighted NLL of the positives with an upper-clipped ratio: -w * min(r, 1 + eps_high) per token.
+
+    `advantages` carries the POPO weight of each row (>= 0). At r = pi_theta/pi_old = 1 (the first
+    mini-batch) the gradient is -w * grad log pi, exactly that of `core.weighted_nll_loss`; on later
+    mini-batches the clip bounds the importance correction, so a positive cannot be pushed up without
+    limit. Aggregated by verl's `agg_loss` (loss_agg_mode and global-batch normalisation honoured).
+    """
+    if (advantages < 0).any():
+        raise ValueError("popo policy loss expects non-negative per-row weights in `advantages`")
+    clip_high = 0.2
+    if config is not None:
+        clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
+    log_ratio = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, max=1.0 + clip_high)
+    pg_losses = -advantages * clipped
+    if rollout_is_weights is not None:
+        pg_losses = pg_losses * rollout_is_weights
+    batch_info = config.global_batch_info if config is not None else {}
+    pg_loss = core_algos.agg_loss(loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **batch_info)
+    weighted_rows = (advantages > 0) & response_mask.bool()
+    metrics = {
+        "actor/ppo_kl": verl_F.masked_mean(-log_ratio, response_mask).detach().item(),
+        "actor/pg_clipfrac": verl_F.masked_mean((ratio > 1.0 + clip_high).float(), weighted_rows.float()).detach().item()
+        if weighted_rows.any()
+        else 0.0,
+        "actor/pg_clipfrac_lower": 0.0,
+    }
+    return pg_loss, metrics
+
+
+def register() -> None:
+    """Register POPO in verl's registries; safe to call any number of times."""
+    if core_algos.ADV_ESTIMATOR_REGISTRY.get(NAME) is not compute_popo_outcome_advantage:
+        core_algos.register_adv_est(NAME)(compute_popo_outcome_advantage)
+    if core_algos.POLICY_LOSS_REGISTRY.get(NAME) is not compute_policy_loss_popo:
+        core_algos.register_policy_loss(NAME)(compute_policy_loss_popo)

@@ -1,0 +1,277 @@
+"""POPO's math, one function per formula (Xu & Fang, arXiv 2605.06650).
+
+Pure torch: nothing here imports verl, so this file reads next to the paper.
+
+    L = L_nll + alpha * L_sim + beta * L_ent
+
+Notation: B rows (responses), T response tokens, D hidden size.
+S+(x) is the positive set of prompt x: responses whose reward exceeds tau_r.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+WEIGHT_MODES = ("softmax", "uniform")
+
+
+def positive_mask(rewards: torch.Tensor, tau_r: float = 0.0) -> torch.Tensor:
+    """Positive set membership: 1[r(y) > tau_r]  -> bool[B]."""
+    rewards = torch.as_tensor(rewards)
+    if not torch.isfinite(rewards).all():
+        raise ValueError("positive_mask: rewards contain NaN or inf; a verifier must return finite scores")
+    return rewards > tau_r
+
+
+def sequence_log_probs(
+    token_log_probs: torch.Tensor, response_mask: torch.Tensor, length_normalize: bool = True
+) -> torch.Tensor:
+    """Sequence log-prob:  log pi(y|x) = sum_t m_t log pi(y_t|.)   [/ max(sum_t m_t, 1)]  -> [B]."""
+    mask = response_mask.to(token_log_probs.dtype)
+    total = (token_log_probs * mask).sum(dim=-1)
+    if length_normalize:
+        total = total / mask.sum(dim=-1).clamp(min=1.0)
+    return total
+
+
+def group_ids(group_index: Sequence[Hashable] | np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Map B hashable group ids (e.g. verl's uid strings) to dense int64 ids 0..G-1."""
+    if isinstance(group_index, torch.Tensor):
+        return torch.unique(group_index.flatten(), return_inverse=True)[1].long()
+    arr = np.asarray(group_index, dtype=object).reshape(-1)
+    # np.unique on object arrays needs comparable items; a dict keeps any hashable and is O(B).
+    lookup: dict = {}
+    dense = np.fromiter((lookup.setdefault(g, len(lookup)) for g in arr), dtype=np.int64, count=len(arr))
+    return torch.from_numpy(dense)
+
+
+def popo_weights(
+    seq_log_probs: torch.Tensor,
+    positive: torch.Tensor,
+    group_index: Sequence[Hashable] | np.ndarray | torch.Tensor,
+    temperature: float = 1.0,
+    mode: str = "softmax",
+) -> torch.Tensor:
+    """Self-normalised weights over each group's positive set (the bounded importance sampling).
+
+        softmax:  w(y|x) = exp(s(y)/T) / sum_{y' in S+(x)} exp(s(y')/T)   for y in S+(x)
+        uniform:  w(y|x) = 1 / |S+(x)|                                    for y in S+(x)
+                  w(y|x) = 0                                              otherwise
+
+    s = sequence log-prob under the policy that generated the batch. Each group with a positive sums
+    to 1; groups without one get 0. Returned detached: the weights are constants in the loss.
+    """
+    if mode not in WEIGHT_MODES:
+        raise ValueError(f"popo_weights: unknown mode {mode!r}; expected one of {WEIGHT_MODES}")
+    if not temperature > 0:
+        raise ValueError(f"popo_weights: temperature must be > 0, got {temperature}")
+    s = seq_log_probs.detach().reshape(-1).double()
+    pos = torch.as_tensor(positive, device=s.device).reshape(-1).bool()
+    gid = group_ids(group_index).to(s.device)
+    if not (s.numel() == pos.numel() == gid.numel()):
+        raise ValueError(
+            f"popo_weights: sizes differ: seq_log_probs {s.numel()}, positive {pos.numel()}, group_index {gid.numel()}"
+        )
+    n_groups = int(gid.max().item()) + 1 if gid.numel() else 0
+    if mode == "uniform":
+        logits = torch.zeros_like(s)
+    else:
+        logits = s / temperature
+    logits = torch.where(pos, logits, torch.full_like(logits, -math.inf))
+    # Segment softmax: subtract each group's max over positives, exponentiate, divide by the group sum.
+    group_max = torch.full((n_groups,), -math.inf, dtype=s.dtype, device=s.device)
+    group_max = group_max.scatter_reduce(0, gid, logits, reduce="amax", include_self=True)
+    shift = torch.where(pos, logits - group_max[gid], torch.full_like(logits, -math.inf))
+    unnorm = torch.exp(shift)  # exactly 0 on negatives
+    group_sum = torch.zeros(n_groups, dtype=s.dtype, device=s.device).index_add_(0, gid, unnorm)
+    denom = group_sum[gid]
+    w = torch.where(denom > 0, unnorm / denom.clamp(min=torch.finfo(s.dtype).tiny), torch.zeros_like(unnorm))
+    return w.to(seq_log_probs.dtype if seq_log_probs.is_floating_point() else torch.float32)
+
+
+def weighted_nll_loss(token_log_probs: torch.Tensor, weights: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """L_nll = sum_b w_b sum_t -log pi(y_bt) m_bt / max(sum_{b: w_b > 0} sum_t m_bt, 1).
+
+    Global token normalisation over the positive responses, as verl does for GRPO.
+    """
+    mask = response_mask.to(token_log_probs.dtype)
+    w = weights.detach().to(token_log_probs.dtype)
+    per_row = -(token_log_probs * mask).sum(dim=-1)
+    n_tokens = (mask.sum(dim=-1) * (w > 0).to(mask.dtype)).sum().clamp(min=1.0)
+    return (w * per_row).sum() / n_tokens
+
+
+def masked_mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """f(x, y) = sum_t m_t h_t / max(sum_t m_t, 1): mean of the hidden states over response tokens -> [B, D]."""
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * m).sum(dim=-2) / m.sum(dim=-2).clamp(min=1.0)
+
+
+def similarity_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """L_sim = - sum_b w_b cos(h_phi(f_theta)_b, sg(f_xi_b + eps_b)) / max(sum_b w_b, 1e-8),  eps ~ N(0, sigma^2).
+
+    Bounded in [-1, 1]; the target (the siamese side) never receives gradient.
+    """
+    if noise_std < 0:
+        raise ValueError(f"similarity_loss: noise_std must be >= 0, got {noise_std}")
+    target = target.detach().to(pred.dtype)
+    if noise_std > 0:
+        eps = torch.randn(target.shape, generator=generator, device=target.device, dtype=target.dtype)
+        target = target + noise_std * eps
+    w = weights.detach().to(pred.dtype)
+    cos = F.cosine_similarity(pred, target, dim=-1)
+    return -(w * cos).sum() / w.sum().clamp(min=1e-8)
+
+
+def entropy_loss(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """L_ent = - sum_bt H_bt m_bt / max(sum_bt m_bt, 1): minus the mean token entropy (an entropy bonus)."""
+    m = mask.to(entropy.dtype)
+    return -(entropy * m).sum() / m.sum().clamp(min=1.0)
+
+
+@torch.no_grad()
+def ema_update_(target_params: Iterable[torch.Tensor], online_params: Iterable[torch.Tensor], tau: float) -> None:
+    """Siamese update, in place:  xi <- tau * xi + (1 - tau) * theta.
+
+    Computed in the target's dtype (keep the siamese in fp32: a bf16 anchor freezes under small steps).
+    """
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"ema_update_: tau must lie in [0, 1], got {tau}")
+    targets, onlines = list(target_params), list(online_params)
+    if len(targets) != len(onlines):
+        raise ValueError(f"ema_update_: {len(targets)} target tensors vs {len(onlines)} online tensors")
+    for i, (xi, theta) in enumerate(zip(targets, onlines, strict=True)):
+        if xi.shape != theta.shape:
+            raise ValueError(f"ema_update_: shape mismatch at tensor {i}: {tuple(xi.shape)} vs {tuple(theta.shape)}")
+    for xi, theta in zip(targets, onlines, strict=True):
+        # lerp_: xi + (1 - tau) * (theta - xi) == tau * xi + (1 - tau) * theta, in xi's precision.
+        xi.lerp_(theta.to(device=xi.device, dtype=xi.dtype), 1.0 - tau)
+
+
+def drift_bound(tau: float, lr: float, max_update_norm: float) -> float:
+    """Lemma 3.2:  ||theta_t - xi_t|| <= tau * eta * G_max / (1 - tau)   (inf for tau = 1)."""
+    if tau >= 1.0:
+        return math.inf
+    return tau * lr * max_update_norm / (1.0 - tau)
+
+
+def parameter_distance(a: Iterable[torch.Tensor], b: Iterable[torch.Tensor]) -> float:
+    """||a - b||_2 over a list of tensors (local shards: sum the squares across ranks for the global norm)."""
+    sq = 0.0
+    for x, y in zip(a, b, strict=True):
+        sq += (x.detach().double() - y.detach().to(x.device).double()).pow(2).sum().item()
+    return math.sqrt(sq)
+
+
+class PredictorHead(nn.Module):
+    """h_phi: [Linear -> LayerNorm -> ReLU] x (num_layers - 1) -> Linear (BYOL-style, policy side only).
+
+    Xavier-uniform weights, zero biases. Keep it in fp32.
+    """
+
+    def __init__(self, input_dim: int, hidden_dim: int = 1024, num_layers: int = 2, output_dim: int | None = None):
+        super().__init__()
+        if num_layers < 2:
+            raise ValueError(f"PredictorHead: num_layers must be >= 2, got {num_layers}")
+        if input_dim < 1 or hidden_dim < 1:
+            raise ValueError(f"PredictorHead: dims must be positive, got input {input_dim}, hidden {hidden_dim}")
+        output_dim = input_dim if output_dim is None else output_dim
+        layers: list[nn.Module] = []
+        d = input_dim
+        for _ in range(num_layers - 1):
+            layers += [nn.Linear(d, hidden_dim), nn.LayerNorm(hidden_dim), nn.ReLU()]
+            d = hidden_dim
+        layers.append(nn.Linear(d, output_dim))
+        self.net = nn.Sequential(*layers)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.net:
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                m.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@dataclass
+class PopoLossOutput:
+    loss: torch.Tensor
+    metrics: dict[str, float]
+
+
+def popo_loss(
+    token_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    weights: torch.Tensor,
+    entropy: torch.Tensor | None = None,
+    pred: torch.Tensor | None = None,
+    target: torch.Tensor | None = None,
+    alpha: float = 0.1,
+    beta: float = 0.01,
+    noise_std: float = 0.0,
+    entropy_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> PopoLossOutput:
+    """L = L_nll + alpha * L_sim + beta * L_ent.
+
+    L_sim is skipped (0) without pred/target, L_ent without entropy. `entropy_mask` picks the rows of
+    the entropy bonus (default: the positives' response tokens; pass the full response mask for
+    entropy_on=all). Returns the total and its parts as float metrics.
+    """
+    if alpha < 0 or beta < 0:
+        raise ValueError(f"popo_loss: alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
+    zero = token_log_probs.sum() * 0.0  # keeps the graph connected when every part is empty
+    l_nll = weighted_nll_loss(token_log_probs, weights, response_mask)
+    l_sim, cos_mean = zero, float("nan")
+    if pred is not None and target is not None:
+        l_sim = similarity_loss(pred, target, weights, noise_std=noise_std, generator=generator)
+        with torch.no_grad():
+            w = weights.detach().float()
+            cos = F.cosine_similarity(pred.detach().float(), target.detach().float(), dim=-1)
+            cos_mean = float((w * cos).sum() / w.sum().clamp(min=1e-8)) if w.sum() > 0 else float("nan")
+    l_ent, ent_mean = zero, float("nan")
+    if entropy is not None:
+        if entropy_mask is None:
+            entropy_mask = response_mask * (weights.detach() > 0).to(response_mask.dtype).unsqueeze(-1)
+        l_ent = entropy_loss(entropy, entropy_mask)
+        ent_mean = -float(l_ent.detach())
+    total = l_nll + alpha * l_sim + beta * l_ent + zero
+    metrics = {
+        "popo/loss": float(total.detach()),
+        "popo/nll_loss": float(l_nll.detach()),
+        "popo/sim_loss": float(l_sim.detach()),
+        "popo/cos_sim": cos_mean,
+        "popo/ent_loss": float(l_ent.detach()),
+        "popo/entropy": ent_mean,
+    }
+    return PopoLossOutput(total, metrics)
+
+
+def weight_entropy(weights: torch.Tensor, group_index) -> float:
+    """Mean over groups with a positive of H(w) = -sum_y w(y) log w(y) (0 = one positive dominates)."""
+    w = weights.detach().double().reshape(-1)
+    gid = group_ids(group_index).to(w.device)
+    n_groups = int(gid.max().item()) + 1 if gid.numel() else 0
+    if n_groups == 0:
+        return 0.0
+    plogp = torch.where(w > 0, -w * torch.log(w.clamp(min=1e-300)), torch.zeros_like(w))
+    h = torch.zeros(n_groups, dtype=w.dtype).index_add_(0, gid, plogp)
+    has_pos = torch.zeros(n_groups, dtype=w.dtype).index_add_(0, gid, w) > 0
+    return float(h[has_pos].mean()) if has_pos.any() else 0.0
