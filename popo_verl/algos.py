@@ -59,12 +59,14 @@ def compute_policy_loss_popo(
     config=None,
     rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Weighted NLL of the positives with an upper-clipped ratio: -w * min(r, 1 + eps_high) per token.
+    """Weighted NLL of the positives with an upper-clipped importance ratio.
 
-    `advantages` carries the POPO weight of each row (>= 0). At r = pi_theta/pi_old = 1 (the first
-    mini-batch) the gradient is -w * grad log pi, exactly that of `core.weighted_nll_loss`; on later
-    mini-batches the clip bounds the importance correction, so a positive cannot be pushed up without
-    limit. Aggregated by verl's `agg_loss` (loss_agg_mode and global-batch normalisation honoured).
+    `advantages` carries the POPO weight w of each row (>= 0). Per token the loss value is
+    -w * log pi_theta (the weighted NLL) and its gradient is -w * min(r, 1 + eps_high) * grad log pi_theta,
+    r = pi_theta / pi_old. At r = 1 (the first mini-batch) that is exactly the gradient of
+    `core.weighted_nll_loss`; on later mini-batches the clip bounds the importance correction, so a
+    positive cannot be pushed up without limit. Aggregated by verl's `agg_loss` (loss_agg_mode and
+    global-batch normalisation honoured).
     """
     if (advantages < 0).any():
         raise ValueError("popo policy loss expects non-negative per-row weights in `advantages`")
@@ -74,7 +76,8 @@ def compute_policy_loss_popo(
     log_ratio = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, max=1.0 + clip_high)
-    pg_losses = -advantages * clipped
+    # Value: the weighted NLL -w * log pi (what POPO.md's L_nll reports); gradient: -w * min(r, 1+eps) * grad log pi.
+    pg_losses = -advantages * (clipped - clipped.detach() + log_prob.detach())
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
     batch_info = config.global_batch_info if config is not None else {}

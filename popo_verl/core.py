@@ -96,6 +96,20 @@ def popo_weights(
     return w.to(seq_log_probs.dtype if seq_log_probs.is_floating_point() else torch.float32)
 
 
+def length_normalized_weights(
+    weights: torch.Tensor, lengths: torch.Tensor, group_index: Sequence[Hashable] | np.ndarray | torch.Tensor
+) -> torch.Tensor:
+    """Optional length correction:  w'(y) = (w(y) / |y|) / sum_{y' in S+(x)} w(y') / |y'|  (groups still sum to 1)."""
+    w = weights.detach().double().reshape(-1)
+    scaled = w / lengths.detach().double().reshape(-1).clamp(min=1.0)
+    gid = group_ids(group_index).to(w.device)
+    n_groups = int(gid.max().item()) + 1 if gid.numel() else 0
+    sums = torch.zeros(n_groups, dtype=w.dtype, device=w.device).index_add_(0, gid, scaled)
+    denom = sums[gid]
+    out = torch.where(denom > 0, scaled / denom.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(scaled))
+    return out.to(weights.dtype)
+
+
 def weighted_nll_loss(token_log_probs: torch.Tensor, weights: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """L_nll = sum_b w_b sum_t -log pi(y_bt) m_bt / max(sum_{b: w_b > 0} sum_t m_bt, 1).
 

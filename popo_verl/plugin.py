@@ -16,6 +16,8 @@ def register_all() -> None:
 
     algos.register()
     cpu.register()
+    # Importing the trainer registers trainer mode "popo" (verl's register_trainer decorator).
+    from popo_verl import trainer  # noqa: F401
 
 
 try:

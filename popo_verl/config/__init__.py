@@ -1,0 +1,80 @@
+"""POPO's configuration: defaults, typed view and validation of `algorithm.popo.*`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+WEIGHT_MODES = ("softmax", "uniform")
+ENTROPY_ON = ("positives", "all")
+
+
+@dataclass(frozen=True)
+class PopoConfig:
+    alpha: float = 0.1
+    beta: float = 0.01
+    tau: float = 0.995
+    tau_r: float = 0.0
+    weight_mode: str = "softmax"
+    weight_temperature: float = 1.0
+    length_normalize_weights: bool = False
+    feature_noise_std: float = 0.02
+    predictor_hidden_dim: int = 1024
+    predictor_layers: int = 2
+    entropy_on: str = "positives"
+    positives_only_update: bool = True
+    kl_monitor_interval: int = 10
+
+
+def popo_defaults() -> dict:
+    return asdict(PopoConfig())
+
+
+def _popo_section(config) -> dict:
+    algo = config.get("algorithm", None) if hasattr(config, "get") else None
+    popo = algo.get("popo", None) if algo is not None else None
+    if popo is None:
+        raise ValueError("algorithm.popo is missing: compose the config with algorithm=popo")
+    return dict(popo)
+
+
+def get_popo_config(config) -> PopoConfig:
+    section = _popo_section(config)
+    known = {f.name: f.type for f in fields(PopoConfig)}
+    unknown = sorted(set(section) - set(known))
+    if unknown:
+        raise ValueError(f"algorithm.popo has unknown keys {unknown}; known: {sorted(known)}")
+    values = popo_defaults()
+    values.update(section)
+    casts = {"float": float, "int": int, "bool": bool, "str": str}
+    return PopoConfig(**{k: casts[str(known[k])](v) for k, v in values.items()})
+
+
+def validate_popo_config(config) -> PopoConfig:
+    """Raise ValueError naming the offending key for any value POPO cannot run with."""
+    cfg = get_popo_config(config)
+    p = "algorithm.popo."
+    if not 0.0 <= cfg.tau <= 1.0:
+        raise ValueError(f"{p}tau must lie in [0, 1], got {cfg.tau}")
+    for key in ("alpha", "beta", "feature_noise_std"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{p}{key} must be >= 0, got {getattr(cfg, key)}")
+    if cfg.predictor_layers < 2:
+        raise ValueError(f"{p}predictor_layers must be >= 2, got {cfg.predictor_layers}")
+    if cfg.predictor_hidden_dim < 1:
+        raise ValueError(f"{p}predictor_hidden_dim must be >= 1, got {cfg.predictor_hidden_dim}")
+    if not cfg.weight_temperature > 0:
+        raise ValueError(f"{p}weight_temperature must be > 0, got {cfg.weight_temperature}")
+    if cfg.weight_mode not in WEIGHT_MODES:
+        raise ValueError(f"{p}weight_mode must be one of {WEIGHT_MODES}, got {cfg.weight_mode!r}")
+    if cfg.entropy_on not in ENTROPY_ON:
+        raise ValueError(f"{p}entropy_on must be one of {ENTROPY_ON}, got {cfg.entropy_on!r}")
+    if cfg.entropy_on == "all" and cfg.positives_only_update:
+        raise ValueError(
+            f"{p}entropy_on=all needs the negatives in the update: set {p}positives_only_update=false"
+        )
+    if cfg.kl_monitor_interval < 0:
+        raise ValueError(f"{p}kl_monitor_interval must be >= 0, got {cfg.kl_monitor_interval}")
+    n = config.actor_rollout_ref.rollout.n
+    if n < 2:
+        raise ValueError(f"actor_rollout_ref.rollout.n must be >= 2 for POPO (a group needs several responses), got {n}")
+    return cfg

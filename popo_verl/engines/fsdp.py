@@ -1,0 +1,147 @@
+"""POPO's FSDP/FSDP2 engine: pooled final-norm hidden states and the predictor head.
+
+Subclass of verl 0.9.1's `FSDPEngineWithLMHead` (verl/workers/engine/fsdp/transformer_impl.py):
+- `_build_module` attaches `core.PredictorHead` as `module.popo_predictor` (fp32) before FSDP wraps
+  the model, so the head is sharded with it, trained by the actor's optimizer and saved in its
+  checkpoints. Forward-only engines (the siamese) get no head: the BYOL asymmetry.
+- A forward hook on the final norm (`module.model.norm`) pools the post-norm hidden states over the
+  response tokens and, on the trainable engine, applies the head, inside the root module's forward
+  (where FSDP2 has the root parameters, the head's among them, unsharded).
+- The pooled state (`popo_pooled`) and the head's output (`popo_pred`) join verl's model_output.
+- `get_per_tensor_param` drops the head from the weights sent to the rollout engine.
+tests/test_engine.py pins the hooks this relies on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from verl.utils import tensordict_utils as tu
+from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+from verl.workers.utils.padding import no_padding_2_padding
+
+from popo_verl import core
+
+PREDICTOR_ATTR = "popo_predictor"
+PREDICTOR_PREFIX = PREDICTOR_ATTR + "."
+POOLED_KEY = "popo_pooled"
+PRED_KEY = "popo_pred"
+
+
+def final_norm(module: torch.nn.Module) -> torch.nn.Module:
+    """The final norm of an HF causal LM (`model.model.norm` for Llama/Qwen-style models)."""
+    inner = getattr(module, "model", None)
+    norm = getattr(inner, "norm", None) if inner is not None else None
+    if norm is None:
+        raise NotImplementedError(
+            f"POPO needs the final norm at `module.model.norm`; {type(module).__name__} has none"
+        )
+    return norm
+
+
+def is_predictor_param(name: str) -> bool:
+    return name.startswith(PREDICTOR_PREFIX) or f".{PREDICTOR_PREFIX}" in name
+
+
+class PopoFSDPEngine(FSDPEngineWithLMHead):
+    """FSDP engine that also returns POPO's pooled representation (and predictor output)."""
+
+    popo_predictor_hidden: int = 1024
+    popo_predictor_layers: int = 2
+    popo_predictor_seed: int = 0
+
+    def configure_popo(self, predictor_hidden: int, predictor_layers: int, seed: int = 0) -> None:
+        self.popo_predictor_hidden = int(predictor_hidden)
+        self.popo_predictor_layers = int(predictor_layers)
+        self.popo_predictor_seed = int(seed)
+
+    # ------------------------------------------------------------------ model construction
+    def _build_module(self):
+        module = super()._build_module()
+        if not self.engine_config.forward_only:
+            hidden = module.config.hidden_size
+            # Same seed on every rank: FSDP shards identical initial weights.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.popo_predictor_seed)
+                head = core.PredictorHead(hidden, self.popo_predictor_hidden, self.popo_predictor_layers)
+            setattr(module, PREDICTOR_ATTR, head.to(dtype=torch.float32))
+        self._popo_hook = final_norm(module).register_forward_hook(self._popo_norm_hook)
+        return module
+
+    @property
+    def popo_predictor(self):
+        return getattr(self.module, PREDICTOR_ATTR, None)
+
+    # ------------------------------------------------------------------ forward
+    def _popo_norm_hook(self, norm_module, inputs, output):
+        mb = getattr(self, "_popo_micro_batch", None)
+        if mb is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output
+        pooled = self._pool_response_hidden(hidden, mb)
+        captured = {POOLED_KEY: pooled}
+        head = getattr(self.module, PREDICTOR_ATTR, None)
+        if head is not None and torch.is_grad_enabled():
+            # Stored in fp32; computed in the dtype FSDP's mixed precision unshards it to.
+            dtype = next(head.parameters()).dtype
+            with torch.autocast(device_type=pooled.device.type, enabled=False):
+                captured[PRED_KEY] = head(pooled.to(dtype)).float()
+        self._popo_captured = captured
+        return None
+
+    def _pool_response_hidden(self, hidden: torch.Tensor, micro_batch) -> torch.Tensor:
+        """Mean of the final-norm hidden states over each row's response tokens -> (B, H) fp32."""
+        if self.ulysses_sequence_parallel_size > 1:
+            raise NotImplementedError("POPO pooling does not support Ulysses sequence parallelism yet (sp > 1)")
+        use_remove_padding = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
+        if not use_remove_padding:
+            raise NotImplementedError("POPO pooling needs actor_rollout_ref.model.use_remove_padding=true")
+        values = hidden.squeeze(0)  # (nnz [+ pad], H), packed
+        nnz = micro_batch["input_ids"].offsets()[-1].item()
+        values = values[:nnz]
+        # Same slicing verl uses for log-probs: the states that predict each response token.
+        per_token = no_padding_2_padding(values, micro_batch)  # (B, R, H)
+        mask = micro_batch["response_mask"]
+        mask = mask.to_padded_tensor(0) if mask.is_nested else mask
+        mask = mask[:, : per_token.shape[1]].to(per_token.device)
+        return core.masked_mean_pool(per_token.float(), mask)
+
+    def forward_step(self, micro_batch, loss_function, forward_only):
+        self._popo_micro_batch = micro_batch.to(self._popo_device())
+        self._popo_captured = None
+        try:
+            return super().forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
+        finally:
+            self._popo_micro_batch = None
+            self._popo_captured = None
+
+    def _popo_device(self):
+        from verl.utils.device import get_device_id
+
+        return get_device_id()
+
+    def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
+        model_output = super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
+        captured = getattr(self, "_popo_captured", None)
+        if captured is None:
+            raise RuntimeError("POPO: the final-norm hook did not run during the forward pass")
+        model_output.update(captured)
+        return model_output
+
+    # ------------------------------------------------------------------ optimizer step
+    #: called as fn(grad_norm) after every optimizer step that updated the weights (the siamese EMA)
+    popo_after_optimizer_step = None
+
+    def optimizer_step(self):
+        grad_norm = super().optimizer_step()
+        callback = self.popo_after_optimizer_step
+        if callback is not None:
+            gn = float(grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm)
+            if gn == gn and gn not in (float("inf"), float("-inf")):  # verl skips non-finite steps
+                callback(gn)
+        return grad_norm
+
+    # ------------------------------------------------------------------ weight export
+    def get_per_tensor_param(self, *args, **kwargs):
+        params, peft_config = super().get_per_tensor_param(*args, **kwargs)
+        return ((name, t) for name, t in params if not is_predictor_param(name)), peft_config

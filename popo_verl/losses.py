@@ -1,0 +1,123 @@
+"""POPO's actor loss, installed on verl's actor with `set_loss_fn` in place of `ppo_loss`.
+
+Mirrors the contract of verl 0.9.1's `verl/workers/utils/losses.py::ppo_loss(config, model_output,
+data, dp_group)`: one micro-batch in, (loss, metrics) out; `data` carries verl's global-batch info
+(dp_size, batch_num_tokens, global_batch_size) so that the sum of micro-batch losses over ranks
+and micro-batches is the loss of the whole mini-batch.
+
+Per micro-batch, with w the POPO weight of each row (in `advantages`), s = `popo_sim_weight`
+(w rescaled by the trainer so that the mini-batch sum of s is 1) and c = `popo_token_scale`
+(all tokens / positive tokens of the update batch; 1 when only positives are sent):
+    L_nll = agg_loss(-w * min(r, 1 + eps_high) * c)                 (token-mean over the mini-batch)
+    L_sim = -dp * sum_b s_b cos(h_phi(f_theta)_b, sg(f_xi_b + eps))
+    L_ent = -agg_loss(H * c) over the entropy rows (positives, or all with entropy_on=all)
+    L     = L_nll + alpha * L_sim + beta * L_ent
+which is `core.popo_loss` on the mini-batch at ratio 1 (tests/test_losses.py checks it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from verl.trainer.ppo.core_algos import agg_loss
+from verl.utils.metric import AggregationType, Metric
+from verl.workers.utils.padding import no_padding_2_padding
+
+from popo_verl import algos
+from popo_verl.engines.fsdp import POOLED_KEY, PRED_KEY
+
+SIAMESE_KEY = "popo_siamese"
+SIM_WEIGHT_KEY = "popo_sim_weight"
+TOKEN_SCALE_KEY = "popo_token_scale"
+
+
+def _padded(t: torch.Tensor) -> torch.Tensor:
+    return t.to_padded_tensor(0.0) if getattr(t, "is_nested", False) else t
+
+
+def popo_actor_loss(
+    config,
+    model_output,
+    data,
+    dp_group=None,
+    alpha: float = 0.1,
+    beta: float = 0.01,
+    noise_std: float = 0.0,
+    entropy_on: str = "positives",
+    generator: torch.Generator | None = None,
+):
+    log_prob = no_padding_2_padding(model_output["log_probs"], data)
+    entropy = model_output.get("entropy", None)
+    if entropy is not None:
+        entropy = no_padding_2_padding(entropy, data)
+
+    config.global_batch_info["dp_size"] = data["dp_size"]
+    config.global_batch_info["batch_num_tokens"] = data["batch_num_tokens"]
+    config.global_batch_info["global_batch_size"] = data["global_batch_size"]
+    config.global_batch_info["loss_scale_factor"] = config.loss_scale_factor
+    dp_size = int(data["dp_size"])
+    aggregation = AggregationType.SUM
+
+    fields = ["response_mask", "old_log_probs", "advantages", SIM_WEIGHT_KEY, TOKEN_SCALE_KEY]
+    present = [f for f in fields if f in data.keys()]
+    if SIAMESE_KEY in data.keys():
+        present.append(SIAMESE_KEY)
+    tensors = data.select(*present).to_padded_tensor()
+    response_mask = tensors["response_mask"].to(bool)
+    advantages = tensors["advantages"]
+    weights = (advantages * response_mask).amax(dim=-1).clamp(min=0.0)  # w per row
+    token_scale = tensors[TOKEN_SCALE_KEY].reshape(-1)[:1] if TOKEN_SCALE_KEY in tensors.keys() else None
+    c = float(token_scale.item()) if token_scale is not None and token_scale.numel() else 1.0
+
+    # 1. bounded weighted NLL (the registered "popo" policy loss)
+    nll, pg_metrics = algos.compute_policy_loss_popo(
+        old_log_prob=tensors["old_log_probs"],
+        log_prob=log_prob,
+        advantages=advantages * c,
+        response_mask=response_mask,
+        loss_agg_mode=config.loss_agg_mode,
+        config=config,
+    )
+    metrics = {k: Metric(value=v, aggregation=AggregationType.MEAN) for k, v in pg_metrics.items()}
+    metrics["actor/pg_loss"] = Metric(value=nll, aggregation=aggregation)
+    total = nll
+
+    # 2. similarity penalty against the siamese representation
+    pred = model_output.get(PRED_KEY, None)
+    if alpha > 0 and pred is not None and SIAMESE_KEY in tensors.keys():
+        target = tensors[SIAMESE_KEY].to(pred.device, pred.dtype)
+        if noise_std > 0:
+            eps = torch.randn(target.shape, generator=generator, dtype=target.dtype).to(target.device)
+            target = target + noise_std * eps
+        cos = F.cosine_similarity(pred, target.detach(), dim=-1)
+        s = tensors[SIM_WEIGHT_KEY].reshape(cos.shape[0], -1)[:, 0].to(cos.dtype) if SIM_WEIGHT_KEY in tensors.keys() else weights
+        sim = -(s * cos).sum() * dp_size
+        total = total + alpha * sim
+        metrics["popo/sim_loss"] = Metric(value=sim.detach() / dp_size, aggregation=aggregation)
+        with torch.no_grad():
+            rows = weights > 0
+            cos_pos = cos.detach()[rows].float().mean() if rows.any() else torch.tensor(float("nan"))
+        metrics["popo/cos_sim"] = Metric(value=float(cos_pos), aggregation=AggregationType.MEAN)
+    elif alpha > 0 and pred is None:
+        raise RuntimeError("POPO loss: the engine returned no predictor output; is the POPO engine installed?")
+
+    # 3. entropy bonus
+    if beta > 0 and entropy is not None:
+        ent_mask = response_mask if entropy_on == "all" else response_mask & (weights > 0).unsqueeze(-1)
+        ent_scale = 1.0 if entropy_on == "all" else c
+        mean_entropy = agg_loss(
+            loss_mat=entropy * ent_scale,
+            loss_mask=ent_mask,
+            loss_agg_mode=config.loss_agg_mode,
+            **config.global_batch_info,
+        )
+        total = total - beta * mean_entropy
+        metrics["popo/ent_loss"] = Metric(value=-mean_entropy.detach(), aggregation=aggregation)
+        metrics["actor/entropy_loss"] = Metric(value=mean_entropy.detach(), aggregation=aggregation)
+    metrics["popo/nll_loss"] = Metric(value=nll.detach(), aggregation=aggregation)
+    # A micro-batch of padding rows only still joins the collectives: keep the graph connected.
+    total = total + 0.0 * log_prob.sum()
+    if pred is not None:
+        total = total + 0.0 * pred.sum()
+    return total, metrics

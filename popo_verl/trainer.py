@@ -1,0 +1,354 @@
+"""POPO trainer: verl 0.9.1's v1 sync trainer with POPO's weights, siamese and positives-only update.
+
+Subclass of `PPOTrainerSync` (verl/trainer/ppo/v1/trainer_sync.py, base in trainer_base.py), registered
+as trainer mode "popo", which `algorithm=popo` selects (trainer.v1.trainer_mode). Per step:
+  gen -> rewards -> old_log_prob (verl) -> siamese forward on the positives ("ref" phase) ->
+  POPO weights per uid from the old log-probs ("adv") -> actor update on the positives ->
+  EMA of the siamese after every optimizer step (inside the worker).
+Overrides (each mirrors the verl method of the same name): `_init_resource_pool_mgr` (POPO's worker),
+`_compute_ref_log_prob`, `_compute_advantage`, `_update_actor`. tests/test_trainer.py pins them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+
+import numpy as np
+import ray
+import torch
+import transfer_queue as tq
+from omegaconf import OmegaConf, open_dict
+from tensordict import TensorDict
+from transfer_queue import KVBatchMeta
+
+from verl.single_controller.ray import ResourcePoolManager
+from verl.trainer.ppo.padding_utils import upsample_batch_to_divisible_size
+from verl.trainer.ppo.utils import Role
+from verl.trainer.ppo.v1.trainer_base import register_trainer
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+from verl.workers.utils.padding import response_from_nested, response_to_nested
+
+from popo_verl import core
+from popo_verl.config import get_popo_config, validate_popo_config
+from popo_verl.engines.fsdp import POOLED_KEY
+from popo_verl.losses import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY
+
+logger = logging.getLogger(__name__)
+logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
+
+TRAINER_NAME = "popo"
+
+
+def _is_padding(tag: dict) -> bool:
+    return bool(tag.get("is_padding", False))
+
+
+def _as_object_array(values) -> np.ndarray:
+    values = values.tolist() if hasattr(values, "tolist") else list(values)
+    return np.array(list(values), dtype=object)
+
+
+def spread_padding_order(n_real: int, n_total: int, dp: int, n_mini: int) -> list[int]:
+    """Order rows so every (dp rank, mini-batch) cell holds real rows before padding.
+
+    verl splits the update batch into `dp` contiguous chunks, then each chunk into `n_mini` contiguous
+    mini-batches. Returns, for each slot of that layout, the index of the row to put there (rows
+    0..n_real-1 are real, the rest padding), so that no mini-batch is made of padding alone.
+    """
+    per_rank = n_total // dp
+    per_cell = per_rank // n_mini
+    order = [-1] * n_total
+    nxt_real, nxt_pad = 0, n_real
+    for i in range(per_cell):
+        for j in range(n_mini):
+            for r in range(dp):
+                slot = r * per_rank + j * per_cell + i
+                if nxt_real < n_real:
+                    order[slot], nxt_real = nxt_real, nxt_real + 1
+                else:
+                    order[slot], nxt_pad = nxt_pad, nxt_pad + 1
+    return order
+
+
+@register_trainer(TRAINER_NAME)
+class PopoTrainer(PPOTrainerSync):
+    """Positive-Only Policy Optimization on verl's hybrid engine."""
+
+    def __init__(self, config):
+        validate_popo_config(config)
+        self.popo = get_popo_config(config)
+        if config.actor_rollout_ref.actor.strategy not in ("fsdp", "fsdp2"):
+            raise NotImplementedError(
+                f"POPO runs on the FSDP/FSDP2 engine for now; got strategy={config.actor_rollout_ref.actor.strategy}"
+            )
+        if not config.actor_rollout_ref.model.get("use_remove_padding", True):
+            raise ValueError("POPO needs actor_rollout_ref.model.use_remove_padding=true (pooled hidden states)")
+        with open_dict(config):
+            # The workers only see actor_rollout_ref: hand them POPO's knobs there.
+            config.actor_rollout_ref.popo = OmegaConf.create(OmegaConf.to_container(config.algorithm.popo, resolve=True))
+        super().__init__(config)
+        # The siamese takes the ref role even though no KL term is used.
+        self.use_reference_policy = True
+        self.popo_skipped_steps = 0
+        self._popo_update_batch: KVBatchMeta | None = None
+
+    # ------------------------------------------------------------------ workers
+    def _init_resource_pool_mgr(self):
+        super()._init_resource_pool_mgr()
+        from popo_verl.workers import PopoActorRolloutRefWorker
+
+        lora = self.config.actor_rollout_ref.model.get("lora", {}).get("rank", 0) or self.config.actor_rollout_ref.model.get(
+            "lora_rank", 0
+        )
+        if lora and lora > 0:
+            raise NotImplementedError("POPO with LoRA (ref inside the actor) is not supported: the siamese needs full weights")
+        for role in (Role.ActorRollout, Role.Actor, Role.RefPolicy, Role.ActorRolloutRef):
+            self.role_worker_mapping.pop(role, None)
+            self.mapping.pop(role, None)
+        self.role_worker_mapping[Role.ActorRolloutRef] = ray.remote(PopoActorRolloutRefWorker)
+        self.mapping[Role.ActorRolloutRef] = "global_pool"
+        self.resource_pool_manager = ResourcePoolManager(
+            resource_pool_spec=self.resource_pool_manager.resource_pool_spec, mapping=self.mapping
+        )
+
+    # ------------------------------------------------------------------ helpers
+    def _dp_size(self) -> int:
+        wg = self.actor_rollout_wg
+        if "actor" not in wg._dispatch_info:
+            wg._dispatch_info["actor"] = wg._query_dispatch_info("actor")
+        return max(wg._dispatch_info["actor"]) + 1
+
+    def _n_optimizer_steps(self) -> int:
+        cfg = self.config
+        return max(1, cfg.data.train_batch_size // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
+
+    def _positives(self, batch: KVBatchMeta) -> tuple[np.ndarray, dict]:
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["rm_scores", "uid"])
+        scores = data["rm_scores"]
+        scores = scores.to_padded_tensor(0.0) if scores.is_nested else scores
+        rewards = scores.sum(dim=-1).float()
+        real = torch.tensor([not _is_padding(t) for t in batch.tags])
+        positive = core.positive_mask(rewards, self.popo.tau_r) & real
+        return positive.numpy(), {"uid": _as_object_array(data["uid"]), "rewards": rewards, "real": real}
+
+    # ------------------------------------------------------------------ siamese forward ("ref" phase)
+    def _compute_ref_log_prob(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
+        """Siamese forward on the positives only: pooled representation (+ log-probs for the KL monitor)."""
+        positive, _ = self._positives(batch)
+        pos_idx = np.flatnonzero(positive)
+        self._popo_update_batch = None
+        if len(pos_idx) == 0:
+            return batch
+        sub = KVBatchMeta(
+            partition_id=batch.partition_id,
+            keys=[batch.keys[i] for i in pos_idx],
+            tags=[batch.tags[i] for i in pos_idx],
+            fields=batch.fields,
+            extra_info=dict(batch.extra_info),
+        )
+        dp = self._dp_size()
+        n_mini, rows_per_cell, micro = self._positive_layout(len(pos_idx), dp)
+        sub = upsample_batch_to_divisible_size(sub, dp * n_mini * rows_per_cell, self.tokenizer.eos_token_id)
+        order = spread_padding_order(len(pos_idx), len(sub), dp, n_mini)
+        sub = KVBatchMeta(
+            partition_id=sub.partition_id,
+            keys=[sub.keys[i] for i in order],
+            tags=[sub.tags[i] for i in order],
+            fields=sub.fields,
+            extra_info=dict(sub.extra_info),
+        )
+        if micro is not None:
+            sub.extra_info["micro_batch_size_per_gpu"] = micro
+        ref_info = dict(sub.extra_info)
+        sub.extra_info.update(
+            {"calculate_entropy": False, "compute_loss": False, "temperature": self.config.actor_rollout_ref.rollout.temperature}
+        )
+        output = self.actor_rollout_wg.compute_ref_log_prob(sub)
+        assert len(output) == len(sub)
+        data = tq.kv_batch_get(keys=sub.keys, partition_id=sub.partition_id, select_fields=["log_probs", "response_mask", POOLED_KEY])
+        ref_lp = response_from_nested(data.pop("log_probs"), data["response_mask"])
+        siamese = data[POOLED_KEY]
+        tq.kv_batch_put(
+            keys=sub.keys,
+            partition_id=sub.partition_id,
+            fields=TensorDict({"ref_log_prob": ref_lp, SIAMESE_KEY: siamese}, batch_size=len(sub)),
+        )
+        sub.extra_info = ref_info
+        self._popo_update_batch = sub
+        self._popo_n_mini = n_mini
+        return batch
+
+    def _positive_layout(self, n_pos: int, dp: int) -> tuple[int, int, int | None]:
+        """(mini-batches, rows per rank and mini-batch, micro-batch size) for an update on n_pos positives.
+
+        As many optimizer steps as verl's GRPO would take (train_batch_size / ppo_mini_batch_size), fewer
+        if there are too few positives; padding rows (zero loss mask, a few tokens) fill each cell up to a
+        multiple of the micro-batch size, which verl's fixed-size micro-batching needs.
+        """
+        actor = self.config.actor_rollout_ref.actor
+        n_mini = max(1, min(self._n_optimizer_steps(), n_pos // dp))
+        rows = math.ceil(n_pos / (dp * n_mini))
+        if actor.use_dynamic_bsz:
+            return n_mini, rows, None
+        micro_cfg = int(actor.ppo_micro_batch_size_per_gpu)
+        if rows <= micro_cfg:
+            return n_mini, rows, rows
+        return n_mini, math.ceil(rows / micro_cfg) * micro_cfg, micro_cfg
+
+    # ------------------------------------------------------------------ POPO weights ("adv" phase)
+    def _compute_advantage(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
+        cfg = self.popo
+        fields = ["uid", "response_mask", "rm_scores", "old_log_probs"]
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        response_mask_nested = data["response_mask"]
+        mask = response_mask_nested.to_padded_tensor(0).float()
+        old_lp = response_from_nested(data["old_log_probs"], response_mask_nested)
+        old_lp = old_lp.to_padded_tensor(0.0) if old_lp.is_nested else old_lp
+        scores = data["rm_scores"].to_padded_tensor(0.0) if data["rm_scores"].is_nested else data["rm_scores"]
+        uid = _as_object_array(data["uid"])
+        real = torch.tensor([not _is_padding(t) for t in batch.tags])
+        positive = core.positive_mask(scores.sum(-1).float(), cfg.tau_r) & real
+
+        seq_lp = core.sequence_log_probs(old_lp.float(), mask[:, : old_lp.shape[1]], length_normalize=True)
+        weights = core.popo_weights(seq_lp, positive, uid, temperature=cfg.weight_temperature, mode=cfg.weight_mode)
+        if cfg.length_normalize_weights:
+            weights = core.length_normalized_weights(weights, mask.sum(-1), uid)
+
+        n_tokens = mask.sum(-1)
+        pos_tokens = float((n_tokens * positive.float()).sum())
+        all_tokens = float((n_tokens * real.float()).sum())
+        groups = {g for g, r in zip(uid, real.tolist(), strict=True) if r}
+        groups_with_pos = {g for g, p in zip(uid, positive.tolist(), strict=True) if p}
+        w_total = float(weights.sum())
+        n_mini = getattr(self, "_popo_n_mini", 1) if cfg.positives_only_update else self._n_optimizer_steps()
+        sim_w = weights * (n_mini / w_total) if w_total > 0 else torch.zeros_like(weights)
+        token_scale = 1.0 if cfg.positives_only_update else (all_tokens / pos_tokens if pos_tokens > 0 else 1.0)
+
+        rows = len(batch)
+        adv = weights.unsqueeze(-1) * mask
+        out = {
+            "advantages": adv,
+            "returns": adv,
+            SIM_WEIGHT_KEY: sim_w.unsqueeze(-1) * mask,
+            TOKEN_SCALE_KEY: torch.full_like(mask, token_scale) * mask,
+        }
+        nested = {k: response_to_nested(v, response_mask_nested) for k, v in out.items()}
+        if not cfg.positives_only_update:
+            # Negatives join the update at zero weight; give them a placeholder siamese representation.
+            sub_keys = set(self._popo_update_batch.keys) if self._popo_update_batch is not None else set()
+            hidden = self._hidden_size()
+            missing = [i for i, k in enumerate(batch.keys) if k not in sub_keys]
+            if missing:
+                tq.kv_batch_put(
+                    keys=[batch.keys[i] for i in missing],
+                    partition_id=batch.partition_id,
+                    fields=TensorDict({SIAMESE_KEY: torch.zeros(len(missing), hidden)}, batch_size=len(missing)),
+                )
+        batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(nested, batch_size=rows))
+
+        if self._popo_update_batch is not None:
+            # The synthetic padding rows of the positive batch carry nothing.
+            sub = self._popo_update_batch
+            pad_keys = [k for k, t in zip(sub.keys, sub.tags, strict=True) if _is_padding(t)]
+            if pad_keys:
+                pd = tq.kv_batch_get(keys=pad_keys, partition_id=sub.partition_id, select_fields=["response_mask"])
+                pm = pd["response_mask"]
+                zeros = torch.zeros_like(pm.to_padded_tensor(0)).float()
+                pad_fields = {k: response_to_nested(zeros, pm) for k in ("advantages", "returns", SIM_WEIGHT_KEY, TOKEN_SCALE_KEY)}
+                tq.kv_batch_put(keys=pad_keys, partition_id=sub.partition_id, fields=TensorDict(pad_fields, batch_size=len(pad_keys)))
+
+            # What the update reads: every field the batch has now, plus the siamese outputs.
+            sub.fields = sorted(set(batch.fields or []) | {SIAMESE_KEY, "ref_log_prob"})
+
+        n_real = int(real.sum())
+        metrics.update(
+            {
+                "popo/positive_ratio": float(positive.sum()) / max(n_real, 1),
+                "popo/groups_without_positive": float(len(groups - groups_with_pos)),
+                "popo/groups_with_positive": float(len(groups_with_pos)),
+                "popo/weight_entropy": core.weight_entropy(weights, uid),
+                "popo/weight_max": float(weights.max()) if rows else 0.0,
+            }
+        )
+        self._popo_positive_count = int(positive.sum())
+        return batch
+
+    def _hidden_size(self) -> int:
+        if getattr(self, "_popo_hidden", None) is None:
+            from transformers import AutoConfig
+
+            path = self.config.actor_rollout_ref.model.path
+            self._popo_hidden = int(AutoConfig.from_pretrained(path, trust_remote_code=True).hidden_size)
+        return self._popo_hidden
+
+    # ------------------------------------------------------------------ actor update
+    def _update_actor(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
+        n_pos = getattr(self, "_popo_positive_count", 0)
+        if n_pos == 0:
+            self.popo_skipped_steps += 1
+            msg = f"POPO step {self.global_steps}: no positive rollout in the batch; actor update skipped"
+            warnings.warn(msg, stacklevel=1)
+            logger.warning(msg)
+            metrics.update({"popo/skipped_step": 1.0, "popo/rows_updated": 0.0})
+        else:
+            if self.popo.positives_only_update:
+                sub = self._popo_update_batch
+                # one verl mini-batch per optimizer step, over the positives only
+                self._run_update(sub, metrics, mini_rows=len(sub) // self._popo_n_mini)
+                rows = n_pos
+            else:
+                mini_rows = self.config.actor_rollout_ref.actor.ppo_mini_batch_size * self.config.actor_rollout_ref.rollout.n
+                self._run_update(batch, metrics, mini_rows=mini_rows)
+                rows = sum(not _is_padding(t) for t in batch.tags)
+            metrics.update({"popo/skipped_step": 0.0, "popo/rows_updated": float(rows)})
+        stats = self.actor_rollout_wg.popo_stats()
+        metrics.update(stats[0] if isinstance(stats, list) else stats)
+        metrics["popo/skipped_steps_total"] = float(self.popo_skipped_steps)
+        self._maybe_kl_monitor(metrics)
+        return batch
+
+    def _run_update(self, batch: KVBatchMeta, metrics: dict, mini_rows: int) -> None:
+        """verl's `_update_actor` with the mini-batch size set to the positives' (verl/trainer/ppo/v1/trainer_base.py)."""
+        from verl.utils.metric import reduce_metrics
+        from verl.utils.py_functional import rename_dict
+
+        actor = self.config.actor_rollout_ref.actor
+        batch.extra_info.update(
+            {
+                "calculate_entropy": self.popo.beta > 0,
+                "distillation_use_topk": False,
+                "distillation_only": False,
+                "global_batch_size": mini_rows,
+                "mini_batch_size": mini_rows,
+                "epochs": actor.ppo_epochs,
+                "seed": actor.data_loader_seed,
+                "dataloader_kwargs": {"shuffle": actor.shuffle},
+                "temperature": self.config.actor_rollout_ref.rollout.temperature,
+            }
+        )
+        output = self.actor_rollout_wg.update_actor(batch)
+        output = rename_dict(output["metrics"], "actor/")
+        output["perf/mfu/actor"] = output.pop("actor/mfu")
+        actor_metrics = reduce_metrics(output)
+        for k in list(actor_metrics):
+            if k.startswith("actor/popo/"):
+                actor_metrics[k[len("actor/") :]] = actor_metrics.pop(k)
+        metrics.update(actor_metrics)
+
+    def _maybe_kl_monitor(self, metrics: dict) -> None:
+        every = int(self.popo.kl_monitor_interval)
+        sub = self._popo_update_batch
+        if every <= 0 or sub is None or self.global_steps % every != 0:
+            return
+        real_keys = [k for k, t in zip(sub.keys, sub.tags, strict=True) if not _is_padding(t)]
+        d = tq.kv_batch_get(keys=real_keys, partition_id=sub.partition_id, select_fields=["old_log_probs", "ref_log_prob", "response_mask"])
+        m = d["response_mask"].to_padded_tensor(0).float()
+        old = d["old_log_probs"].to_padded_tensor(0.0)
+        ref = d["ref_log_prob"].to_padded_tensor(0.0)
+        width = min(old.shape[1], ref.shape[1], m.shape[1])
+        diff = (old[:, :width] - ref[:, :width]) * m[:, :width]
+        # k1 estimate of KL(policy || siamese) on the positives sampled from the policy (monitoring only)
+        metrics["popo/kl_policy_siamese"] = float(diff.sum() / m[:, :width].sum().clamp(min=1.0))

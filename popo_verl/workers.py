@@ -1,0 +1,260 @@
+"""POPO's actor/rollout/ref worker: the ref role holds the EMA siamese of the policy.
+
+Subclasses verl 0.9.1's `ActorRolloutRefWorker` and `TrainingWorker`
+(verl/workers/engine_workers.py). With role `actor_rollout_ref` the ref model lives in the actor's
+process on the same mesh and wrap policy, so the EMA is a local, per-shard `lerp_` with no
+communication, run after every optimizer step of the actor. verl saves the actor only
+(`save_checkpoint`), so the siamese shards and the EMA state get their own files next to it.
+tests/test_workers.py pins what this relies on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import warnings
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+
+from verl.single_controller.base.decorator import Dispatch, register
+from verl.utils.config import omega_conf_to_dataclass
+from verl.workers.config import ActorConfig, HFModelConfig
+from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
+
+from popo_verl import core
+from popo_verl.engines.fsdp import PopoFSDPEngine, is_predictor_param
+from popo_verl.losses import popo_actor_loss
+
+logger = logging.getLogger(__name__)
+
+SIAMESE_DIR = "popo_siamese"
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class PopoTrainingWorker(TrainingWorker):
+    """verl's TrainingWorker with POPO's engine in place of the stock FSDP engine."""
+
+    #: predictor settings, set by the outer worker before the model is built
+    popo_settings: dict = {}
+
+    def __init__(self, config):
+        super().__init__(config)
+        if type(self.engine) is not FSDPEngineWithLMHead:
+            raise NotImplementedError(
+                f"POPO supports the FSDP/FSDP2 engine (strategy fsdp|fsdp2); got {type(self.engine).__name__}"
+            )
+        # Same constructor arguments verl's EngineRegistry.new passed (verl/workers/engine_workers.py).
+        self.engine = PopoFSDPEngine(
+            model_config=self.model_config,
+            engine_config=self.engine_config,
+            optimizer_config=self.optimizer_config,
+            checkpoint_config=self.checkpoint_config,
+        )
+        s = self.popo_settings
+        self.engine.configure_popo(s.get("predictor_hidden_dim", 1024), s.get("predictor_layers", 2), s.get("seed", 0))
+
+
+class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
+    """Hybrid worker whose ref role is POPO's siamese network (EMA of the actor, fp32)."""
+
+    actor_worker_cls = PopoTrainingWorker
+    ref_worker_cls = PopoTrainingWorker
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def init_model(self):
+        popo = dict(self.config.get("popo", {}) or {})
+        if not popo:
+            raise ValueError("POPO worker: actor_rollout_ref.popo is missing; start POPO through the popo trainer")
+        if self.role != "actor_rollout_ref":
+            raise ValueError(f"POPO needs the hybrid role actor_rollout_ref (siamese next to the actor), got {self.role}")
+        self.popo = popo
+        PopoTrainingWorker.popo_settings = {
+            "predictor_hidden_dim": int(popo.get("predictor_hidden_dim", 1024)),
+            "predictor_layers": int(popo.get("predictor_layers", 2)),
+            "seed": int(self.config.actor.get("data_loader_seed", 0) or 0),
+        }
+        super().init_model()
+
+        model_config: HFModelConfig = omega_conf_to_dataclass(self.config.model)
+        actor_config: ActorConfig = omega_conf_to_dataclass(self.config.actor)
+        actor_config.model_config = model_config
+        noise_gen = torch.Generator().manual_seed(1234 + self.rank)
+        self.loss_fn = partial(
+            popo_actor_loss,
+            config=actor_config,
+            alpha=float(popo.get("alpha", 0.1)),
+            beta=float(popo.get("beta", 0.01)),
+            noise_std=float(popo.get("feature_noise_std", 0.0)),
+            entropy_on=str(popo.get("entropy_on", "positives")),
+            generator=noise_gen,
+        )
+        self.actor.set_loss_fn(self.loss_fn)
+
+        self.tau = float(popo.get("tau", 0.995))
+        self.ema_steps = 0
+        self.max_update_norm = 0.0
+        self.last_lr = 0.0
+        self._check_siamese_layout()
+        self.copy_actor_to_siamese()
+        self.actor.engine.popo_after_optimizer_step = self._after_optimizer_step
+
+    # ------------------------------------------------------------------ siamese <-> actor
+    def _actor_params(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.actor.engine.module.named_parameters() if not is_predictor_param(n)}
+
+    def _siamese_params(self) -> dict[str, torch.Tensor]:
+        return dict(self.ref.engine.module.named_parameters())
+
+    def _paired_locals(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        actor, siamese = self._actor_params(), self._siamese_params()
+        names = sorted(siamese)
+        return [_local(siamese[n].data) for n in names], [_local(actor[n].data) for n in names]
+
+    def _check_siamese_layout(self) -> None:
+        actor, siamese = self._actor_params(), self._siamese_params()
+        if set(actor) != set(siamese):
+            missing = sorted(set(actor) ^ set(siamese))[:5]
+            raise RuntimeError(f"POPO siamese and actor differ in parameters: {missing}")
+        for n, p in siamese.items():
+            if p.dtype != torch.float32:
+                raise RuntimeError(
+                    f"POPO siamese parameter {n} is {p.dtype}; the EMA needs fp32 "
+                    "(actor_rollout_ref.ref.fsdp_config.model_dtype=fp32)"
+                )
+            if _local(p.data).shape != _local(actor[n].data).shape:
+                raise RuntimeError(
+                    f"POPO siamese shard of {n} {tuple(_local(p.data).shape)} does not match the actor's "
+                    f"{tuple(_local(actor[n].data).shape)}: ref and actor need the same FSDP mesh and wrap policy"
+                )
+
+    @torch.no_grad()
+    def copy_actor_to_siamese(self) -> None:
+        targets, onlines = self._paired_locals()
+        for xi, theta in zip(targets, onlines, strict=True):
+            xi.copy_(theta.to(device=xi.device, dtype=xi.dtype))
+
+    def _after_optimizer_step(self, grad_norm: float) -> None:
+        targets, onlines = self._paired_locals()
+        core.ema_update_(targets, onlines, self.tau)
+        self.ema_steps += 1
+        self.max_update_norm = max(self.max_update_norm, self._update_direction_norm(grad_norm))
+        groups = self.actor.engine.optimizer.param_groups
+        self.last_lr = float(groups[0]["lr"]) if groups else 0.0
+
+    @torch.no_grad()
+    def _update_direction_norm(self, grad_norm: float) -> float:
+        """G_t of Lemma 3.2: the norm of the step direction just applied (theta_t = theta_{t-1} - lr * u_t).
+
+        For Adam(W) u_t = m_hat / (sqrt(v_hat) + eps), read from the optimizer state (weight decay left
+        out); for other optimizers the clipped gradient norm.
+        """
+        opt = self.actor.engine.optimizer
+        predictor = {id(p) for n, p in self.actor.engine.module.named_parameters() if is_predictor_param(n)}
+        sq = torch.zeros((), dtype=torch.float64)
+        found = False
+        for group in opt.param_groups:
+            betas, eps = group.get("betas"), group.get("eps")
+            if betas is None or eps is None:
+                continue
+            for p in group["params"]:
+                st = opt.state.get(p, {})
+                if id(p) in predictor or "exp_avg" not in st:
+                    continue
+                step = float(st["step"])
+                m = _local(st["exp_avg"]).double() / (1 - betas[0] ** step)
+                v = _local(st["exp_avg_sq"]).double() / (1 - betas[1] ** step)
+                sq += (m / (v.sqrt() + eps)).pow(2).sum().cpu()
+                found = True
+        if not found:
+            clip = self.actor.engine.optimizer_config.clip_grad
+            return min(grad_norm, clip) if clip else grad_norm
+        if dist.is_initialized():
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+        return math.sqrt(float(sq))
+
+    def _global_distance(self) -> float:
+        targets, onlines = self._paired_locals()
+        sq = torch.zeros((), dtype=torch.float64)
+        for xi, theta in zip(targets, onlines, strict=True):
+            sq += (theta.detach().double().cpu() - xi.detach().double().cpu()).pow(2).sum()
+        if dist.is_initialized():
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+        return math.sqrt(float(sq))
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def popo_stats(self) -> dict:
+        """||theta - xi||, the Lemma 3.2 bound and EMA bookkeeping (collective: call on all ranks)."""
+        drift = self._global_distance()
+        bound = core.drift_bound(self.tau, self.last_lr, self.max_update_norm) if self.ema_steps else 0.0
+        return {
+            "popo/drift": drift,
+            "popo/drift_bound": bound,
+            "popo/ema_steps": float(self.ema_steps),
+        }
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def popo_full_state(self) -> dict:
+        """Full (gathered) siamese, actor and predictor weights on CPU, for tests and debugging."""
+        def full(named):
+            return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu().clone() for n, p in named}
+
+        actor_named = list(self.actor.engine.module.named_parameters())
+        return {
+            "siamese": full(self._siamese_params().items()),
+            "actor": full([(n, p) for n, p in actor_named if not is_predictor_param(n)]),
+            "predictor": full([(n, p) for n, p in actor_named if is_predictor_param(n)]),
+            "ema_steps": self.ema_steps,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def _siamese_file(self, local_path: str) -> str:
+        return os.path.join(local_path, SIAMESE_DIR, f"rank_{self.rank}_of_{self.world_size}.pt")
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None):
+        super().save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep)
+        path = self._siamese_file(local_path)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        targets = {n: _local(p.data).detach().cpu().clone() for n, p in self._siamese_params().items()}
+        state = {
+            "siamese": targets,
+            "ema_steps": self.ema_steps,
+            "max_update_norm": self.max_update_norm,
+            "last_lr": self.last_lr,
+            "tau": self.tau,
+        }
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)  # never leave a half-written siamese behind
+        if dist.is_initialized():
+            dist.barrier()
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def load_checkpoint(self, local_path, hdfs_path=None, del_local_after_load=False):
+        path = self._siamese_file(local_path)
+        have = os.path.exists(path)
+        super().load_checkpoint(local_path, hdfs_path, False if have else del_local_after_load)
+        if not have:
+            msg = (
+                f"POPO: no siamese state in {os.path.dirname(path)} (checkpoint from a non-POPO run, or saved with "
+                "another number of ranks): the siamese restarts from the actor's weights"
+            )
+            warnings.warn(msg, stacklevel=1)
+            logger.warning(msg)
+            self.copy_actor_to_siamese()
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        params = self._siamese_params()
+        with torch.no_grad():
+            for n, p in params.items():
+                _local(p.data).copy_(state["siamese"][n].to(_local(p.data).device))
+        self.ema_steps = int(state["ema_steps"])
+        self.max_update_norm = float(state["max_update_norm"])
+        self.last_lr = float(state["last_lr"])

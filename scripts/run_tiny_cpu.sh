@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# POPO (or verl's GRPO) on the embedded tiny arithmetic task, on the CPU, through verl's own trainer.
+#   bash scripts/run_tiny_cpu.sh                       # POPO, 1 FSDP2 rank
+#   ALGO=grpo bash scripts/run_tiny_cpu.sh             # verl's GRPO baseline (KL loss on)
+#   N_GPUS_PER_NODE=2 bash scripts/run_tiny_cpu.sh trainer.total_training_steps=3   # 2 ranks over gloo
+# Every CPU setting verl needs is preset here; any hydra override given after the script wins.
+set -euo pipefail
+
+ALGO=${ALGO:-popo}
+TINY_DIR=${TINY_DIR:-${POPO_TINY_DIR:-$HOME/.cache/popo_verl/tiny}}
+NNODES=${NNODES:-1}
+N_GPUS_PER_NODE=${N_GPUS_PER_NODE:-1}          # FSDP2 ranks; each is a CPU process on a logical GPU
+TOTAL_STEPS=${TOTAL_STEPS:-20}
+TRAIN_BATCH=${TRAIN_BATCH:-8}                  # prompts per step
+ROLLOUT_N=${ROLLOUT_N:-8}                      # G responses per prompt
+TEST_FREQ=${TEST_FREQ:-10}
+SAVE_FREQ=${SAVE_FREQ:--1}
+LR=${LR:-1e-4}
+SEED=${SEED:-1}
+PROJECT_NAME=${PROJECT_NAME:-popo_tiny_cpu}
+EXPERIMENT_NAME=${EXPERIMENT_NAME:-${ALGO}_tiny}
+CKPT_DIR=${CKPT_DIR:-$PWD/checkpoints/${PROJECT_NAME}/${EXPERIMENT_NAME}}
+LOGGER=${LOGGER:-[console]}
+LOG_FILE=${LOG_FILE:-$(mktemp -t popo_tiny_XXXX.log)}
+
+export POPO_VERL_CPU=${POPO_VERL_CPU:-1}
+export RAY_DEDUP_LOGS=${RAY_DEDUP_LOGS:-0}
+export TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+python -m popo_verl.tiny build --out "$TINY_DIR"
+REWARD_FILE=$(python -c "import popo_verl.reward as r; print(r.__file__)")
+
+case "$ALGO" in
+  popo) ALGO_ARGS=(algorithm=popo) ;;
+  grpo) ALGO_ARGS=(
+          algorithm.adv_estimator=grpo
+          actor_rollout_ref.actor.use_kl_loss=true
+          actor_rollout_ref.actor.kl_loss_coef=0.001
+          actor_rollout_ref.actor.kl_loss_type=low_var_kl
+          actor_rollout_ref.actor.entropy_coeff=0
+          actor_rollout_ref.rollout.n="$ROLLOUT_N") ;;
+  *) echo "ALGO must be popo or grpo, got '$ALGO'" >&2; exit 2 ;;
+esac
+
+DATA_ARGS=(
+  data.train_files="$TINY_DIR/data/train.parquet"
+  data.val_files="$TINY_DIR/data/test.parquet"
+  data.train_batch_size="$TRAIN_BATCH"
+  data.max_prompt_length=64
+  data.max_response_length=32
+  data.dataloader_num_workers=0
+  data.seed="$SEED"
+  reward.custom_reward_function.path="$REWARD_FILE"
+  reward.custom_reward_function.name=compute_score
+)
+MODEL_ARGS=(
+  actor_rollout_ref.model.path="$TINY_DIR/model"
+  +actor_rollout_ref.model.override_config.attn_implementation=sdpa
+  actor_rollout_ref.model.use_remove_padding=true
+  actor_rollout_ref.actor.strategy=fsdp2
+  actor_rollout_ref.ref.strategy=fsdp2
+  actor_rollout_ref.actor.optim.lr="$LR"
+  actor_rollout_ref.actor.ppo_mini_batch_size="$TRAIN_BATCH"
+  actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64
+  actor_rollout_ref.actor.use_torch_compile=false
+  actor_rollout_ref.ref.use_torch_compile=false
+  actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64
+  actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=64
+)
+ROLLOUT_ARGS=(
+  actor_rollout_ref.rollout.name=hf
+  actor_rollout_ref.rollout.n="$ROLLOUT_N"
+  actor_rollout_ref.rollout.tensor_model_parallel_size=1
+  actor_rollout_ref.rollout.temperature=1.0
+  actor_rollout_ref.rollout.calculate_log_probs=true
+  actor_rollout_ref.rollout.val_kwargs.do_sample=false
+)
+CPU_ARGS=(
+  trainer.device=cpu
+  ray_kwargs.ray_init.num_cpus=32
+  +ray_kwargs.ray_init.num_gpus="$N_GPUS_PER_NODE"
+  transfer_queue.backend.SimpleStorage.num_data_storage_units=1
+)
+TRAINER_ARGS=(
+  trainer.nnodes="$NNODES"
+  trainer.n_gpus_per_node="$N_GPUS_PER_NODE"
+  trainer.total_training_steps="$TOTAL_STEPS"
+  trainer.total_epochs=100
+  trainer.test_freq="$TEST_FREQ"
+  trainer.save_freq="$SAVE_FREQ"
+  trainer.val_before_train=true
+  trainer.logger="$LOGGER"
+  trainer.project_name="$PROJECT_NAME"
+  trainer.experiment_name="$EXPERIMENT_NAME"
+  trainer.default_local_dir="$CKPT_DIR"
+  trainer.resume_mode=auto
+)
+
+set +e
+python -m verl.trainer.main_ppo \
+  "${ALGO_ARGS[@]}" "${DATA_ARGS[@]}" "${MODEL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "${CPU_ARGS[@]}" "${TRAINER_ARGS[@]}" \
+  "$@" 2>&1 | tee "$LOG_FILE"
+status=${PIPESTATUS[0]}
+set -e
+python -m popo_verl.cpu.summary "$LOG_FILE" || true
+exit "$status"
