@@ -13,6 +13,7 @@ Three pieces, mirroring verl 0.9.1's vLLM rollout (verl/workers/rollout/vllm_rol
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -53,6 +54,20 @@ class _Request:
     extra: dict = field(default_factory=dict)
 
 
+def _filter_top_k_top_p(probs: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Zero all but the top-k tokens and the smallest set whose mass reaches top_p (rows renormalised)."""
+    if top_k is not None and top_k > 0 and top_k < probs.shape[-1]:
+        kth = torch.topk(probs, top_k, dim=-1).values[..., -1:]
+        probs = torch.where(probs < kth, torch.zeros_like(probs), probs)
+    if top_p is not None and top_p < 1.0:
+        sorted_p, idx = torch.sort(probs, dim=-1, descending=True)
+        cum = sorted_p.cumsum(-1)
+        drop = cum - sorted_p > top_p * cum[..., -1:]
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return probs / probs.sum(-1, keepdim=True).clamp(min=1e-30)
+
+
 class HFRolloutServer:
     """Serves verl's `generate(prompt_ids, sampling_params, request_id)` with batched HF generation."""
 
@@ -84,7 +99,7 @@ class HFRolloutServer:
         path = getattr(model_config, "local_path", None) or model_config.path
         self.model = AutoModelForCausalLM.from_pretrained(
             path,
-            torch_dtype=torch.float32,
+            dtype=torch.float32,
             attn_implementation="sdpa",
             trust_remote_code=bool(getattr(model_config, "trust_remote_code", False)),
         )
@@ -99,7 +114,8 @@ class HFRolloutServer:
         self._wakeup: Optional[asyncio.Event] = None
         self._loop_task: Optional[asyncio.Task] = None
         self._seed = int(getattr(config, "seed", 0) or 0) + 1000 * replica_rank
-        self._generator = torch.Generator().manual_seed(self._seed)
+        self._seen_step: int | None = None
+        self._seen: dict = {}
         self.num_generated = 0
 
     # ------------------------------------------------------------------ server surface used by verl
@@ -179,48 +195,76 @@ class HFRolloutServer:
                         if not r.future.done():
                             r.future.set_exception(e)
 
+    def _request_seeds(self, prompts: list[list[int]]) -> list[int]:
+        """A seed per request from (seed, step, prompt, how often this prompt was seen this step).
+
+        The same prompts at the same step sample the same responses whatever the batching, so a run
+        resumed from a checkpoint regenerates exactly what an uninterrupted run would have.
+        """
+        step = -1 if self.global_steps is None else int(self.global_steps)
+        if self._seen_step != step:
+            self._seen_step, self._seen = step, {}
+        seeds = []
+        for p in prompts:
+            key = tuple(p)
+            k = self._seen.get(key, 0)
+            self._seen[key] = k + 1
+            digest = hashlib.blake2b(repr((self._seed, step, key, k)).encode(), digest_size=8).digest()
+            seeds.append(int.from_bytes(digest, "little") & 0x7FFFFFFFFFFFFFFF)
+        return seeds
+
     @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], key: tuple) -> list[tuple[list[int], list[float]]]:
+        """Left-padded batched decoding with a KV cache; per-request seeded sampling."""
         temperature, top_p, top_k, max_tokens, ignore_eos = key
-        width = max(len(p) for p in prompts)
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention = torch.zeros((len(prompts), width), dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding
-            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attention[i, width - len(p) :] = 1
         greedy = temperature <= 0.0
-        gen_kwargs: dict[str, Any] = dict(
-            max_new_tokens=max_tokens,
-            do_sample=not greedy,
-            pad_token_id=self.pad_id,
-            eos_token_id=None if ignore_eos else (self.eos_ids or None),
-            return_dict_in_generate=True,
-            output_logits=True,
-        )
-        if not greedy:
-            gen_kwargs.update(temperature=temperature, top_p=top_p, top_k=top_k if top_k > 0 else 0)
-        # A private, seeded stream: HF sampling draws from the global generator.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=self._generator)))
-            out = self.model.generate(input_ids=input_ids, attention_mask=attention, **gen_kwargs)
-        new_tokens = out.sequences[:, width:]
-        # log-probs of the raw model distribution at the sampling temperature, as the actor computes them
-        logits = torch.stack(out.logits, dim=1).float()
-        if not greedy:
-            logits = logits / temperature
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens.unsqueeze(-1)).squeeze(-1)
+        gens = [torch.Generator().manual_seed(s) for s in self._request_seeds(prompts)]
+        bsz, width = len(prompts), max(len(p) for p in prompts)
+        input_ids = torch.full((bsz, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((bsz, width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p) :] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        eos = torch.tensor(self.eos_ids if not ignore_eos else [], dtype=torch.long)
+        finished = torch.zeros(bsz, dtype=torch.bool)
+        tokens, logps = [], []
+        past, cur_ids, cur_pos = None, input_ids, position_ids
+        for _ in range(max_tokens):
+            out = self.model(input_ids=cur_ids, attention_mask=mask, position_ids=cur_pos, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            logits = out.logits[:, -1, :].float()
+            if greedy:
+                logp = torch.log_softmax(logits, dim=-1)
+                tok = logits.argmax(dim=-1)
+            else:
+                # log-probs of the temperature-scaled model distribution, as the actor computes them
+                logp = torch.log_softmax(logits / temperature, dim=-1)
+                probs = _filter_top_k_top_p(logp.exp(), top_k, top_p)
+                tok = torch.stack([torch.multinomial(probs[i], 1, generator=gens[i])[0] for i in range(bsz)])
+            tok = torch.where(finished, torch.full_like(tok, self.pad_id), tok)
+            tokens.append(tok)
+            logps.append(logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1))
+            if eos.numel():
+                finished |= torch.isin(tok, eos)
+            if bool(finished.all()):
+                break
+            cur_ids = tok.unsqueeze(-1)
+            cur_pos = cur_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype)], dim=-1)
+        toks = torch.stack(tokens, dim=1)
+        lps = torch.stack(logps, dim=1)
         results = []
-        eos = set(self.eos_ids)
-        for i in range(len(prompts)):
-            toks = new_tokens[i].tolist()
-            n = len(toks)
-            if not ignore_eos:
-                for j, t in enumerate(toks):
-                    if t in eos:
-                        n = j + 1
-                        break
-            results.append((toks[:n], logp[i, :n].tolist()))
-        self.num_generated += len(prompts)
+        eos_set = set(eos.tolist())
+        for i in range(bsz):
+            row = toks[i].tolist()
+            n = len(row)
+            for j, t in enumerate(row):
+                if t in eos_set:
+                    n = j + 1
+                    break
+            results.append((row[:n], lps[i, :n].tolist()))
+        self.num_generated += bsz
         return results
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor], global_steps: Optional[int] = None) -> int:

@@ -1,0 +1,115 @@
+"""The CPU backend: platform choice, gloo process groups, offload policy, engine lookup."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+
+def _run(code: str, env_extra: dict) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("POPO_VERL_CPU", "VERL_PLATFORM", "VERL_ENGINE_DEVICE")}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=180)
+
+
+def test_cpu_platform_is_chosen_without_cuda():
+    r = _run(
+        """
+        import os, verl
+        from verl.utils.device import get_device_name, get_nccl_backend, get_resource_name
+        print(get_device_name(), get_nccl_backend(), get_resource_name(), os.environ.get("VERL_ENGINE_DEVICE"))
+        """,
+        {},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-4:] == ["cpu", "gloo", "GPU", "cuda"]
+
+
+def test_stock_platform_when_cuda_present():
+    """With CUDA visible, verl must behave exactly as stock: nvidia platform, no patches, no env changes."""
+    r = _run(
+        """
+        import torch
+        torch.cuda.is_available = lambda: True          # a CUDA machine, as far as anyone asks
+        import os, verl
+        import verl.utils.distributed as d
+        import torch.distributed.fsdp as f
+        from verl.plugin.platform import get_platform
+        from verl.workers.rollout.replica import RolloutReplicaRegistry
+        print(get_platform().device_name, getattr(d.initialize_global_process_group_ray, "_popo_cpu_patched", False),
+              getattr(f.CPUOffloadPolicy, "_popo_cpu_unpinned", False), os.environ.get("VERL_ENGINE_DEVICE"),
+              "hf" in RolloutReplicaRegistry._registry)
+        """,
+        {},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-5:] == ["cuda", "False", "False", "None", "True"]
+
+
+def test_force_env_overrides_cuda_detection():
+    r = _run(
+        """
+        import torch
+        torch.cuda.is_available = lambda: True
+        import verl
+        from verl.utils.device import get_device_name
+        print(get_device_name())
+        """,
+        {"POPO_VERL_CPU": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == "cpu"
+
+
+def test_gloo_process_group_and_unpinned_offload():
+    """The patched verl initialiser gives a gloo group on a cpu device; FSDP2 offload does not pin."""
+    r = _run(
+        """
+        import os, socket
+        s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1")
+        import verl, torch
+        from verl.workers import engine_workers  # imports the initialiser by name
+        engine_workers.initialize_global_process_group_ray(timeout_second=None)
+        print(torch.distributed.get_backend())
+        from verl.utils.fsdp_utils import CPUOffloadPolicy
+        print(CPUOffloadPolicy(pin_memory=True).pin_memory)
+        """,
+        {},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-2:] == ["gloo", "False"]
+
+
+def test_device_module_answers_what_verl_asks():
+    """verl calls these on get_torch_device() (grep of verl 0.9.1); each must work on the CPU module."""
+    from popo_verl.cpu.platform import CPU_DEVICE_MODULE as m
+
+    import torch
+
+    assert m.is_available() and m.device_count() == 1 and m.current_device() == "cpu"
+    m.empty_cache(); m.synchronize(); m.set_device(0); m.ipc_collect(); m.set_per_process_memory_fraction(0.5)
+    assert m.memory_allocated() == 0 and m.max_memory_allocated() == 0
+    assert m.memory_reserved() == 0 and m.max_memory_reserved() == 0
+    free, total = m.mem_get_info()
+    assert 0 < free <= total
+    state = m.get_rng_state()
+    a = torch.rand(3)
+    m.set_rng_state(state)
+    assert torch.equal(a, torch.rand(3))
+    with m.stream(m.Stream()):
+        pass
+    assert m.current_stream() is not None
+    assert torch.zeros(2, device=m.current_device()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("name", ["cpu"])
+def test_platform_registered_under_cpu(name):
+    import verl  # noqa: F401
+    from verl.plugin.platform import PlatformRegistry
+
+    from popo_verl.cpu.platform import PlatformCPU
+
+    assert PlatformRegistry.get(name) is PlatformCPU

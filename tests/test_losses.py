@@ -1,0 +1,133 @@
+"""POPO's actor loss (popo_verl/losses.py) against core.popo_loss, with verl's real data layout."""
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+import verl  # noqa: F401
+from verl.utils import tensordict_utils as tu
+from verl.workers.config import FSDPActorConfig
+
+from popo_verl import core
+from popo_verl.engines.fsdp import POOLED_KEY, PRED_KEY
+from popo_verl.losses import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY, popo_actor_loss
+from popo_verl.trainer import spread_padding_order
+
+
+def _nested(rows):
+    return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+
+
+def _batch(seed=0, n=6, d=5, sim_weights=None, token_scale=1.0, dp=1):
+    """A micro-batch as verl hands it to the loss: nested prompts/responses, per-token log-probs over the
+    whole sequence (shifted by one), and the POPO fields the trainer writes."""
+    g = torch.Generator().manual_seed(seed)
+    p_len = torch.randint(2, 5, (n,), generator=g).tolist()
+    r_len = torch.randint(1, 6, (n,), generator=g).tolist()
+    R = max(r_len)
+    seq_lp = [(-torch.rand(p + r, generator=g, dtype=torch.float64) * 3).requires_grad_() for p, r in zip(p_len, r_len)]
+    resp_lp = torch.zeros(n, R, dtype=torch.float64)
+    mask = torch.zeros(n, R)
+    for i, (p, r) in enumerate(zip(p_len, r_len)):
+        resp_lp[i, :r] = seq_lp[i].detach()[p - 1 : p + r - 1]
+        mask[i, :r] = 1
+    weights = torch.rand(n, generator=g, dtype=torch.float64) * torch.tensor([1, 1, 0, 1, 0, 1.0], dtype=torch.float64)[:n]
+    entropy = [torch.rand(p + r, generator=g, dtype=torch.float64) for p, r in zip(p_len, r_len)]
+    pred = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(n, d, generator=g, dtype=torch.float64)
+    s = weights / weights.sum() if sim_weights is None else sim_weights
+    n_tok = float((mask.sum(-1) * (weights > 0)).sum()) if token_scale == 1.0 else float(mask.sum())
+    data = TensorDict(
+        {
+            "prompts": _nested([torch.ones(p, dtype=torch.long) for p in p_len]),
+            "responses": _nested([torch.ones(r, dtype=torch.long) for r in r_len]),
+            "response_mask": _nested([torch.ones(r, dtype=torch.long) for r in r_len]),
+            "old_log_probs": _nested([resp_lp[i, :r] for i, r in enumerate(r_len)]),
+            "advantages": _nested([torch.full((r,), float(weights[i]), dtype=torch.float64) for i, r in enumerate(r_len)]),
+            SIM_WEIGHT_KEY: _nested([torch.full((r,), float(s[i]), dtype=torch.float64) for i, r in enumerate(r_len)]),
+            TOKEN_SCALE_KEY: _nested([torch.full((r,), token_scale, dtype=torch.float64) for r in r_len]),
+            SIAMESE_KEY: target,
+        },
+        batch_size=[n],
+    )
+    tu.assign_non_tensor(data, dp_size=dp, batch_num_tokens=n_tok, global_batch_size=n)
+    model_output = {"log_probs": _nested(seq_lp), "entropy": _nested(entropy), PRED_KEY: pred, POOLED_KEY: pred.detach()}
+    ent_resp = torch.zeros(n, R, dtype=torch.float64)
+    for i, (p, r) in enumerate(zip(p_len, r_len)):
+        ent_resp[i, :r] = entropy[i][p - 1 : p + r - 1]
+    return data, model_output, dict(resp_lp=resp_lp, mask=mask, weights=weights, ent=ent_resp, pred=pred, target=target, seq_lp=seq_lp)
+
+
+def _config():
+    c = FSDPActorConfig(strategy="fsdp2", rollout_n=2, ppo_micro_batch_size_per_gpu=4, ppo_mini_batch_size=4)
+    return c
+
+
+def test_actor_loss_equals_core_popo_loss_at_ratio_one():
+    data, out, ref = _batch()
+    loss, metrics = popo_actor_loss(_config(), out, data, alpha=0.1, beta=0.01, noise_std=0.0)
+    expected = core.popo_loss(
+        token_log_probs=ref["resp_lp"], response_mask=ref["mask"], weights=ref["weights"], entropy=ref["ent"],
+        pred=ref["pred"], target=ref["target"], alpha=0.1, beta=0.01,
+    )
+    assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-9, abs=1e-12)
+    assert metrics["popo/nll_loss"].aggregate() == pytest.approx(expected.metrics["popo/nll_loss"], rel=1e-9)
+
+
+def test_actor_loss_gradient_equals_core_gradient():
+    data, out, ref = _batch(seed=1)
+    loss, _ = popo_actor_loss(_config(), out, data, alpha=0.3, beta=0.02)
+    g_seq = torch.autograd.grad(loss, ref["seq_lp"] + [ref["pred"]], allow_unused=True)
+    # the same quantities through core, on leaf copies of the response log-probs
+    lp = ref["resp_lp"].clone().requires_grad_()
+    pred = ref["pred"].detach().clone().requires_grad_()
+    exp = core.popo_loss(lp, ref["mask"], ref["weights"], entropy=ref["ent"], pred=pred, target=ref["target"], alpha=0.3, beta=0.02)
+    g_lp, g_pred = torch.autograd.grad(exp.loss, [lp, pred])
+    for i, s in enumerate(ref["seq_lp"]):
+        r = int(ref["mask"][i].sum())
+        p = s.shape[0] - r
+        assert torch.allclose(g_seq[i][p - 1 : p + r - 1], g_lp[i, :r], atol=1e-12)
+    assert torch.allclose(g_seq[-1], g_pred, atol=1e-12)
+
+
+def test_negatives_get_no_gradient_and_an_all_negative_batch_is_finite():
+    data, out, ref = _batch(seed=2)
+    loss, _ = popo_actor_loss(_config(), out, data, alpha=0.1, beta=0.0)
+    grads = torch.autograd.grad(loss, ref["seq_lp"], allow_unused=True)
+    for i, w in enumerate(ref["weights"].tolist()):
+        if w == 0:
+            assert grads[i] is None or torch.all(grads[i] == 0)
+    zero = torch.zeros_like(ref["weights"])
+    data0, out0, ref0 = _batch(seed=2, sim_weights=zero)
+    data0["advantages"] = _nested([torch.zeros(int(m.sum()), dtype=torch.float64) for m in ref0["mask"]])
+    loss0, _ = popo_actor_loss(_config(), out0, data0, alpha=0.1, beta=0.01)
+    assert torch.isfinite(loss0)
+    loss0.backward()  # connected to the graph: every rank can still join the collectives
+
+
+def test_ratio_is_clipped_above():
+    data, out, ref = _batch(seed=3)
+    # later mini-batch: the policy moved up by 0.5 nats on every token of row 0
+    cfg = _config()
+    old = ref["resp_lp"].clone()
+    old[0] -= 0.5
+    r0 = int(ref["mask"][0].sum())
+    data["old_log_probs"] = _nested([old[i, : int(m.sum())] for i, m in enumerate(ref["mask"])])
+    loss, metrics = popo_actor_loss(cfg, out, data, alpha=0.0, beta=0.0)
+    g = torch.autograd.grad(loss, ref["seq_lp"], allow_unused=True)
+    if ref["weights"][0] > 0:
+        assert torch.all(g[0] == 0), "ratio exp(0.5) > 1 + 0.2: the clip stops the push"
+        assert metrics["actor/pg_clipfrac"].aggregate() > 0
+    assert r0 > 0
+
+
+def test_spread_padding_order_never_leaves_a_cell_without_real_rows():
+    for n_real, dp, n_mini, per_cell in [(5, 1, 4, 2), (7, 2, 2, 2), (3, 2, 1, 4), (9, 2, 3, 2)]:
+        n_total = dp * n_mini * per_cell
+        order = spread_padding_order(n_real, n_total, dp, n_mini)
+        assert sorted(order) == list(range(n_total))
+        per_rank = n_total // dp
+        for r in range(dp):
+            for j in range(n_mini):
+                cell = order[r * per_rank + j * per_cell : r * per_rank + (j + 1) * per_cell]
+                assert any(i < n_real for i in cell), (n_real, dp, n_mini, per_cell, order)
