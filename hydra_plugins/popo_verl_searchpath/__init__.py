@@ -1,0 +1,86 @@
+"""Hydra search-path plugin for popo-verl (found by hydra in the `hydra_plugins` namespace package).
+
+1. `pkg://popo_verl.config` joins the search path, so `+algorithm=popo` finds algorithm/popo.yaml.
+2. A config source placed first serves verl's own `ppo_trainer.yaml` / `ppo_megatron_trainer.yaml`
+   with `algorithm: null` appended to their defaults (after `_self_`). That makes `algorithm` an
+   overridable group, so the spelling our users were promised, `algorithm=popo`, composes. Stock verl
+   only has `algorithm@algorithm.rollout_correction` there, and hydra refuses `algorithm=popo`.
+   Without `algorithm=` the composed config is unchanged (tests/test_hydra.py compares it with stock).
+Set POPO_VERL_HYDRA=0 to disable both.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib import resources
+from typing import List, Optional
+
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.core.object_type import ObjectType
+from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
+from hydra.plugins.search_path_plugin import SearchPathPlugin
+from omegaconf import OmegaConf
+
+SCHEME = "popo-verl"
+VERL_CONFIG_PACKAGE = "verl.trainer.config"
+SERVED = ("ppo_trainer.yaml", "ppo_megatron_trainer.yaml")
+
+
+def _enabled() -> bool:
+    return os.environ.get("POPO_VERL_HYDRA", "1").strip().lower() not in ("0", "false", "no")
+
+
+def _group_added_on_command_line() -> bool:
+    # `+algorithm=popo` appends its own `algorithm` default; a second one would clash.
+    return any(a.startswith("+algorithm=") for a in sys.argv[1:])
+
+
+class PopoVerlConfigSource(ConfigSource):
+    """Serves verl's primary trainer configs with an overridable `algorithm` group; nothing else."""
+
+    @staticmethod
+    def scheme() -> str:
+        return SCHEME
+
+    def _served(self, config_path: str) -> Optional[str]:
+        name = self._normalize_file_name(config_path).lstrip("/")
+        return name if name in SERVED else None
+
+    def load_config(self, config_path: str) -> ConfigResult:
+        name = self._served(config_path)
+        if name is None:
+            raise ConfigLoadError(f"Config not found : {config_path}")
+        text = resources.files(VERL_CONFIG_PACKAGE).joinpath(name).read_text(encoding="utf-8")
+        header = ConfigSource._get_header_dict(text[:512])
+        cfg = OmegaConf.create(text)
+        if not _group_added_on_command_line():
+            defaults = list(cfg.get("defaults", []))
+            defaults.append({"algorithm": None})
+            cfg.defaults = defaults
+        return ConfigResult(config=cfg, path=f"{SCHEME}://{self.path}", provider=self.provider, header=header)
+
+    def available(self) -> bool:
+        try:
+            return resources.files(VERL_CONFIG_PACKAGE).joinpath(SERVED[0]).is_file()
+        except (ModuleNotFoundError, ValueError, TypeError):
+            return False
+
+    def is_group(self, config_path: str) -> bool:
+        return False
+
+    def is_config(self, config_path: str) -> bool:
+        return self._served(config_path) is not None
+
+    def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
+        if config_path.strip("/") or results_filter not in (None, ObjectType.CONFIG):
+            return []
+        return sorted(n[: -len(".yaml")] for n in SERVED)
+
+
+class PopoVerlSearchPathPlugin(SearchPathPlugin):
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        if not _enabled():
+            return
+        search_path.prepend(provider="popo-verl", path=f"{SCHEME}://{VERL_CONFIG_PACKAGE}")
+        search_path.append(provider="popo-verl", path="pkg://popo_verl.config")
