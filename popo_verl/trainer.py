@@ -90,6 +90,10 @@ class PopoTrainer(PPOTrainerSync):
             # The workers only see actor_rollout_ref: hand them POPO's knobs there.
             config.actor_rollout_ref.popo = OmegaConf.create(OmegaConf.to_container(config.algorithm.popo, resolve=True))
         super().__init__(config)
+        # trainer.v1.trainer_mode names this class; the schedule itself is verl's synchronous one
+        # (verl's base trainer switches to async buffers and TQ checkpoints for any mode but "sync").
+        self.trainer_mode = "sync"
+        self.replay_buffer = self._build_replay_buffer()
         # The siamese takes the ref role even though no KL term is used.
         self.use_reference_policy = True
         self.popo_skipped_steps = 0

@@ -29,7 +29,7 @@ export TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 python -m popo_verl.tiny build --out "$TINY_DIR"
-REWARD_FILE=$(python -c "import popo_verl.reward as r; print(r.__file__)")
+REWARD_FILE=${REWARD_FILE:-$(python -c "import popo_verl.reward as r; print(r.__file__)")}
 
 case "$ALGO" in
   popo) ALGO_ARGS=(algorithm=popo) ;;
@@ -78,6 +78,9 @@ ROLLOUT_ARGS=(
 )
 CPU_ARGS=(
   trainer.device=cpu
+  # fp32 compute: bf16 matmuls are slow on most CPUs, and the rollout (fp32) then matches the actor exactly
+  +actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32
+  +actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=fp32
   ray_kwargs.ray_init.num_cpus=32
   +ray_kwargs.ray_init.num_gpus="$N_GPUS_PER_NODE"
   transfer_queue.backend.SimpleStorage.num_data_storage_units=1

@@ -218,7 +218,7 @@ class HFRolloutServer:
         """Left-padded batched decoding with a KV cache; per-request seeded sampling."""
         temperature, top_p, top_k, max_tokens, ignore_eos = key
         greedy = temperature <= 0.0
-        gens = [torch.Generator().manual_seed(s) for s in self._request_seeds(prompts)]
+        gens = [] if greedy else [torch.Generator().manual_seed(s) for s in self._request_seeds(prompts)]
         bsz, width = len(prompts), max(len(p) for p in prompts)
         input_ids = torch.full((bsz, width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((bsz, width), dtype=torch.long)

@@ -6,7 +6,7 @@ import re
 import sys
 
 _STEP = re.compile(r"step:(\d+) - (.*)")
-_PAIR = re.compile(r"([\w/@\-\.:]+):([-+0-9.eE]+|nan)")
+_PAIR = re.compile(r"([\w/@\-\.]+):(?:np\.\w+\()?([-+0-9.eE]+|nan)\)?")
 
 
 def parse_steps(text: str) -> list[tuple[int, dict[str, float]]]:

@@ -1,0 +1,3 @@
+from popo_verl.tiny import main
+
+raise SystemExit(main())

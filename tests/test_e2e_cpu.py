@@ -1,0 +1,207 @@
+"""End to end on the CPU: `scripts/run_tiny_cpu.sh` -> `python -m verl.trainer.main_ppo` with verl's real
+trainer, workers, FSDP2 engines and Ray, on the tiny task. Each run happens once per session.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from popo_verl.cpu.summary import parse_steps
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "run_tiny_cpu.sh"
+ROWS_PER_STEP = 8 * 8  # TRAIN_BATCH prompts x ROLLOUT_N responses (script defaults)
+TAU = 0.9  # a fast EMA so three steps move the siamese measurably
+
+
+@pytest.fixture(scope="session")
+def tiny_dir():
+    from popo_verl.tiny import default_dir, ensure_built
+
+    return ensure_built(default_dir())["root"]
+
+
+def run_tiny(tmp: Path, tiny_dir: str, algo: str, *overrides: str, ranks: int = 1, steps: int = 3, save_freq: int = -1,
+             test_freq: int = -1, ckpt: Path | None = None, expect_ok: bool = True, env_extra: dict | None = None):
+    ckpt = ckpt or tmp / "ckpt"
+    env = dict(os.environ)
+    env.update(
+        ALGO=algo, TINY_DIR=tiny_dir, N_GPUS_PER_NODE=str(ranks), TOTAL_STEPS=str(steps), SAVE_FREQ=str(save_freq),
+        TEST_FREQ=str(test_freq), CKPT_DIR=str(ckpt), LOG_FILE=str(tmp / f"{algo}.log"), LR="1e-3",
+    )
+    env.update(env_extra or {})
+    r = subprocess.run(
+        ["bash", str(SCRIPT), "trainer.val_before_train=false", *overrides],
+        cwd=str(tmp), env=env, capture_output=True, text=True, timeout=900,
+    )
+    log = r.stdout + r.stderr
+    if expect_ok:
+        assert r.returncode == 0, log[-6000:]
+    return {"rc": r.returncode, "log": log, "steps": dict(parse_steps(log)), "ckpt": ckpt}
+
+
+def model_state(step_dir: Path) -> dict[str, torch.Tensor]:
+    """Full weights from verl's FSDP2 shards (Shard(0) on every parameter)."""
+    files = sorted(glob.glob(str(step_dir / "actor" / "model_world_size_*_rank_*.pt")), key=lambda f: int(f.rsplit("_", 1)[1][:-3]))
+    shards = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    return {k: torch.cat([getattr(s[k], "_local_tensor", s[k]).float() for s in shards], dim=0) for k in shards[0]}
+
+
+def siamese_state(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    files = sorted(glob.glob(str(step_dir / "actor" / "popo_siamese" / "rank_*_of_*.pt")), key=lambda f: int(Path(f).name.split("_")[1]))
+    states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    full = {k: torch.cat([s["siamese"][k].float() for s in states], dim=0) for k in states[0]["siamese"]}
+    return full, states[0]
+
+
+def initial_state(tiny_dir: str) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in load_file(os.path.join(tiny_dir, "model", "model.safetensors")).items()}
+
+
+# ------------------------------------------------------------------------------------------------ GRPO
+@pytest.fixture(scope="module")
+def grpo_1rank(tmp_path_factory, tiny_dir):
+    tmp = tmp_path_factory.mktemp("grpo1")
+    return run_tiny(tmp, tiny_dir, "grpo", steps=3, save_freq=3, test_freq=3)
+
+
+def test_grpo_trains_validates_and_checkpoints(grpo_1rank, tiny_dir):
+    steps = grpo_1rank["steps"]
+    assert sorted(steps) == [1, 2, 3]
+    for s in (1, 2, 3):
+        m = steps[s]
+        for key in ("actor/pg_loss", "actor/grad_norm", "timing_s/gen", "timing_s/update_actor", "critic/score/mean"):
+            assert key in m, (s, key)
+        # the rollout generated with the weights synced after the previous update (fp32 on both sides)
+        assert m["training/rollout_probs_diff_max"] < 1e-4, m["training/rollout_probs_diff_max"]
+    assert any(k.startswith("val-core/tiny_arith/") for k in steps[3]), "validation after the last step"
+    step3 = grpo_1rank["ckpt"] / "global_step_3"
+    assert (step3 / "actor").is_dir()
+    before, after = initial_state(tiny_dir), model_state(step3)
+    changed = [k for k in before if not torch.allclose(before[k], after[k])]
+    assert len(changed) >= len(before) // 2, "the actor's weights must have been trained"
+    assert "held-out accuracy" in grpo_1rank["log"]
+
+
+def test_grpo_with_two_fsdp2_ranks(tmp_path_factory, tiny_dir):
+    tmp = tmp_path_factory.mktemp("grpo2")
+    out = run_tiny(tmp, tiny_dir, "grpo", ranks=2, steps=2, save_freq=2)
+    assert sorted(out["steps"]) == [1, 2]
+    assert all(out["steps"][s]["training/rollout_probs_diff_max"] < 1e-4 for s in (1, 2))
+    before, after = initial_state(tiny_dir), model_state(out["ckpt"] / "global_step_2")
+    assert sum(not torch.allclose(before[k], after[k]) for k in before) >= len(before) // 2
+
+
+# ------------------------------------------------------------------------------------------------ POPO
+POPO_ARGS = (f"algorithm.popo.tau={TAU}", "algorithm.popo.kl_monitor_interval=1")
+
+
+@pytest.fixture(scope="module")
+def popo_1rank(tmp_path_factory, tiny_dir):
+    tmp = tmp_path_factory.mktemp("popo1")
+    return run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, steps=3, save_freq=1)
+
+
+def test_popo_runs_through_verl(popo_1rank):
+    steps = popo_1rank["steps"]
+    assert sorted(steps) == [1, 2, 3]
+    for s, m in steps.items():
+        for key in ("popo/positive_ratio", "popo/groups_without_positive", "popo/weight_entropy", "popo/nll_loss",
+                    "popo/sim_loss", "popo/cos_sim", "popo/ent_loss", "popo/drift", "popo/drift_bound",
+                    "popo/kl_policy_siamese", "popo/rows_updated", "actor/pg_loss", "timing_s/update_actor", "timing_s/ref"):
+            assert key in m, (s, key)
+        assert m["training/rollout_probs_diff_max"] < 1e-4
+        assert m["popo/ema_steps"] == s, "one optimizer step per training step here, one EMA update each"
+        # (e) exactly the positives reach update_actor
+        assert m["popo/rows_updated"] == round(m["popo/positive_ratio"] * ROWS_PER_STEP)
+        assert 0 < m["popo/drift"] <= m["popo/drift_bound"] * 1.0001 + 1e-12
+
+
+def test_siamese_is_the_ema_of_the_actor(popo_1rank, tiny_dir):
+    """(b) the siamese equals an offline EMA replay of the actor's per-optimizer-step weights; (c) it never
+    takes a gradient step, while the predictor does."""
+    ckpt = popo_1rank["ckpt"]
+    theta = [initial_state(tiny_dir)] + [model_state(ckpt / f"global_step_{s}") for s in (1, 2, 3)]
+    xi = {k: v.double().clone() for k, v in theta[0].items()}
+    for t in (1, 2, 3):
+        for k in xi:
+            xi[k] = TAU * xi[k] + (1 - TAU) * theta[t][k].double()
+    siamese, state = siamese_state(ckpt / "global_step_3")
+    assert state["ema_steps"] == 3
+    assert set(siamese) == set(theta[0])
+    for k, v in siamese.items():
+        assert torch.allclose(v.double(), xi[k], atol=2e-6, rtol=1e-5), k
+    moved = sum(not torch.allclose(siamese[k], theta[0][k]) for k in siamese)
+    assert moved >= len(siamese) // 2, "the siamese moved away from its initial weights"
+    assert any(not torch.allclose(siamese[k], theta[3][k]) for k in siamese), "the siamese lags the actor"
+    pred1 = {k: v for k, v in theta[1].items() if k.startswith("popo_predictor.")}
+    pred3 = {k: v for k, v in theta[3].items() if k.startswith("popo_predictor.")}
+    assert pred1 and any(not torch.equal(pred1[k], pred3[k]) for k in pred1), "L_sim trains the predictor"
+
+
+def test_popo_with_two_fsdp2_ranks(tmp_path_factory, tiny_dir):
+    tmp = tmp_path_factory.mktemp("popo2")
+    out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, ranks=2, steps=3, save_freq=3)
+    assert sorted(out["steps"]) == [1, 2, 3]
+    siamese, state = siamese_state(out["ckpt"] / "global_step_3")
+    actor = model_state(out["ckpt"] / "global_step_3")
+    assert state["ema_steps"] == 3
+    assert any(not torch.allclose(siamese[k], actor[k]) for k in siamese)
+
+
+def test_resume_continues_exactly(popo_1rank, tmp_path_factory, tiny_dir):
+    """(d) stop after the step-2 checkpoint, resume: step 3 equals the uninterrupted run's step 3."""
+    tmp = tmp_path_factory.mktemp("popo_resume")
+    ckpt = tmp / "ckpt"
+    ckpt.mkdir()
+    for name in ("global_step_1", "global_step_2"):
+        shutil.copytree(popo_1rank["ckpt"] / name, ckpt / name)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
+    out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, steps=3, save_freq=1, ckpt=ckpt)
+    assert sorted(out["steps"]) == [3], "the resumed run starts at step 3"
+    a, b = popo_1rank["steps"][3], out["steps"][3]
+    for key in ("popo/positive_ratio", "popo/rows_updated", "critic/score/mean", "popo/ema_steps"):
+        assert a[key] == b[key], key
+    for key in ("actor/pg_loss", "popo/nll_loss", "popo/sim_loss", "popo/drift"):
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-7), key
+    sa, _ = siamese_state(popo_1rank["ckpt"] / "global_step_3")
+    sb, _ = siamese_state(ckpt / "global_step_3")
+    ma, mb = model_state(popo_1rank["ckpt"] / "global_step_3"), model_state(ckpt / "global_step_3")
+    for k in sa:
+        assert torch.allclose(sa[k], sb[k], atol=1e-6), k
+    for k in ma:  # actor and predictor
+        assert torch.allclose(ma[k], mb[k], atol=1e-6), k
+
+
+def test_resume_without_siamese_warns_and_restarts_it_from_the_actor(popo_1rank, tmp_path_factory, tiny_dir):
+    tmp = tmp_path_factory.mktemp("popo_resume_old")
+    ckpt = tmp / "ckpt"
+    shutil.copytree(popo_1rank["ckpt"] / "global_step_1", ckpt / "global_step_1")
+    shutil.rmtree(ckpt / "global_step_1" / "actor" / "popo_siamese")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("1")
+    out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, steps=2, save_freq=-1, ckpt=ckpt)
+    assert "no siamese state" in out["log"]
+    assert sorted(out["steps"]) == [2]
+
+
+def test_a_step_without_positives_completes(tmp_path_factory, tiny_dir):
+    """(f) all rewards 0: no crash, no NaN, a warning, the step logged as skipped."""
+    tmp = tmp_path_factory.mktemp("popo_nopos")
+    zero = tmp / "zero_reward.py"
+    zero.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw):\n    return 0.0\n")
+    out = run_tiny(tmp, tiny_dir, "popo", steps=2, env_extra={"REWARD_FILE": str(zero)})
+    for s in (1, 2):
+        m = out["steps"][s]
+        assert m["popo/positive_ratio"] == 0 and m["popo/skipped_step"] == 1 and m["popo/rows_updated"] == 0
+        assert all(v == v for v in m.values()), "no NaN in the logged metrics"
+    assert "no positive rollout" in out["log"]
