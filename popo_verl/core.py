@@ -79,6 +79,8 @@ def popo_weights(
         raise ValueError(
             f"popo_weights: sizes differ: seq_log_probs {s.numel()}, positive {pos.numel()}, group_index {gid.numel()}"
         )
+    if not torch.isfinite(s[pos]).all():
+        raise ValueError("popo_weights: a positive response has a non-finite sequence log-prob")
     n_groups = int(gid.max().item()) + 1 if gid.numel() else 0
     if mode == "uniform":
         logits = torch.zeros_like(s)
@@ -177,6 +179,8 @@ def ema_update_(target_params: Iterable[torch.Tensor], online_params: Iterable[t
 
 def drift_bound(tau: float, lr: float, max_update_norm: float) -> float:
     """Lemma 3.2:  ||theta_t - xi_t|| <= tau * eta * G_max / (1 - tau)   (inf for tau = 1)."""
+    if not 0.0 <= tau <= 1.0 or lr < 0 or max_update_norm < 0:
+        raise ValueError(f"drift_bound: need tau in [0, 1], lr >= 0, G >= 0; got {tau}, {lr}, {max_update_norm}")
     if tau >= 1.0:
         return math.inf
     return tau * lr * max_update_norm / (1.0 - tau)
@@ -286,6 +290,6 @@ def weight_entropy(weights: torch.Tensor, group_index) -> float:
     if n_groups == 0:
         return 0.0
     plogp = torch.where(w > 0, -w * torch.log(w.clamp(min=1e-300)), torch.zeros_like(w))
-    h = torch.zeros(n_groups, dtype=w.dtype).index_add_(0, gid, plogp)
-    has_pos = torch.zeros(n_groups, dtype=w.dtype).index_add_(0, gid, w) > 0
+    h = torch.zeros(n_groups, dtype=w.dtype, device=w.device).index_add_(0, gid, plogp)
+    has_pos = torch.zeros(n_groups, dtype=w.dtype, device=w.device).index_add_(0, gid, w) > 0
     return float(h[has_pos].mean()) if has_pos.any() else 0.0

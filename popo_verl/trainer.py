@@ -305,6 +305,7 @@ class PopoTrainer(PPOTrainerSync):
                 rows = n_pos
             else:
                 mini_rows = self.config.actor_rollout_ref.actor.ppo_mini_batch_size * self.config.actor_rollout_ref.rollout.n
+                batch.fields = sorted(set(batch.fields or []) | {SIAMESE_KEY})
                 self._run_update(batch, metrics, mini_rows=mini_rows)
                 rows = sum(not _is_padding(t) for t in batch.tags)
             metrics.update({"popo/skipped_step": 0.0, "popo/rows_updated": float(rows)})

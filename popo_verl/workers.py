@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import warnings
 from functools import partial
 
@@ -102,6 +103,7 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         self.ema_steps = 0
         self.max_update_norm = 0.0
         self.last_lr = 0.0
+        self.ema_seconds = 0.0
         self._check_siamese_layout()
         self.copy_actor_to_siamese()
         self.actor.engine.popo_after_optimizer_step = self._after_optimizer_step
@@ -142,8 +144,10 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
             xi.copy_(theta.to(device=xi.device, dtype=xi.dtype))
 
     def _after_optimizer_step(self, grad_norm: float) -> None:
+        t0 = time.perf_counter()
         targets, onlines = self._paired_locals()
         core.ema_update_(targets, onlines, self.tau)
+        self.ema_seconds += time.perf_counter() - t0
         self.ema_steps += 1
         self.max_update_norm = max(self.max_update_norm, self._update_direction_norm(grad_norm))
         groups = self.actor.engine.optimizer.param_groups
@@ -194,7 +198,9 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         """||theta - xi||, the Lemma 3.2 bound and EMA bookkeeping (collective: call on all ranks)."""
         drift = self._global_distance()
         bound = core.drift_bound(self.tau, self.last_lr, self.max_update_norm) if self.ema_steps else 0.0
+        ema_seconds, self.ema_seconds = self.ema_seconds, 0.0
         return {
+            "timing_s/ema_update": ema_seconds,
             "popo/drift": drift,
             "popo/drift_bound": bound,
             "popo/ema_steps": float(self.ema_steps),

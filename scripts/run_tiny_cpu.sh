@@ -16,6 +16,8 @@ ROLLOUT_N=${ROLLOUT_N:-8}                      # G responses per prompt
 TEST_FREQ=${TEST_FREQ:-10}
 SAVE_FREQ=${SAVE_FREQ:--1}
 LR=${LR:-1e-4}
+# every rank gets all its rows in one micro-batch (verl's fixed micro-batching needs a divisor)
+MICRO=${MICRO:-$(( TRAIN_BATCH * ROLLOUT_N / (NNODES * N_GPUS_PER_NODE) ))}
 SEED=${SEED:-1}
 PROJECT_NAME=${PROJECT_NAME:-popo_tiny_cpu}
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-${ALGO}_tiny}
@@ -27,6 +29,9 @@ export POPO_VERL_CPU=${POPO_VERL_CPU:-1}
 export RAY_DEDUP_LOGS=${RAY_DEDUP_LOGS:-0}
 export TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Ray would prestart one idle Python worker per logical CPU (32 here); on 2 cores that costs minutes.
+export RAY_prestart_worker_first_driver=${RAY_prestart_worker_first_driver:-0}
+export RAY_enable_worker_prestart=${RAY_enable_worker_prestart:-0}
 
 python -m popo_verl.tiny build --out "$TINY_DIR"
 REWARD_FILE=${REWARD_FILE:-$(python -c "import popo_verl.reward as r; print(r.__file__)")}
@@ -62,11 +67,11 @@ MODEL_ARGS=(
   actor_rollout_ref.ref.strategy=fsdp2
   actor_rollout_ref.actor.optim.lr="$LR"
   actor_rollout_ref.actor.ppo_mini_batch_size="$TRAIN_BATCH"
-  actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=64
+  actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu="$MICRO"
   actor_rollout_ref.actor.use_torch_compile=false
   actor_rollout_ref.ref.use_torch_compile=false
-  actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=64
-  actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu=64
+  actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu="$MICRO"
+  actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu="$MICRO"
 )
 ROLLOUT_ARGS=(
   actor_rollout_ref.rollout.name=hf

@@ -1,0 +1,379 @@
+"""The verl plugin: registry entries, the registered advantage estimator and policy loss (called the way
+verl 0.9.1 calls them), registration inside a Ray worker, and a loud failure when registration breaks."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import uuid
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from tensordict import TensorDict
+
+import verl  # noqa: F401  (loads the `verl.plugins` entry points, ours included)
+from verl.trainer.ppo import core_algos
+from verl.utils import tensordict_utils as tu
+from verl.workers.config import ActorConfig
+from verl.workers.config.actor import PolicyLossConfig
+from verl.workers.utils.losses import ppo_loss
+
+import popo_verl.algos as algos
+from popo_verl import core
+
+# ----------------------------------------------------------------------------------------------
+# registries
+# ----------------------------------------------------------------------------------------------
+
+
+def test_registered_after_import_verl():
+    assert "popo" in core_algos.ADV_ESTIMATOR_REGISTRY
+    assert "popo" in core_algos.POLICY_LOSS_REGISTRY
+    assert core_algos.ADV_ESTIMATOR_REGISTRY["popo"] is algos.compute_popo_outcome_advantage
+    assert core_algos.POLICY_LOSS_REGISTRY["popo"] is algos.compute_policy_loss_popo
+    assert core_algos.get_adv_estimator_fn("popo") is algos.compute_popo_outcome_advantage
+    assert core_algos.get_policy_loss_fn("popo") is algos.compute_policy_loss_popo
+
+
+def test_reimport_is_harmless():
+    import popo_verl.plugin as plugin
+
+    importlib.reload(plugin)  # runs register_all() again: must not raise "already registered"
+    algos.register()
+    algos.register()
+    assert core_algos.ADV_ESTIMATOR_REGISTRY["popo"] is algos.compute_popo_outcome_advantage
+    assert core_algos.POLICY_LOSS_REGISTRY["popo"] is algos.compute_policy_loss_popo
+    # the other entries are untouched
+    assert "grpo" in core_algos.ADV_ESTIMATOR_REGISTRY and "vanilla" in core_algos.POLICY_LOSS_REGISTRY
+
+
+# ----------------------------------------------------------------------------------------------
+# advantage estimator
+# ----------------------------------------------------------------------------------------------
+
+
+def _adv_batch(seed, n_groups=6, group_size=4, T=7):
+    rng = np.random.default_rng(seed)
+    names = [str(uuid.UUID(int=int(rng.integers(0, 2**63)))) for _ in range(n_groups)]
+    uid = np.array([names[i] for i in range(n_groups) for _ in range(group_size)], dtype=object)
+    uid = uid[rng.permutation(len(uid))]
+    B = len(uid)
+    lengths = rng.integers(1, T + 1, B)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    scores = rng.choice([0.0, 0.5, 1.0], B)
+    scores[uid == names[0]] = 0.0  # a group without positives
+    rewards = torch.zeros(B, T, dtype=torch.float32)
+    for b in range(B):
+        mask[b, : lengths[b]] = 1
+        rewards[b, lengths[b] - 1] = scores[b]  # verl puts the outcome reward on the last response token
+    return rewards, mask, uid, scores
+
+
+def _adv_reference(scores, uid, mask, tau_r):
+    B, T = mask.shape
+    out = [[0.0] * T for _ in range(B)]
+    for g in set(uid.tolist()):
+        rows = [i for i in range(B) if uid[i] == g]
+        pos = [i for i in rows if scores[i] > tau_r]
+        for i in pos:
+            for t in range(T):
+                out[i][t] = (1.0 / len(pos)) * float(mask[i, t])
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("tau_r", [None, 0.0, 0.5])
+def test_advantage_estimator_uniform_weights(seed, tau_r):
+    rewards, mask, uid, scores = _adv_batch(seed)
+    if tau_r is None:
+        config = OmegaConf.create({"adv_estimator": "popo", "gamma": 1.0})
+        eff_tau = 0.0
+    else:
+        config = OmegaConf.create({"adv_estimator": "popo", "popo": {"tau_r": tau_r}})
+        eff_tau = tau_r
+    fn = core_algos.get_adv_estimator_fn("popo")
+    # the keyword call of verl/trainer/ppo/ray_trainer.py::compute_advantage
+    adv, ret = fn(token_level_rewards=rewards, response_mask=mask, config=config, index=uid)
+    ref = _adv_reference(scores, uid, mask, eff_tau)
+    assert adv.shape == rewards.shape and ret.shape == rewards.shape
+    assert adv.dtype == rewards.dtype
+    np.testing.assert_allclose(adv.double().numpy(), ref.numpy(), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(ret.double().numpy(), ref.numpy(), rtol=1e-6, atol=1e-7)
+    assert (adv >= 0).all()
+    assert (adv[mask == 0] == 0).all()
+
+
+def test_advantage_estimator_tau_r_is_honoured():
+    rewards, mask, uid, scores = _adv_batch(3)
+    fn = core_algos.get_adv_estimator_fn("popo")
+    a0, _ = fn(token_level_rewards=rewards, response_mask=mask, config=OmegaConf.create({"popo": {"tau_r": 0.0}}), index=uid)
+    a5, _ = fn(token_level_rewards=rewards, response_mask=mask, config=OmegaConf.create({"popo": {"tau_r": 0.5}}), index=uid)
+    half = torch.from_numpy(scores == 0.5)
+    assert half.any()
+    assert (a0[half].sum(-1) > 0).all()  # 0.5 > 0: positive
+    assert (a5[half] == 0).all()  # 0.5 is not > 0.5: negative
+
+
+def test_advantage_estimator_needs_index_and_all_negative_is_zero():
+    rewards, mask, uid, _ = _adv_batch(4)
+    fn = core_algos.get_adv_estimator_fn("popo")
+    with pytest.raises(ValueError):
+        fn(token_level_rewards=rewards, response_mask=mask, config=None, index=None)
+    adv, _ = fn(token_level_rewards=torch.zeros_like(rewards), response_mask=mask, config=None, index=uid)
+    assert torch.isfinite(adv).all() and (adv == 0).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# policy loss
+# ----------------------------------------------------------------------------------------------
+
+
+def _actor_config(clip_ratio_high=0.2, clip_ratio=0.2):
+    cfg = ActorConfig(
+        strategy="fsdp",
+        rollout_n=4,
+        ppo_micro_batch_size_per_gpu=2,
+        clip_ratio=clip_ratio,
+        clip_ratio_low=0.2,
+        clip_ratio_high=clip_ratio_high,
+        loss_agg_mode="token-mean",
+        policy_loss=PolicyLossConfig(loss_mode="popo"),
+    )
+    return cfg
+
+
+def _loss_batch(seed, B=6, T=5):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g, dtype=torch.float64) * 3
+    mask = torch.ones(B, T, dtype=torch.bool)
+    for b in range(B):
+        n = int(torch.randint(1, T + 1, (1,), generator=g))
+        mask[b, n:] = False
+    w = torch.rand(B, generator=g, dtype=torch.float64)
+    w[[1, 4]] = 0.0  # negatives
+    adv = w[:, None] * mask.to(torch.float64)
+    n_pos_tokens = int((mask.sum(-1) * (w > 0)).sum())
+    return old, mask, w, adv, n_pos_tokens
+
+
+def _call_like_ppo_loss(cfg, old, log_prob, adv, mask, n_tokens):
+    cfg.global_batch_info["dp_size"] = 1
+    cfg.global_batch_info["batch_num_tokens"] = n_tokens
+    cfg.global_batch_info["global_batch_size"] = None
+    cfg.global_batch_info["loss_scale_factor"] = cfg.loss_scale_factor
+    fn = core_algos.get_policy_loss_fn(cfg.policy_loss.get("loss_mode", "vanilla"))
+    return fn(
+        old_log_prob=old,
+        log_prob=log_prob,
+        advantages=adv,
+        response_mask=mask,
+        loss_agg_mode=cfg.loss_agg_mode,
+        config=cfg,
+        rollout_is_weights=None,
+    )
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_policy_loss_gradient_at_ratio_one_equals_weighted_nll(seed):
+    old, mask, w, adv, n_tok = _loss_batch(seed)
+    cfg = _actor_config()
+    assert cfg.loss_scale_factor is None
+    log_prob = old.clone().requires_grad_(True)
+    loss, metrics = _call_like_ppo_loss(cfg, old, log_prob, adv, mask, n_tok)
+    (g,) = torch.autograd.grad(loss, log_prob)
+
+    ref_lp = old.clone().requires_grad_(True)
+    ref_loss = core.weighted_nll_loss(ref_lp, adv[:, 0], mask)
+    (g_ref,) = torch.autograd.grad(ref_loss, ref_lp)
+    np.testing.assert_allclose(g.numpy(), g_ref.numpy(), rtol=1e-12, atol=1e-15)
+    # the value is the weighted NLL as well
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-12)
+    # and both equal the hand-written gradient -w m / N+
+    np.testing.assert_allclose(g.numpy(), (-w[:, None] * mask / n_tok).numpy(), rtol=1e-12, atol=1e-15)
+    for k in ("actor/ppo_kl", "actor/pg_clipfrac", "actor/pg_clipfrac_lower"):
+        assert k in metrics and math.isfinite(metrics[k])
+    assert metrics["actor/ppo_kl"] == pytest.approx(0.0, abs=1e-12)
+    assert metrics["actor/pg_clipfrac"] == 0.0
+
+
+@pytest.mark.parametrize("clip_high", [0.2, 0.3])
+def test_policy_loss_clips_ratio_above(clip_high):
+    old, mask, w, adv, n_tok = _loss_batch(7)
+    B, T = old.shape
+    # per-token log-ratio: a mix of below 1, inside (1, 1+eps) and above 1+eps
+    deltas = torch.tensor([-0.5, 0.1, 0.25, 0.4, 0.0], dtype=torch.float64)
+    delta = deltas.repeat(B, 1)[:, :T]
+    cfg = _actor_config(clip_ratio_high=clip_high, clip_ratio=0.05)  # clip_ratio_high wins over clip_ratio
+    log_prob = (old + delta).requires_grad_(True)
+    loss, metrics = _call_like_ppo_loss(cfg, old, log_prob, adv, mask, n_tok)
+    (g,) = torch.autograd.grad(loss, log_prob)
+    for b in range(B):
+        for t in range(T):
+            r = math.exp(float(delta[b, t]))
+            m = float(mask[b, t])
+            if r > 1.0 + clip_high:
+                expected = 0.0
+            else:
+                expected = -float(w[b]) * r * m / n_tok
+            assert float(g[b, t]) == pytest.approx(expected, rel=1e-10, abs=1e-15), (b, t, r)
+    clipped = [(b, t) for b in range(B) for t in range(T) if mask[b, t] and w[b] > 0 and math.exp(float(delta[b, t])) > 1 + clip_high]
+    assert clipped, "the test must contain clipped tokens"
+    assert all(float(g[b, t]) == 0.0 for b, t in clipped)
+    weighted = [(b, t) for b in range(B) for t in range(T) if mask[b, t] and w[b] > 0]
+    assert metrics["actor/pg_clipfrac"] == pytest.approx(len(clipped) / len(weighted), rel=1e-6)
+
+
+def test_policy_loss_rejects_negative_advantages():
+    old, mask, w, adv, n_tok = _loss_batch(0)
+    adv = adv.clone()
+    adv[0, 0] = -0.1
+    with pytest.raises(ValueError):
+        _call_like_ppo_loss(_actor_config(), old, old.clone().requires_grad_(True), adv, mask, n_tok)
+
+
+def test_policy_loss_all_negative_batch_is_zero_and_finite():
+    old, mask, _, adv, _ = _loss_batch(1)
+    log_prob = old.clone().requires_grad_(True)
+    loss, _ = _call_like_ppo_loss(_actor_config(), old, log_prob, torch.zeros_like(adv), mask, 1)
+    assert torch.isfinite(loss) and loss.item() == 0.0
+    loss.backward()
+    assert (log_prob.grad == 0).all()
+
+
+def _nested(rows):
+    return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+
+
+def test_policy_loss_through_verl_ppo_loss():
+    """End to end through verl's own `ppo_loss` (nested no-padding layout, global token normalisation)."""
+    g = torch.Generator().manual_seed(5)
+    n = 5
+    p_len = torch.randint(1, 4, (n,), generator=g).tolist()
+    r_len = torch.randint(1, 6, (n,), generator=g).tolist()
+    R = max(r_len)
+    w = torch.rand(n, generator=g, dtype=torch.float64)
+    w[2] = 0.0
+    seq_lp = [(-torch.rand(p + r, generator=g, dtype=torch.float64) * 2).requires_grad_() for p, r in zip(p_len, r_len)]
+    resp_lp = torch.zeros(n, R, dtype=torch.float64)
+    mask = torch.zeros(n, R)
+    for i, (p, r) in enumerate(zip(p_len, r_len)):
+        resp_lp[i, :r] = seq_lp[i].detach()[p - 1 : p + r - 1]
+        mask[i, :r] = 1
+    n_tok = int((mask.sum(-1) * (w > 0)).sum())
+    data = TensorDict(
+        {
+            "prompts": _nested([torch.ones(p, dtype=torch.long) for p in p_len]),
+            "responses": _nested([torch.ones(r, dtype=torch.long) for r in r_len]),
+            "response_mask": _nested([torch.ones(r, dtype=torch.long) for r in r_len]),
+            "old_log_probs": _nested([resp_lp[i, :r] for i, r in enumerate(r_len)]),
+            "advantages": _nested([torch.full((r,), float(w[i]), dtype=torch.float64) for i, r in enumerate(r_len)]),
+        },
+        batch_size=[n],
+    )
+    tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=n_tok, global_batch_size=None)
+    cfg = _actor_config()
+    loss, _ = ppo_loss(cfg, {"log_probs": _nested(seq_lp)}, data)
+    assert cfg.global_batch_info["batch_num_tokens"] == n_tok
+    grads = torch.autograd.grad(loss, seq_lp)
+
+    ref_lp = resp_lp.clone().requires_grad_(True)
+    ref = core.weighted_nll_loss(ref_lp, w, mask)
+    (g_ref,) = torch.autograd.grad(ref, ref_lp)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
+    for i, (p, r) in enumerate(zip(p_len, r_len)):
+        expected = torch.zeros(p + r, dtype=torch.float64)
+        expected[p - 1 : p + r - 1] = g_ref[i, :r]
+        np.testing.assert_allclose(grads[i].numpy(), expected.numpy(), rtol=1e-12, atol=1e-15)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray worker sees the registration
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def local_ray(request):
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False)
+
+    def _finish():
+        if started and ray.is_initialized():
+            ray.shutdown()
+
+    request.addfinalizer(_finish)
+    return ray
+
+
+def test_registration_inside_ray_worker(local_ray):
+    ray = local_ray
+
+    @ray.remote
+    def probe():
+        import os as _os
+
+        import verl  # noqa: F401
+        from verl.trainer.ppo import core_algos as ca
+        from verl.utils.device import get_device_name
+
+        both = "popo" in ca.ADV_ESTIMATOR_REGISTRY and "popo" in ca.POLICY_LOSS_REGISTRY
+        return both, get_device_name(), _os.getpid()
+
+    both, device, pid = ray.get(probe.remote(), timeout=240)
+    assert both is True
+    assert device == "cpu"
+    assert pid != os.getpid()  # it really ran in another process
+
+
+# ----------------------------------------------------------------------------------------------
+# a broken plugin is loud
+# ----------------------------------------------------------------------------------------------
+
+
+def _run_python(code):
+    env = dict(os.environ)
+    env.pop("VERL_USE_EXTERNAL_PLUGINS", None)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env, timeout=240)
+
+
+def test_broken_registration_is_loud():
+    proc = _run_python(
+        """
+        import importlib
+        import popo_verl.algos as a          # imports verl, which loads the (working) plugin
+        def broken():
+            raise RuntimeError("boom")
+        a.register = broken
+        import popo_verl.plugin
+        importlib.reload(popo_verl.plugin)   # register again: now it fails
+        """
+    )
+    assert proc.returncode != 0
+    assert "popo-verl: failed to register" in proc.stderr
+    assert "Traceback" in proc.stderr
+    assert "RuntimeError: boom" in proc.stderr
+
+
+def test_broken_plugin_is_loud_through_verl_import():
+    """verl swallows plugin errors at DEBUG level; ours still prints its traceback to stderr."""
+    proc = _run_python(
+        """
+        import sys
+        sys.modules["popo_verl.cpu"] = None   # a half-installed package: `from popo_verl import cpu` fails
+        import verl
+        from verl.trainer.ppo import core_algos
+        print("POPO_REGISTERED=" + str("popo" in core_algos.POLICY_LOSS_REGISTRY))
+        """
+    )
+    assert "popo-verl: failed to register" in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" in proc.stderr
+    assert "popo_verl.cpu" in proc.stderr
+    assert "POPO_REGISTERED=False" in proc.stdout  # verl itself imported fine, but nothing of POPO's is there
