@@ -46,6 +46,17 @@ def _is_padding(tag: dict) -> bool:
     return bool(tag.get("is_padding", False))
 
 
+def _select(batch: KVBatchMeta, rows) -> KVBatchMeta:
+    """The rows `rows` of a TransferQueue batch, in that order (same fields and extra info)."""
+    return KVBatchMeta(
+        partition_id=batch.partition_id,
+        keys=[batch.keys[i] for i in rows],
+        tags=[batch.tags[i] for i in rows],
+        fields=batch.fields,
+        extra_info=dict(batch.extra_info),
+    )
+
+
 def _as_object_array(values) -> np.ndarray:
     values = values.tolist() if hasattr(values, "tolist") else list(values)
     return np.array(list(values), dtype=object)
@@ -146,24 +157,12 @@ class PopoTrainer(PPOTrainerSync):
         self._popo_update_batch = None
         if len(pos_idx) == 0:
             return batch
-        sub = KVBatchMeta(
-            partition_id=batch.partition_id,
-            keys=[batch.keys[i] for i in pos_idx],
-            tags=[batch.tags[i] for i in pos_idx],
-            fields=batch.fields,
-            extra_info=dict(batch.extra_info),
-        )
+        sub = _select(batch, pos_idx)
         dp = self._dp_size()
         n_mini, rows_per_cell, micro = self._positive_layout(len(pos_idx), dp)
         sub = upsample_batch_to_divisible_size(sub, dp * n_mini * rows_per_cell, self.tokenizer.eos_token_id)
         order = spread_padding_order(len(pos_idx), len(sub), dp, n_mini)
-        sub = KVBatchMeta(
-            partition_id=sub.partition_id,
-            keys=[sub.keys[i] for i in order],
-            tags=[sub.tags[i] for i in order],
-            fields=sub.fields,
-            extra_info=dict(sub.extra_info),
-        )
+        sub = _select(sub, order)
         if micro is not None:
             sub.extra_info["micro_batch_size_per_gpu"] = micro
         ref_info = dict(sub.extra_info)

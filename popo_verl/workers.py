@@ -87,7 +87,10 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         model_config: HFModelConfig = omega_conf_to_dataclass(self.config.model)
         actor_config: ActorConfig = omega_conf_to_dataclass(self.config.actor)
         actor_config.model_config = model_config
-        noise_gen = torch.Generator().manual_seed(1234 + self.rank)
+        # Re-seeded before every update from (seed, rank, optimizer steps so far), which the checkpoint
+        # restores: a resumed run draws the same feature noise as an uninterrupted one.
+        self._noise_seed = int(self.config.actor.get("data_loader_seed", 0) or 0)
+        self._noise_gen = noise_gen = torch.Generator()
         self.loss_fn = partial(
             popo_actor_loss,
             config=actor_config,
@@ -104,9 +107,14 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         self.max_update_norm = 0.0
         self.last_lr = 0.0
         self.ema_seconds = 0.0
+        self._reseed_noise()
         self._check_siamese_layout()
         self.copy_actor_to_siamese()
         self.actor.engine.popo_after_optimizer_step = self._after_optimizer_step
+
+    def _reseed_noise(self) -> None:
+        """Feature noise for the next optimizer step, from (seed, rank, optimizer steps so far)."""
+        self._noise_gen.manual_seed(self._noise_seed * 1_000_003 + self.ema_steps * 7919 + self.rank)
 
     # ------------------------------------------------------------------ siamese <-> actor
     def _actor_params(self) -> dict[str, torch.Tensor]:
@@ -148,6 +156,7 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         targets, onlines = self._paired_locals()
         core.ema_update_(targets, onlines, self.tau)
         self.ema_seconds += time.perf_counter() - t0
+        self._reseed_noise()
         self.ema_steps += 1
         self.max_update_norm = max(self.max_update_norm, self._update_direction_norm(grad_norm))
         groups = self.actor.engine.optimizer.param_groups
@@ -264,3 +273,4 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         self.ema_steps = int(state["ema_steps"])
         self.max_update_norm = float(state["max_update_norm"])
         self.last_lr = float(state["last_lr"])
+        self._reseed_noise()

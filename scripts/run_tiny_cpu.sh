@@ -33,8 +33,10 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 export RAY_prestart_worker_first_driver=${RAY_prestart_worker_first_driver:-0}
 export RAY_enable_worker_prestart=${RAY_enable_worker_prestart:-0}
 
-python -m popo_verl.tiny build --out "$TINY_DIR"
-REWARD_FILE=${REWARD_FILE:-$(python -c "import popo_verl.reward as r; print(r.__file__)")}
+# builds the tiny task unless cached; its last line is the path of popo_verl's reward function
+BUILD_OUT=$(python -m popo_verl.tiny build --out "$TINY_DIR" --print-reward-file)
+echo "$BUILD_OUT" | sed '$d'
+REWARD_FILE=${REWARD_FILE:-$(echo "$BUILD_OUT" | tail -n 1)}
 
 case "$ALGO" in
   popo) ALGO_ARGS=(algorithm=popo) ;;
@@ -87,6 +89,9 @@ CPU_ARGS=(
   +actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32
   +actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=fp32
   ray_kwargs.ray_init.num_cpus=32
+  # one agent-loop and one reward worker: each extra Ray process costs seconds of imports on 2 cores
+  actor_rollout_ref.rollout.agent.num_workers="${AGENT_WORKERS:-1}"
+  reward.num_workers="${REWARD_WORKERS:-1}"
   +ray_kwargs.ray_init.num_gpus="$N_GPUS_PER_NODE"
   transfer_queue.backend.SimpleStorage.num_data_storage_units=1
 )

@@ -323,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", default=default_dir())
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--force", action="store_true")
+    b.add_argument("--print-reward-file", action="store_true", help="end with the path of popo_verl/reward.py")
     args = parser.parse_args(argv)
     if args.cmd == "build":
         spec = TinySpec(seed=args.seed)
@@ -330,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
             build(args.out, spec, force=True)
         else:
             ensure_built(args.out, spec)
+        if args.print_reward_file:
+            import popo_verl.reward as reward
+
+            print(reward.__file__)
     return 0
 
 
