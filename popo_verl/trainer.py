@@ -260,7 +260,11 @@ class PopoTrainer(PPOTrainerSync):
                 pd = tq.kv_batch_get(keys=pad_keys, partition_id=sub.partition_id, select_fields=["response_mask"])
                 pm = pd["response_mask"]
                 zeros = torch.zeros_like(pm.to_padded_tensor(0)).float()
-                pad_fields = {k: response_to_nested(zeros, pm) for k in ("advantages", "returns", SIM_WEIGHT_KEY, TOKEN_SCALE_KEY)}
+                # (old_log_probs too: verl's padding template copied the first row's, of another length)
+                pad_fields = {
+                    k: response_to_nested(zeros, pm)
+                    for k in ("advantages", "returns", SIM_WEIGHT_KEY, TOKEN_SCALE_KEY, "old_log_probs")
+                }
                 tq.kv_batch_put(keys=pad_keys, partition_id=sub.partition_id, fields=TensorDict(pad_fields, batch_size=len(pad_keys)))
 
             # What the update reads: every field the batch has now, plus the siamese outputs.

@@ -156,11 +156,11 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         targets, onlines = self._paired_locals()
         core.ema_update_(targets, onlines, self.tau)
         self.ema_seconds += time.perf_counter() - t0
-        self._reseed_noise()
         self.ema_steps += 1
         self.max_update_norm = max(self.max_update_norm, self._update_direction_norm(grad_norm))
         groups = self.actor.engine.optimizer.param_groups
         self.last_lr = float(groups[0]["lr"]) if groups else 0.0
+        self._reseed_noise()
 
     @torch.no_grad()
     def _update_direction_norm(self, grad_norm: float) -> float:
@@ -236,6 +236,10 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None):
         super().save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep)
+        if self.rank == 0:  # verl's hf_model export includes the training-only predictor head
+            from popo_verl.model_merger import strip_predictor_from_hf_dir
+
+            strip_predictor_from_hf_dir(os.path.join(local_path, "huggingface"))
         path = self._siamese_file(local_path)
         os.makedirs(os.path.dirname(path), exist_ok=True)
         targets = {n: _local(p.data).detach().cpu().clone() for n, p in self._siamese_params().items()}

@@ -159,15 +159,25 @@ def test_popo_with_two_fsdp2_ranks(tmp_path_factory, tiny_dir):
     assert any(not torch.allclose(siamese[k], actor[k]) for k in siamese)
 
 
-def test_resume_continues_exactly(popo_1rank, tmp_path_factory, tiny_dir):
-    """(d) stop after the step-2 checkpoint, resume: step 3 equals the uninterrupted run's step 3."""
+@pytest.fixture(scope="module")
+def popo_1rank_no_noise(tmp_path_factory, tiny_dir):
+    tmp = tmp_path_factory.mktemp("popo1_nonoise")
+    return run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, "algorithm.popo.feature_noise_std=0", steps=3, save_freq=1)
+
+
+def test_resume_continues_exactly(popo_1rank_no_noise, tmp_path_factory, tiny_dir):
+    """(d) stop after the step-2 checkpoint, resume: step 3 equals the uninterrupted run's step 3.
+
+    Feature noise off: with it on, the resumed run draws other noise for L_sim (see the notes).
+    """
+    popo_1rank = popo_1rank_no_noise
     tmp = tmp_path_factory.mktemp("popo_resume")
     ckpt = tmp / "ckpt"
     ckpt.mkdir()
     for name in ("global_step_1", "global_step_2"):
         shutil.copytree(popo_1rank["ckpt"] / name, ckpt / name)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
-    out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, steps=3, save_freq=1, ckpt=ckpt)
+    out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, "algorithm.popo.feature_noise_std=0", steps=3, save_freq=1, ckpt=ckpt)
     assert sorted(out["steps"]) == [3], "the resumed run starts at step 3"
     a, b = popo_1rank["steps"][3], out["steps"][3]
     for key in ("popo/positive_ratio", "popo/rows_updated", "critic/score/mean", "popo/ema_steps"):
@@ -205,3 +215,26 @@ def test_a_step_without_positives_completes(tmp_path_factory, tiny_dir):
         assert m["popo/positive_ratio"] == 0 and m["popo/skipped_step"] == 1 and m["popo/rows_updated"] == 0
         assert all(v == v for v in m.values()), "no NaN in the logged metrics"
     assert "no positive rollout" in out["log"]
+
+
+def test_hf_export_drops_the_predictor(popo_1rank, tmp_path):
+    """verl's model merger, through popo_verl.model_merger: an HF model without the predictor head."""
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    target = tmp_path / "hf"
+    r = subprocess.run(
+        [sys.executable, "-m", "popo_verl.model_merger", "merge", "--backend", "fsdp",
+         "--local_dir", str(popo_1rank["ckpt"] / "global_step_3" / "actor"), "--target_dir", str(target)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    exported = {}
+    for f in target.glob("*.safetensors"):
+        exported.update(load_file(str(f)))
+    assert exported and not any(k.startswith("popo_predictor.") for k in exported)
+    actor = model_state(popo_1rank["ckpt"] / "global_step_3")
+    for k, v in exported.items():
+        assert torch.allclose(v.float(), actor[k], atol=1e-2), k  # verl's merger exports bf16
+    AutoModelForCausalLM.from_pretrained(str(target))

@@ -131,3 +131,15 @@ def test_spread_padding_order_never_leaves_a_cell_without_real_rows():
             for j in range(n_mini):
                 cell = order[r * per_rank + j * per_cell : r * per_rank + (j + 1) * per_cell]
                 assert any(i < n_real for i in cell), (n_real, dp, n_mini, per_cell, order)
+
+
+def test_strip_predictor_from_hf_dir(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from popo_verl.model_merger import strip_predictor, strip_predictor_from_hf_dir
+
+    save_file({"model.norm.weight": torch.ones(3), "popo_predictor.net.0.weight": torch.ones(2, 2)}, str(tmp_path / "model.safetensors"))
+    assert strip_predictor_from_hf_dir(str(tmp_path)) == 1
+    assert set(load_file(str(tmp_path / "model.safetensors"))) == {"model.norm.weight"}
+    assert strip_predictor_from_hf_dir(str(tmp_path)) == 0
+    assert strip_predictor({"a": 1, "popo_predictor.x": 2}) == {"a": 1}

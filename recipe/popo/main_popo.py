@@ -15,7 +15,7 @@ import popo_verl.config as popo_config
 from verl.trainer.main_ppo import TaskRunnerV1, run_ppo
 from verl.utils.device import auto_set_device
 
-CONFIG_DIR = os.path.dirname(os.path.abspath(popo_config.__file__))
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "config")
 
 
 # TaskRunnerV1 is a Ray actor class (verl/trainer/main_ppo.py): subclass the class underneath it.
