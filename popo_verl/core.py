@@ -152,6 +152,19 @@ def similarity_loss(
     return -(w * cos).sum() / w.sum().clamp(min=1e-8)
 
 
+def feature_noise(row_keys: Sequence[int], dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """eps_b ~ N(0, I_dim), drawn from a generator seeded with (seed, key_b) for each row b -> [B, dim].
+
+    Keyed by row (e.g. a hash of its tokens), not by position: the same row gets the same noise whatever
+    its place in the micro-batch, the number of ranks, or whether the run was resumed.
+    """
+    rows = []
+    for key in row_keys:
+        g = torch.Generator().manual_seed((int(seed) * 0x9E3779B97F4A7C15 + int(key)) % (2**63 - 1))
+        rows.append(torch.randn(dim, generator=g, dtype=torch.float32))
+    return torch.stack(rows).to(dtype) if rows else torch.zeros(0, dim, dtype=dtype)
+
+
 def entropy_loss(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """L_ent = - sum_bt H_bt m_bt / max(sum_bt m_bt, 1): minus the mean token entropy (an entropy bonus)."""
     m = mask.to(entropy.dtype)

@@ -9,13 +9,16 @@ Per micro-batch, with w the POPO weight of each row (in `advantages`), s = `popo
 (w rescaled by the trainer so that the mini-batch sum of s is 1) and c = `popo_token_scale`
 (all tokens / positive tokens of the update batch; 1 when only positives are sent):
     L_nll = agg_loss(-w * min(r, 1 + eps_high) * c)                 (token-mean over the mini-batch)
-    L_sim = -dp * sum_b s_b cos(h_phi(f_theta)_b, sg(f_xi_b + eps))
+    L_sim = -dp * sum_b s_b cos(h_phi(f_theta)_b, sg(f_xi_b + eps_b))   (eps_b keyed by the row's tokens)
     L_ent = -agg_loss(H * c) over the entropy rows (positives, or all with entropy_on=all)
     L     = L_nll + alpha * L_sim + beta * L_ent
 which is `core.popo_loss` on the mini-batch at ratio 1 (tests/test_losses.py checks it).
 """
 
 from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +27,7 @@ from verl.trainer.ppo.core_algos import agg_loss
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
-from popo_verl import algos
+from popo_verl import algos, core
 from popo_verl.engines.fsdp import POOLED_KEY, PRED_KEY
 
 SIAMESE_KEY = "popo_siamese"
@@ -36,6 +39,13 @@ def _padded(t: torch.Tensor) -> torch.Tensor:
     return t.to_padded_tensor(0.0) if getattr(t, "is_nested", False) else t
 
 
+def row_keys(data) -> list[int]:
+    """A 64-bit hash of each row's token ids (prompt + response): the key of its feature noise."""
+    ids = data["input_ids"]
+    rows = ids.unbind() if getattr(ids, "is_nested", False) else list(ids)
+    return [int.from_bytes(hashlib.blake2b(r.cpu().numpy().tobytes(), digest_size=8).digest(), "little") for r in rows]
+
+
 def popo_actor_loss(
     config,
     model_output,
@@ -45,7 +55,7 @@ def popo_actor_loss(
     beta: float = 0.01,
     noise_std: float = 0.0,
     entropy_on: str = "positives",
-    generator: torch.Generator | None = None,
+    noise_seed: Callable[[], int] | int = 0,
 ):
     log_prob = no_padding_2_padding(model_output["log_probs"], data)
     entropy = model_output.get("entropy", None)
@@ -88,7 +98,8 @@ def popo_actor_loss(
     if alpha > 0 and pred is not None and SIAMESE_KEY in tensors.keys():
         target = tensors[SIAMESE_KEY].to(pred.device, pred.dtype)
         if noise_std > 0:
-            eps = torch.randn(target.shape, generator=generator, dtype=target.dtype).to(target.device)
+            seed = noise_seed() if callable(noise_seed) else noise_seed
+            eps = core.feature_noise(row_keys(data), target.shape[-1], seed, target.dtype).to(target.device)
             target = target + noise_std * eps
         cos = F.cosine_similarity(pred, target.detach(), dim=-1)
         s = tensors[SIM_WEIGHT_KEY].reshape(cos.shape[0], -1)[:, 0].to(cos.dtype) if SIM_WEIGHT_KEY in tensors.keys() else weights

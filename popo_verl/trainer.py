@@ -6,7 +6,7 @@ as trainer mode "popo", which `algorithm=popo` selects (trainer.v1.trainer_mode)
   POPO weights per uid from the old log-probs ("adv") -> actor update on the positives ->
   EMA of the siamese after every optimizer step (inside the worker).
 Overrides (each mirrors the verl method of the same name): `_init_resource_pool_mgr` (POPO's worker),
-`_compute_ref_log_prob`, `_compute_advantage`, `_update_actor`. tests/test_trainer.py pins them.
+`_compute_ref_log_prob`, `_compute_advantage`, `_update_actor`. tests/test_e2e_cpu.py pins them.
 """
 
 from __future__ import annotations
@@ -95,8 +95,6 @@ class PopoTrainer(PPOTrainerSync):
             raise NotImplementedError(
                 f"POPO runs on the FSDP/FSDP2 engine for now; got strategy={config.actor_rollout_ref.actor.strategy}"
             )
-        if not config.actor_rollout_ref.model.get("use_remove_padding", True):
-            raise ValueError("POPO needs actor_rollout_ref.model.use_remove_padding=true (pooled hidden states)")
         with open_dict(config):
             # The workers only see actor_rollout_ref: hand them POPO's knobs there.
             config.actor_rollout_ref.popo = OmegaConf.create(OmegaConf.to_container(config.algorithm.popo, resolve=True))

@@ -5,7 +5,7 @@ Subclasses verl 0.9.1's `ActorRolloutRefWorker` and `TrainingWorker`
 process on the same mesh and wrap policy, so the EMA is a local, per-shard `lerp_` with no
 communication, run after every optimizer step of the actor. verl saves the actor only
 (`save_checkpoint`), so the siamese shards and the EMA state get their own files next to it.
-tests/test_workers.py pins what this relies on.
+tests/test_e2e_cpu.py pins what this relies on (through verl's real trainer on the CPU).
 """
 
 from __future__ import annotations
@@ -87,10 +87,9 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         model_config: HFModelConfig = omega_conf_to_dataclass(self.config.model)
         actor_config: ActorConfig = omega_conf_to_dataclass(self.config.actor)
         actor_config.model_config = model_config
-        # Re-seeded before every update from (seed, rank, optimizer steps so far), which the checkpoint
-        # restores: a resumed run draws the same feature noise as an uninterrupted one.
+        # Feature noise is seeded from (seed, optimizer steps so far), which the checkpoint restores, and
+        # keyed by each row's tokens: a resumed run, or one on another number of ranks, draws the same noise.
         self._noise_seed = int(self.config.actor.get("data_loader_seed", 0) or 0)
-        self._noise_gen = noise_gen = torch.Generator()
         self.loss_fn = partial(
             popo_actor_loss,
             config=actor_config,
@@ -98,7 +97,7 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
             beta=float(popo.get("beta", 0.01)),
             noise_std=float(popo.get("feature_noise_std", 0.0)),
             entropy_on=str(popo.get("entropy_on", "positives")),
-            generator=noise_gen,
+            noise_seed=self._step_noise_seed,
         )
         self.actor.set_loss_fn(self.loss_fn)
 
@@ -107,14 +106,13 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         self.max_update_norm = 0.0
         self.last_lr = 0.0
         self.ema_seconds = 0.0
-        self._reseed_noise()
         self._check_siamese_layout()
         self.copy_actor_to_siamese()
         self.actor.engine.popo_after_optimizer_step = self._after_optimizer_step
 
-    def _reseed_noise(self) -> None:
-        """Feature noise for the next optimizer step, from (seed, rank, optimizer steps so far)."""
-        self._noise_gen.manual_seed(self._noise_seed * 1_000_003 + self.ema_steps * 7919 + self.rank)
+    def _step_noise_seed(self) -> int:
+        """Seed of the feature noise of the next optimizer step: (seed, optimizer steps so far)."""
+        return self._noise_seed * 1_000_003 + self.ema_steps * 7919
 
     # ------------------------------------------------------------------ siamese <-> actor
     def _actor_params(self) -> dict[str, torch.Tensor]:
@@ -160,7 +158,6 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         self.max_update_norm = max(self.max_update_norm, self._update_direction_norm(grad_norm))
         groups = self.actor.engine.optimizer.param_groups
         self.last_lr = float(groups[0]["lr"]) if groups else 0.0
-        self._reseed_noise()
 
     @torch.no_grad()
     def _update_direction_norm(self, grad_norm: float) -> float:
@@ -277,4 +274,3 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         self.ema_steps = int(state["ema_steps"])
         self.max_update_norm = float(state["max_update_norm"])
         self.last_lr = float(state["last_lr"])
-        self._reseed_noise()

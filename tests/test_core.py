@@ -741,3 +741,15 @@ def test_popo_weights_rejects_non_finite_positive_log_probs():
 def test_drift_bound_rejects_bad_inputs(tau, lr, g):
     with pytest.raises(ValueError):
         core.drift_bound(tau, lr, g)
+
+
+def test_feature_noise_is_keyed_by_row_and_seed():
+    a = core.feature_noise([5, 9, 5], 64, seed=3)
+    assert a.shape == (3, 64)
+    assert torch.equal(a[0], a[2]), "same key, same noise"
+    assert not torch.allclose(a[0], a[1])
+    assert torch.equal(core.feature_noise([9], 64, seed=3)[0], a[1]), "independent of the other rows and the position"
+    assert not torch.allclose(core.feature_noise([5], 64, seed=4)[0], a[0])
+    big = core.feature_noise(list(range(200)), 64, seed=0)
+    assert abs(big.mean().item()) < 0.03 and abs(big.std().item() - 1) < 0.03  # standard normal
+    assert core.feature_noise([], 8, seed=0).shape == (0, 8)

@@ -159,25 +159,16 @@ def test_popo_with_two_fsdp2_ranks(tmp_path_factory, tiny_dir):
     assert any(not torch.allclose(siamese[k], actor[k]) for k in siamese)
 
 
-@pytest.fixture(scope="module")
-def popo_1rank_no_noise(tmp_path_factory, tiny_dir):
-    tmp = tmp_path_factory.mktemp("popo1_nonoise")
-    return run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, "algorithm.popo.feature_noise_std=0", steps=3, save_freq=1)
-
-
-def test_resume_continues_exactly(popo_1rank_no_noise, tmp_path_factory, tiny_dir):
-    """(d) stop after the step-2 checkpoint, resume: step 3 equals the uninterrupted run's step 3.
-
-    Feature noise off: with it on, the resumed run draws other noise for L_sim (see the notes).
-    """
-    popo_1rank = popo_1rank_no_noise
+def test_resume_continues_exactly(popo_1rank, tmp_path_factory, tiny_dir):
+    """(d) stop after the step-2 checkpoint, resume: step 3 equals the uninterrupted run's step 3, feature
+    noise included (it is seeded by the restored optimizer-step count and keyed by each row's tokens)."""
     tmp = tmp_path_factory.mktemp("popo_resume")
     ckpt = tmp / "ckpt"
     ckpt.mkdir()
     for name in ("global_step_1", "global_step_2"):
         shutil.copytree(popo_1rank["ckpt"] / name, ckpt / name)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
-    out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, "algorithm.popo.feature_noise_std=0", steps=3, save_freq=1, ckpt=ckpt)
+    out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, steps=3, save_freq=1, ckpt=ckpt)
     assert sorted(out["steps"]) == [3], "the resumed run starts at step 3"
     a, b = popo_1rank["steps"][3], out["steps"][3]
     for key in ("popo/positive_ratio", "popo/rows_updated", "critic/score/mean", "popo/ema_steps"):

@@ -10,7 +10,7 @@ from verl.workers.config import FSDPActorConfig
 
 from popo_verl import core
 from popo_verl.engines.fsdp import POOLED_KEY, PRED_KEY
-from popo_verl.losses import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY, popo_actor_loss
+from popo_verl.losses import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY, popo_actor_loss, row_keys
 from popo_verl.trainer import spread_padding_order
 
 
@@ -39,6 +39,7 @@ def _batch(seed=0, n=6, d=5, sim_weights=None, token_scale=1.0, dp=1):
     n_tok = float((mask.sum(-1) * (weights > 0)).sum()) if token_scale == 1.0 else float(mask.sum())
     data = TensorDict(
         {
+            "input_ids": _nested([torch.randint(3, 50, (p + r,), generator=g) for p, r in zip(p_len, r_len)]),
             "prompts": _nested([torch.ones(p, dtype=torch.long) for p in p_len]),
             "responses": _nested([torch.ones(r, dtype=torch.long) for r in r_len]),
             "response_mask": _nested([torch.ones(r, dtype=torch.long) for r in r_len]),
@@ -88,6 +89,34 @@ def test_actor_loss_gradient_equals_core_gradient():
         p = s.shape[0] - r
         assert torch.allclose(g_seq[i][p - 1 : p + r - 1], g_lp[i, :r], atol=1e-12)
     assert torch.allclose(g_seq[-1], g_pred, atol=1e-12)
+
+
+def _permute(data, out, ref, perm):
+    """The same micro-batch with its rows in another order."""
+    rows = lambda t: _nested([t[i] for i in perm]) if t.is_nested else t[perm]  # noqa: E731
+    d = TensorDict({k: rows(data[k]) for k in data.keys() if isinstance(data[k], torch.Tensor)}, batch_size=data.batch_size)
+    tu.assign_non_tensor(d, dp_size=1, batch_num_tokens=data["batch_num_tokens"], global_batch_size=data["global_batch_size"])
+    o = {k: rows(v) for k, v in out.items()}
+    return d, o
+
+
+def test_feature_noise_follows_the_row_not_its_position():
+    """A resumed run, or one on other ranks, may see the same rows in another order: each row keeps its noise."""
+    data, out, ref = _batch(seed=4)
+    loss, _ = popo_actor_loss(_config(), out, data, alpha=1.0, beta=0.0, noise_std=0.5, noise_seed=11)
+    perm = [3, 0, 5, 1, 4, 2]
+    d2, o2 = _permute(data, out, ref, perm)
+    loss_perm, _ = popo_actor_loss(_config(), o2, d2, alpha=1.0, beta=0.0, noise_std=0.5, noise_seed=11)
+    assert loss_perm.item() == pytest.approx(loss.item(), rel=1e-12)
+    other_seed, _ = popo_actor_loss(_config(), out, data, alpha=1.0, beta=0.0, noise_std=0.5, noise_seed=12)
+    clean, _ = popo_actor_loss(_config(), out, data, alpha=1.0, beta=0.0, noise_std=0.0)
+    assert other_seed.item() != pytest.approx(loss.item(), rel=1e-6)
+    assert clean.item() != pytest.approx(loss.item(), rel=1e-6)
+    # the noise is core.feature_noise keyed by a hash of each row's tokens
+    eps = core.feature_noise(row_keys(data), ref["target"].shape[-1], 11, torch.float64)
+    expected = core.popo_loss(ref["resp_lp"], ref["mask"], ref["weights"], pred=ref["pred"],
+                              target=ref["target"] + 0.5 * eps, alpha=1.0, beta=0.0)
+    assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-9)
 
 
 def test_negatives_get_no_gradient_and_an_all_negative_batch_is_finite():

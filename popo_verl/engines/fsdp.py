@@ -4,12 +4,18 @@ Subclass of verl 0.9.1's `FSDPEngineWithLMHead` (verl/workers/engine/fsdp/transf
 - `_build_module` attaches `core.PredictorHead` as `module.popo_predictor` (fp32) before FSDP wraps
   the model, so the head is sharded with it, trained by the actor's optimizer and saved in its
   checkpoints. Forward-only engines (the siamese) get no head: the BYOL asymmetry.
+- With FSDP2 the head is detached while verl wraps the model, then re-attached as its own `fully_shard`
+  unit with an fp32 MixedPrecisionPolicy: it is stored and computed in fp32 whatever the model's
+  param_dtype (bf16 by default), and still sharded, in the optimizer and in checkpoints.
 - A forward hook on the final norm (`module.model.norm`) pools the post-norm hidden states over the
   response tokens and, on the trainable engine, applies the head, inside the root module's forward
   (where FSDP2 has the root parameters, the head's among them, unsharded).
+- Pooling works on every layout verl feeds the model: packed (remove-padding), packed and split over
+  Ulysses sequence-parallel ranks (gathered back with verl's gather, as verl does for the log-probs),
+  and padded (use_remove_padding=false).
 - The pooled state (`popo_pooled`) and the head's output (`popo_pred`) join verl's model_output.
 - `get_per_tensor_param` drops the head from the weights sent to the rollout engine.
-tests/test_engine.py pins the hooks this relies on.
+tests/test_engine.py builds the engine in-process and pins what this relies on.
 """
 
 from __future__ import annotations
@@ -68,6 +74,28 @@ class PopoFSDPEngine(FSDPEngineWithLMHead):
         self._popo_hook = final_norm(module).register_forward_hook(self._popo_norm_hook)
         return module
 
+    def _build_fsdp_module(self, module):
+        head = getattr(module, PREDICTOR_ATTR, None)
+        if head is None or self.engine_config.strategy != "fsdp2":
+            # FSDP1: the head is one more parameter of the root unit, computed in its param_dtype.
+            return super()._build_fsdp_module(module)
+        delattr(module, PREDICTOR_ATTR)
+        module = super()._build_fsdp_module(module)
+        self._shard_predictor_fp32(head)
+        setattr(module, PREDICTOR_ATTR, head)
+        return module
+
+    def _shard_predictor_fp32(self, head: torch.nn.Module) -> None:
+        """Its own FSDP2 unit, fp32 params and gradient reduction, offloaded like the model."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        from verl.workers.engine.fsdp import transformer_impl  # the CPU backend patches its CPUOffloadPolicy
+
+        offload = transformer_impl.CPUOffloadPolicy(pin_memory=True) if self.engine_config.offload_policy else None
+        mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=True)
+        fully_shard(head, mesh=self.device_mesh, mp_policy=mp, offload_policy=offload,
+                    reshard_after_forward=self.engine_config.reshard_after_forward)
+
     @property
     def popo_predictor(self):
         return getattr(self.module, PREDICTOR_ATTR, None)
@@ -82,7 +110,7 @@ class PopoFSDPEngine(FSDPEngineWithLMHead):
         captured = {POOLED_KEY: pooled}
         head = getattr(self.module, PREDICTOR_ATTR, None)
         if head is not None and torch.is_grad_enabled():
-            # Stored in fp32; computed in the dtype FSDP's mixed precision unshards it to.
+            # fp32 under FSDP2 (its own unit); under FSDP1 the dtype the root unit unshards it to.
             dtype = next(head.parameters()).dtype
             with torch.autocast(device_type=pooled.device.type, enabled=False):
                 captured[PRED_KEY] = head(pooled.to(dtype)).float()
@@ -91,20 +119,35 @@ class PopoFSDPEngine(FSDPEngineWithLMHead):
 
     def _pool_response_hidden(self, hidden: torch.Tensor, micro_batch) -> torch.Tensor:
         """Mean of the final-norm hidden states over each row's response tokens -> (B, H) fp32."""
-        if self.ulysses_sequence_parallel_size > 1:
-            raise NotImplementedError("POPO pooling does not support Ulysses sequence parallelism yet (sp > 1)")
-        use_remove_padding = tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True)
-        if not use_remove_padding:
-            raise NotImplementedError("POPO pooling needs actor_rollout_ref.model.use_remove_padding=true")
-        values = hidden.squeeze(0)  # (nnz [+ pad], H), packed
-        nnz = micro_batch["input_ids"].offsets()[-1].item()
-        values = values[:nnz]
+        values = self._packed_hidden(hidden, micro_batch)  # (nnz, H), rows back to back
         # Same slicing verl uses for log-probs: the states that predict each response token.
         per_token = no_padding_2_padding(values, micro_batch)  # (B, R, H)
         mask = micro_batch["response_mask"]
         mask = mask.to_padded_tensor(0) if mask.is_nested else mask
         mask = mask[:, : per_token.shape[1]].to(per_token.device)
         return core.masked_mean_pool(per_token.float(), mask)
+
+    def _packed_hidden(self, hidden: torch.Tensor, micro_batch) -> torch.Tensor:
+        """The hidden states of the real tokens, packed like verl's nested input_ids: (nnz, H).
+
+        remove-padding: (1, nnz [+ pad], H), or this rank's slice of it under Ulysses SP, which verl's own
+        gather restores (the gather is differentiable, like the one it applies to the log-probs);
+        padded: (B, max_len, H) with each row's tokens first.
+        """
+        ids = micro_batch["input_ids"]
+        nnz = int(ids.offsets()[-1].item())
+        if tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
+            values = self._gather_and_unpad_packed(hidden.squeeze(0), getattr(self, "_popo_pad_size", 0))
+            return values[:nnz]
+        lengths = ids.offsets().diff().to(hidden.device)
+        keep = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0) < lengths.unsqueeze(1)
+        return hidden[keep]
+
+    def prepare_model_inputs(self, micro_batch):
+        model_inputs, output_args = super().prepare_model_inputs(micro_batch)
+        # tail padding of the global packed sequence (SP alignment + static buckets), for the pooling hook
+        self._popo_pad_size = int(output_args.get("pad_size", 0) or 0)
+        return model_inputs, output_args
 
     def forward_step(self, micro_batch, loss_function, forward_only):
         self._popo_micro_batch = micro_batch.to(self._popo_device())

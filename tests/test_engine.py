@@ -1,0 +1,216 @@
+"""PopoFSDPEngine built in-process on verl 0.9.1's real FSDP2 engine (one gloo rank, CPU backend).
+
+Pins what popo_verl/engines/fsdp.py relies on in verl/workers/engine/fsdp/transformer_impl.py:
+`_build_module` / `_build_fsdp_module` / `forward_step` / `prepare_model_outputs` / `optimizer_step` /
+`get_per_tensor_param`, and verl's packed (remove-padding) micro-batch layout.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tensordict import TensorDict
+
+import verl  # noqa: F401
+from verl.trainer.config.config import CheckpointConfig
+from verl.utils import tensordict_utils as tu
+from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
+from verl.workers.utils.padding import left_right_2_no_padding
+
+from popo_verl import core
+from popo_verl.engines.fsdp import POOLED_KEY, PRED_KEY, PopoFSDPEngine, is_predictor_param
+
+PROMPT, RESPONSE = 5, 6
+
+
+@pytest.fixture(scope="module")
+def process_group():
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def build_engine(model_path: str, param_dtype: str, forward_only: bool = False, rmpad: bool = True, sp: int = 1) -> PopoFSDPEngine:
+    model = HFModelConfig(path=model_path, use_remove_padding=rmpad, override_config={"attn_implementation": "sdpa"})
+    engine = FSDPEngineConfig(strategy="fsdp2", mixed_precision={"param_dtype": param_dtype}, forward_only=forward_only,
+                              use_torch_compile=False, ulysses_sequence_parallel_size=sp)
+    engine.use_remove_padding = rmpad
+    e = PopoFSDPEngine(model_config=model, engine_config=engine, optimizer_config=FSDPOptimizerConfig(lr=1e-2),
+                       checkpoint_config=CheckpointConfig())
+    e.configure_popo(predictor_hidden=16, predictor_layers=2, seed=0)
+    e.initialize()
+    return e
+
+
+def make_batch(n: int = 4, seed: int = 0, rmpad: bool = True) -> tuple[TensorDict, torch.Tensor, torch.Tensor]:
+    """verl's left-padded prompt + right-padded response layout, then its no-padding conversion."""
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, 40, (n, PROMPT + RESPONSE), generator=g)
+    attention = torch.ones(n, PROMPT + RESPONSE, dtype=torch.long)
+    p_pad = [i % 3 for i in range(n)]  # left padding of the prompt
+    r_len = [RESPONSE - (i % 4) for i in range(n)]  # response lengths
+    for i in range(n):
+        attention[i, : p_pad[i]] = 0
+        attention[i, PROMPT + r_len[i]:] = 0
+    input_ids = input_ids * attention
+    position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+    response_mask = attention[:, PROMPT:].clone()
+    td = TensorDict({"input_ids": input_ids, "attention_mask": attention, "position_ids": position_ids,
+                     "responses": input_ids[:, PROMPT:], "prompts": input_ids[:, :PROMPT],
+                     "response_mask": response_mask, "loss_mask": response_mask.clone()}, batch_size=[n])
+    padded = (input_ids.clone(), attention.clone(), position_ids.clone())
+    td = left_right_2_no_padding(td)
+    tu.assign_non_tensor(td, use_remove_padding=rmpad, use_dynamic_bsz=False, micro_batch_size_per_gpu=n, temperature=1.0,
+                         calculate_entropy=False, global_batch_size=n)
+    return td, padded, response_mask
+
+
+def reference_pooled(model_path: str, padded, response_mask) -> torch.Tensor:
+    """The final-norm states that predict each response token, averaged: a plain HF fp32 forward."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa", torch_dtype=torch.float32)
+    input_ids, attention, position_ids = padded
+    seen = {}
+    h = model.model.norm.register_forward_hook(lambda m, i, o: seen.__setitem__("h", o))
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids)
+    h.remove()
+    states = seen["h"][:, PROMPT - 1: PROMPT - 1 + RESPONSE]  # position t predicts token t + 1
+    m = response_mask.unsqueeze(-1).float()
+    return (states * m).sum(1) / m.sum(1)
+
+
+def capture(store: dict, loss_from=None):
+    def loss_fn(model_output, data, dp_group=None):
+        store.update({k: v for k, v in model_output.items() if k in (POOLED_KEY, PRED_KEY)})
+        loss = loss_from(model_output) if loss_from else model_output["log_probs"].values().sum() * 0.0
+        return loss, {}
+
+    return loss_fn
+
+
+def full_predictor(e: PopoFSDPEngine) -> torch.nn.Module:
+    """An unsharded fp32 copy of the engine's head."""
+    head = e.popo_predictor
+    first, last = head.net[0], head.net[-1]
+    copy = core.PredictorHead(first.in_features, first.out_features, 2, last.out_features)
+    copy.load_state_dict({k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in head.state_dict().items()})
+    return copy.float()
+
+
+@pytest.mark.parametrize("rmpad", [True, False], ids=["remove_padding", "padded"])
+def test_pooled_state_is_the_response_mean_of_the_final_norm(process_group, tiny_random_model, rmpad):
+    e = build_engine(tiny_random_model, "fp32", rmpad=rmpad)
+    data, padded, response_mask = make_batch(rmpad=rmpad)
+    got = {}
+    with e.eval_mode():
+        e.infer_batch(data, loss_function=capture(got))
+    expected = reference_pooled(tiny_random_model, padded, response_mask)
+    assert got[POOLED_KEY].shape == expected.shape
+    assert torch.allclose(got[POOLED_KEY].float().cpu(), expected, atol=1e-5), (got[POOLED_KEY] - expected).abs().max()
+
+
+def test_predictor_is_fp32_under_bf16_mixed_precision_and_trains(process_group, tiny_random_model):
+    e = build_engine(tiny_random_model, "bf16")
+    head_params = {n: p for n, p in e.module.named_parameters() if is_predictor_param(n)}
+    assert head_params and all(p.dtype == torch.float32 for p in head_params.values())
+    replay_head = full_predictor(e)
+    before = {n: p.full_tensor().clone() for n, p in head_params.items()}
+    steps, got = [], {}
+    e.popo_after_optimizer_step = steps.append
+    target = torch.randn(4, 32, generator=torch.Generator().manual_seed(0))
+    data, _, _ = make_batch(seed=1)
+    with e.train_mode():
+        # the log-prob term keeps the LM output in the graph, as popo_actor_loss does: FSDP2 unshards the
+        # root for backward from a hook on the model's output
+        e.train_batch(data, loss_function=capture(got, lambda out: -F.cosine_similarity(out[PRED_KEY], target, dim=-1).mean()
+                                                  + 0.0 * out["log_probs"].values().sum()))
+    # the head ran in fp32 on the (bf16-model) pooled state: an fp32 replay matches; a bf16 head would be ~1e-2 off
+    with torch.no_grad():
+        replay = replay_head(got[POOLED_KEY].float())
+    assert got[PRED_KEY].dtype == torch.float32
+    assert torch.allclose(got[PRED_KEY], replay, atol=1e-6), (got[PRED_KEY] - replay).abs().max()
+    with torch.no_grad():
+        bf16 = replay_head.to(torch.bfloat16)(got[POOLED_KEY].to(torch.bfloat16)).float()
+    assert not torch.allclose(bf16, replay, atol=1e-6), "the check above could tell bf16 from fp32"
+    # one optimizer step on the cosine loss: every head weight moved, in fp32; the EMA callback saw it
+    assert len(steps) == 1 and steps[0] > 0
+    assert all(p.dtype == torch.float32 for p in head_params.values())
+    assert all(not torch.equal(p.full_tensor(), before[n]) for n, p in head_params.items())
+
+
+def test_weights_for_the_rollout_leave_the_predictor_out(process_group, tiny_random_model):
+    from transformers import AutoModelForCausalLM
+
+    e = build_engine(tiny_random_model, "fp32")
+    params, _ = e.get_per_tensor_param()
+    names = {n for n, _ in params}
+    hf = set(AutoModelForCausalLM.from_pretrained(tiny_random_model).state_dict())
+    assert not any(is_predictor_param(n) for n in names)
+    assert names <= hf and len(names) >= len(hf) - 1  # tied lm_head may be left out
+
+
+def test_forward_only_engine_has_no_predictor(process_group, tiny_random_model):
+    e = build_engine(tiny_random_model, "fp32", forward_only=True)
+    assert e.popo_predictor is None
+    data, _, _ = make_batch(seed=2)
+    got = {}
+    with e.eval_mode():
+        e.infer_batch(data, loss_function=capture(got))
+    assert POOLED_KEY in got and PRED_KEY not in got
+
+
+# ------------------------------------------------------------------------------------ Ulysses SP
+def _sp_rank(rank: int, port: int, model_path: str, out_dir: str) -> None:
+    from verl.utils.ulysses import ulysses_pad
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    e = build_engine(model_path, "fp32", forward_only=True, sp=2)
+    data, _, _ = make_batch(n=3, seed=5)
+    nnz = int(data["input_ids"].offsets()[-1])
+    full = torch.randn(1, nnz, 32, generator=torch.Generator().manual_seed(9))  # the same on both ranks
+    _, _, pad = ulysses_pad(torch.zeros(1, nnz, dtype=torch.long), sp_size=2)  # verl's tail pad, then equal slices
+    chunk = (nnz + pad) // 2
+    local = F.pad(full, (0, 0, 0, pad))[:, rank * chunk: (rank + 1) * chunk].detach().requires_grad_()
+    with e.eval_mode(), torch.enable_grad():
+        e._popo_pad_size = pad
+        pooled = e._pool_response_hidden(local, data)
+        pooled.sum().backward()
+    torch.save({"pooled": pooled.detach(), "full": full, "local_grad": local.grad, "pad": pad},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_pooling_under_ulysses_sequence_parallel(tiny_random_model, tmp_path):
+    """sp = 2 over gloo: each rank holds half of the packed hidden states (verl's own pad-and-slice); the
+    pooled state, gathered with verl's gather, equals the pooling of the whole sequence on every rank, and
+    the gradient reaches each rank's slice. (The model's Ulysses attention needs flash-attn: GPU only.)"""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_sp_rank, args=(port, tiny_random_model, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    data, _, response_mask = make_batch(n=3, seed=5)
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    expected = core.masked_mean_pool(no_padding_2_padding(r0["full"][0], data).float(), response_mask)
+    for r in (r0, r1):
+        assert torch.allclose(r["pooled"], expected, atol=1e-6)
+        assert r["local_grad"] is not None and torch.isfinite(r["local_grad"]).all() and r["local_grad"].abs().sum() > 0
+    assert r0["local_grad"].shape[1] == (r0["full"].shape[1] + r0["pad"]) // 2
