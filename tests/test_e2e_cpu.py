@@ -149,10 +149,16 @@ def test_siamese_is_the_ema_of_the_actor(popo_1rank, tiny_dir):
     assert pred1 and any(not torch.equal(pred1[k], pred3[k]) for k in pred1), "L_sim trains the predictor"
 
 
-def test_popo_with_two_fsdp2_ranks(tmp_path_factory, tiny_dir):
+def test_popo_with_two_fsdp2_ranks_and_padded_micro_batches(tmp_path_factory, tiny_dir):
+    """2 ranks, and the padded layout (use_remove_padding=false; the 1-rank runs cover the packed one)."""
     tmp = tmp_path_factory.mktemp("popo2")
-    out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, ranks=2, steps=3, save_freq=3)
+    out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, "actor_rollout_ref.model.use_remove_padding=false",
+                   ranks=2, steps=3, save_freq=3)
     assert sorted(out["steps"]) == [1, 2, 3]
+    for m in out["steps"].values():
+        assert m["training/rollout_probs_diff_max"] < 1e-4, "padded forward gives the rollout's log-probs"
+        assert m["popo/rows_updated"] == round(m["popo/positive_ratio"] * ROWS_PER_STEP)
+        assert m["popo/skipped_step"] == 1 or -1 <= m["popo/cos_sim"] <= 1
     siamese, state = siamese_state(out["ckpt"] / "global_step_3")
     actor = model_state(out["ckpt"] / "global_step_3")
     assert state["ema_steps"] == 3
