@@ -138,20 +138,18 @@ class PopoTrainer(PPOTrainerSync):
         cfg = self.config
         return max(1, cfg.data.train_batch_size // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
 
-    def _positives(self, batch: KVBatchMeta) -> tuple[np.ndarray, dict]:
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["rm_scores", "uid"])
-        scores = data["rm_scores"]
+    def _positive_and_real(self, scores, tags) -> tuple[torch.Tensor, torch.Tensor]:
+        """The one definition of a positive: reward > tau_r, on a real (not padding) row. Returns (positive, real)."""
         scores = scores.to_padded_tensor(0.0) if scores.is_nested else scores
-        rewards = scores.sum(dim=-1).float()
-        real = torch.tensor([not _is_padding(t) for t in batch.tags])
-        positive = core.positive_mask(rewards, self.popo.tau_r) & real
-        return positive.numpy(), {"uid": _as_object_array(data["uid"]), "rewards": rewards, "real": real}
+        real = torch.tensor([not _is_padding(t) for t in tags], dtype=torch.bool)
+        return core.positive_mask(scores.sum(dim=-1).float(), self.popo.tau_r) & real, real
 
     # ------------------------------------------------------------------ siamese forward ("ref" phase)
     def _compute_ref_log_prob(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
         """Siamese forward on the positives only: pooled representation (+ log-probs for the KL monitor)."""
-        positive, _ = self._positives(batch)
-        pos_idx = np.flatnonzero(positive)
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["rm_scores"])
+        positive, _ = self._positive_and_real(data["rm_scores"], batch.tags)
+        pos_idx = np.flatnonzero(positive.numpy())
         self._popo_update_batch = None
         if len(pos_idx) == 0:
             return batch
@@ -208,10 +206,8 @@ class PopoTrainer(PPOTrainerSync):
         mask = response_mask_nested.to_padded_tensor(0).float()
         old_lp = response_from_nested(data["old_log_probs"], response_mask_nested)
         old_lp = old_lp.to_padded_tensor(0.0) if old_lp.is_nested else old_lp
-        scores = data["rm_scores"].to_padded_tensor(0.0) if data["rm_scores"].is_nested else data["rm_scores"]
         uid = _as_object_array(data["uid"])
-        real = torch.tensor([not _is_padding(t) for t in batch.tags])
-        positive = core.positive_mask(scores.sum(-1).float(), cfg.tau_r) & real
+        positive, real = self._positive_and_real(data["rm_scores"], batch.tags)
 
         seq_lp = core.sequence_log_probs(old_lp.float(), mask[:, : old_lp.shape[1]], length_normalize=True)
         weights = core.popo_weights(seq_lp, positive, uid, temperature=cfg.weight_temperature, mode=cfg.weight_mode)
