@@ -165,6 +165,34 @@ def feature_noise(row_keys: Sequence[int], dim: int, seed: int, dtype: torch.dty
     return torch.stack(rows).to(dtype) if rows else torch.zeros(0, dim, dtype=dtype)
 
 
+def k3_kl(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
+    """Per-token k3 estimate of KL(pi || pi_ref) on samples from pi (Schulman):
+
+        k3 = exp(d) - d - 1,  d = log pi_ref(y_t) - log pi(y_t)     (>= 0, unbiased; d clamped to +-clamp)
+
+    The `anchor=kl` ablation's penalty against the siamese, and the KL(policy || siamese) monitor.
+    """
+    d = (ref_log_prob - log_prob).clamp(min=-clamp, max=clamp)
+    return torch.exp(d) - d - 1.0
+
+
+def log_prob_change(new_token_log_probs: torch.Tensor, old_token_log_probs: torch.Tensor, response_mask: torch.Tensor,
+                    rows: torch.Tensor) -> float:
+    """Mean change of the length-normalised sequence log-prob over the selected rows (Theorem 3.1 made visible):
+
+        Delta = mean_{y in rows} [ s_new(y) - s_old(y) ],  s(y) = sum_t m_t log pi(y_t|.) / sum_t m_t
+
+    With `rows` = the negatives of a step and new = the policy after the step's update, Theorem 3.1 says
+    Delta < 0 although no negative was in the update. NaN when no row is selected.
+    """
+    rows = torch.as_tensor(rows, dtype=torch.bool).reshape(-1)
+    if not rows.any():
+        return float("nan")
+    new = sequence_log_probs(new_token_log_probs.double(), response_mask, length_normalize=True)
+    old = sequence_log_probs(old_token_log_probs.double(), response_mask, length_normalize=True)
+    return float((new - old)[rows].mean())
+
+
 def entropy_loss(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """L_ent = - sum_bt H_bt m_bt / max(sum_bt m_bt, 1): minus the mean token entropy (an entropy bonus)."""
     m = mask.to(entropy.dtype)
@@ -210,16 +238,22 @@ def parameter_distance(a: Iterable[torch.Tensor], b: Iterable[torch.Tensor]) -> 
 class PredictorHead(nn.Module):
     """h_phi: [Linear -> LayerNorm -> ReLU] x (num_layers - 1) -> Linear (BYOL-style, policy side only).
 
-    Xavier-uniform weights, zero biases. Keep it in fp32.
+    Xavier-uniform weights, zero biases. Keep it in fp32. num_layers = 0 is the identity, h_phi(f) = f
+    (the "no predictor" ablation: the cosine then compares the policy's and the siamese's states directly).
     """
 
     def __init__(self, input_dim: int, hidden_dim: int = 1024, num_layers: int = 2, output_dim: int | None = None):
         super().__init__()
-        if num_layers < 2:
-            raise ValueError(f"PredictorHead: num_layers must be >= 2, got {num_layers}")
+        if num_layers != 0 and num_layers < 2:
+            raise ValueError(f"PredictorHead: num_layers must be 0 (identity) or >= 2, got {num_layers}")
         if input_dim < 1 or hidden_dim < 1:
             raise ValueError(f"PredictorHead: dims must be positive, got input {input_dim}, hidden {hidden_dim}")
         output_dim = input_dim if output_dim is None else output_dim
+        if num_layers == 0:
+            if output_dim != input_dim:
+                raise ValueError("PredictorHead: the identity head (num_layers=0) needs output_dim == input_dim")
+            self.net = nn.Identity()
+            return
         layers: list[nn.Module] = []
         d = input_dim
         for _ in range(num_layers - 1):

@@ -56,6 +56,7 @@ def popo_actor_loss(
     noise_std: float = 0.0,
     entropy_on: str = "positives",
     noise_seed: Callable[[], int] | int = 0,
+    anchor: str = "cosine",
 ):
     log_prob = no_padding_2_padding(model_output["log_probs"], data)
     entropy = model_output.get("entropy", None)
@@ -73,6 +74,10 @@ def popo_actor_loss(
     present = [f for f in fields if f in data.keys()]
     if SIAMESE_KEY in data.keys():
         present.append(SIAMESE_KEY)
+    if anchor == "kl":
+        if "ref_log_prob" not in data.keys():
+            raise RuntimeError("POPO loss with anchor=kl: the update batch has no siamese log-probs (ref_log_prob)")
+        present.append("ref_log_prob")
     tensors = data.select(*present).to_padded_tensor()
     response_mask = tensors["response_mask"].to(bool)
     advantages = tensors["advantages"]
@@ -93,9 +98,20 @@ def popo_actor_loss(
     metrics["actor/pg_loss"] = Metric(value=nll, aggregation=aggregation)
     total = nll
 
-    # 2. similarity penalty against the siamese representation
+    # 2. the anchor to the siamese: the similarity penalty (the paper) or, as an ablation, a k3 KL penalty
     pred = model_output.get(PRED_KEY, None)
-    if alpha > 0 and pred is not None and SIAMESE_KEY in tensors.keys():
+    if anchor == "kl":
+        if alpha > 0:
+            kl = agg_loss(
+                loss_mat=core.k3_kl(log_prob, tensors["ref_log_prob"].to(log_prob.dtype)) * c,
+                loss_mask=response_mask & (weights > 0).unsqueeze(-1),
+                loss_agg_mode=config.loss_agg_mode,
+                **config.global_batch_info,
+            )
+            total = total + alpha * kl
+            metrics["popo/kl_loss"] = Metric(value=kl.detach(), aggregation=aggregation)
+            metrics["actor/kl_loss"] = Metric(value=kl.detach(), aggregation=aggregation)
+    elif alpha > 0 and pred is not None and SIAMESE_KEY in tensors.keys():
         target = tensors[SIAMESE_KEY].to(pred.device, pred.dtype)
         if noise_std > 0:
             seed = noise_seed() if callable(noise_seed) else noise_seed

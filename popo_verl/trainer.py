@@ -306,6 +306,7 @@ class PopoTrainer(PPOTrainerSync):
                 self._run_update(batch, metrics, mini_rows=mini_rows)
                 rows = sum(not _is_padding(t) for t in batch.tags)
             metrics.update({"popo/skipped_step": 0.0, "popo/rows_updated": float(rows)})
+            self._maybe_log_prob_deltas(batch, metrics)
         stats = self.actor_rollout_wg.popo_stats()
         metrics.update(stats[0] if isinstance(stats, list) else stats)
         metrics["popo/skipped_steps_total"] = float(self.popo_skipped_steps)
@@ -339,6 +340,38 @@ class PopoTrainer(PPOTrainerSync):
             if k.startswith("actor/popo/"):
                 actor_metrics[k[len("actor/") :]] = actor_metrics.pop(k)
         metrics.update(actor_metrics)
+
+    def _maybe_log_prob_deltas(self, batch: KVBatchMeta, metrics: dict) -> None:
+        """Theorem 3.1 made visible: how the step's update moved the log-probs of its negatives and positives.
+
+        One extra forward of the updated policy over the step's rows (every `implicit_negative_interval`
+        steps) gives popo/neg_logprob_delta and popo/pos_logprob_delta: the mean change of the length-normalised
+        sequence log-prob against old_log_probs (the same policy before the update). With positives_only_update
+        the negatives never entered the update, so a negative delta is the implicit push-down alone.
+        """
+        every = int(self.popo.implicit_negative_interval)
+        if every <= 0 or self.global_steps % every != 0:
+            return
+        saved = dict(batch.extra_info)
+        batch.extra_info.update(
+            {"calculate_entropy": False, "compute_loss": False, "temperature": self.config.actor_rollout_ref.rollout.temperature}
+        )
+        try:
+            self.actor_rollout_wg.compute_log_prob(batch)
+        finally:
+            batch.extra_info = saved
+        d = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
+                            select_fields=["log_probs", "old_log_probs", "response_mask", "rm_scores"])
+        mask_nested = d["response_mask"]
+        new = response_from_nested(d["log_probs"], mask_nested)
+        new = new.to_padded_tensor(0.0) if new.is_nested else new
+        old = d["old_log_probs"].to_padded_tensor(0.0) if d["old_log_probs"].is_nested else d["old_log_probs"]
+        mask = mask_nested.to_padded_tensor(0).float()
+        width = min(new.shape[1], old.shape[1], mask.shape[1])
+        new, old, mask = new[:, :width].float(), old[:, :width].float(), mask[:, :width]
+        positive, real = self._positive_and_real(d["rm_scores"], batch.tags)
+        metrics["popo/pos_logprob_delta"] = core.log_prob_change(new, old, mask, positive)
+        metrics["popo/neg_logprob_delta"] = core.log_prob_change(new, old, mask, real & ~positive)
 
     def _maybe_kl_monitor(self, metrics: dict) -> None:
         every = int(self.popo.kl_monitor_interval)

@@ -98,6 +98,7 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
             noise_std=float(popo.get("feature_noise_std", 0.0)),
             entropy_on=str(popo.get("entropy_on", "positives")),
             noise_seed=self._step_noise_seed,
+            anchor=str(popo.get("anchor", "cosine")),
         )
         self.actor.set_loss_fn(self.loss_fn)
 

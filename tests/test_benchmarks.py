@@ -20,49 +20,62 @@ def learning():
 def _log(vals):
     """verl's console logger lines (np.float64 reprs included) with the validation metrics at some steps."""
     lines = []
-    for step, (p1, p4) in vals.items():
-        lines.append(f"step:{step} - val-core/tiny_arith/acc/mean@4:np.float64({p1}) - "
-                     f"val-core/tiny_arith/acc/best@4/mean:np.float64({p4}) - val-core/tiny_arith/acc/best@4/std:0.1")
-        lines.append(f"step:{step + 1} - actor/pg_loss:0.5 - critic/score/mean:0.25")
+    for step, (p1, p8) in vals.items():
+        lines.append(f"step:{step} - val-core/tiny_arith/acc/mean@8:np.float64({p1}) - "
+                     f"val-core/tiny_arith/acc/best@8/mean:np.float64({p8}) - val-core/tiny_arith/acc/best@8/std:0.1")
+        lines.append(f"step:{step + 1} - actor/pg_loss:0.5 - critic/score/mean:0.25 - popo/neg_logprob_delta:-0.01 - "
+                     f"popo/pos_logprob_delta:0.02")
     return "\n".join(lines)
 
 
-def test_curves_come_from_verls_validation_keys(learning):
-    curves = learning.curves_from_log(_log({0: (0.25, 0.4), 10: (0.3, 0.5)}), val_n=4)
-    assert curves == {"pass@1": {0: 0.25, 10: 0.3}, "pass@4": {0: 0.4, 10: 0.5}}
+def test_curves_come_from_verls_validation_and_step_keys(learning):
+    curves = learning.curves_from_log(_log({0: (0.25, 0.4), 10: (0.3, 0.5)}))
+    assert curves == {"pass@1": {0: 0.25, 10: 0.3}, "pass@8": {0: 0.4, 10: 0.5}, "reward": {1: 0.25, 11: 0.25},
+                      "neg_delta": {1: -0.01, 11: -0.01}, "pos_delta": {1: 0.02, 11: 0.02}}
 
 
-def _run(variant, seed, finals):
-    p1, p4 = finals
-    return {"variant": variant, "seed": seed, "curves": {"pass@1": {"0": 0.2, "20": p1}, "pass@4": {"0": 0.4, "20": p4}}}
+def _run(variant, seed, start, end, neg=-0.01):
+    return {"variant": variant, "seed": seed, "steps": 20, "wall_s": 100.0, "overrides": [],
+            "curves": {"pass@1": {"0": start, "20": end}, "pass@8": {"0": 0.7, "20": 0.8},
+                       "reward": {"1": 0.3, "2": 0.4}, "neg_delta": {"1": neg, "2": neg}, "pos_delta": {"1": 0.02}}}
 
 
-def test_summary_is_mean_and_std_over_seeds_with_the_verdict(learning, tmp_path):
-    runs = [_run("popo", 1, (0.30, 0.5)), _run("popo", 2, (0.20, 0.4)), _run("grpo", 1, (0.22, 0.45)),
-            _run("grpo", 2, (0.26, 0.47))]
+def test_mean_ci_is_the_t_interval(learning):
+    m, lo, hi = learning.mean_ci([0.1, 0.2, 0.3])
+    assert m == pytest.approx(0.2) and hi - m == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
+    assert learning.mean_ci([0.5])[1] == float("-inf")
+
+
+def test_summary_tables_paired_difference_and_verdicts(learning, tmp_path):
+    runs = [_run("popo", 0, 0.2, 0.5), _run("popo", 1, 0.3, 0.5), _run("popo", 2, 0.25, 0.5),
+            _run("grpo", 0, 0.2, 0.4), _run("grpo", 1, 0.3, 0.45), _run("grpo", 2, 0.25, 0.4),
+            _run("popo_alpha0", 0, 0.2, 0.3), _run("popo_alpha0", 1, 0.3, 0.35), _run("popo_alpha0", 2, 0.25, 0.31)]
     text = learning.summarise(runs, tmp_path)
-    assert "| popo | 2 | 0.200 | 0.250 ± 0.071 | 0.450 ± 0.071 |" in text
-    assert "| grpo | 2 | 0.200 | 0.240 ± 0.028 | 0.460 ± 0.014 |" in text
-    assert "POPO = 0.250, GRPO = 0.240: meets the target" in text
-    assert (tmp_path / "learning.md").read_text().strip() == text
+    assert "| popo | 3 | 20 | 0.250 ± 0.050 | 0.500 ± 0.000 | 0.250 ± 0.050 | +0.200 |" in text
+    assert "it learns on every seed" in text
+    # POPO - GRPO gains per seed: 0.1, 0.05, 0.1
+    assert "gain difference +0.083" in text and "target POPO >= GRPO - 0.02: met" in text
+    assert "| popo_alpha0 | 3 | -0.180 |" in text and "the component helps here" in text
+    assert "Target neg_logprob_delta < 0 on average: met" in text
+    assert (tmp_path / "learning.md").read_text().strip() == text.strip()
     assert (tmp_path / "learning.png").stat().st_size > 1000
-    runs[0]["curves"]["pass@1"]["20"] = 0.1
-    assert "misses the target" in learning.summarise(runs, tmp_path)
+    runs[3:6] = [_run("grpo", s, 0.3, 0.2) for s in (0, 1, 2)]
+    assert "does NOT improve on every seed" in learning.summarise(runs, tmp_path)
 
 
-def test_resume_keeps_finished_runs_and_skips_them(learning, tmp_path, monkeypatch):
-    done = {"variant": "popo", "seed": 1, "steps": 2, "val_n": 4, "lr": 3e-4, "overrides": [],
-            "curves": {"pass@1": {"0": 0.2, "2": 0.3}, "pass@4": {"0": 0.4, "2": 0.5}}}
-    other = dict(done, variant="grpo", seed=7)
+def test_resume_keeps_finished_runs_and_skips_them(learning, tmp_path, monkeypatch, capsys):
+    done = _run("popo", 1, 0.2, 0.4)
+    other = _run("grpo", 7, 0.2, 0.3)
     (tmp_path / "learning.json").write_text(json.dumps([done, other]))
     ran = []
 
-    def fake_run(name, seed, args, workdir):  # the training run itself is what e2e tests cover
+    def fake_run(name, seed, args, workdir):  # the training run itself is what tests/test_learning.py covers
         ran.append((name, seed))
-        return dict(done, variant=name, seed=seed)
+        return _run(name, seed, 0.2, 0.35)
 
     monkeypatch.setattr(learning, "run_variant", fake_run)
-    learning.main(["--variants", "popo", "grpo", "--seeds", "1", "--steps", "2", "--out", str(tmp_path), "--resume"])
+    learning.main(["--variants", "popo", "grpo", "--seeds", "1", "--out", str(tmp_path), "--resume"])
     assert ran == [("grpo", 1)], "popo seed 1 was already measured with these settings"
     stored = json.loads((tmp_path / "learning.json").read_text())
     assert {(r["variant"], r["seed"]) for r in stored} == {("popo", 1), ("grpo", 1), ("grpo", 7)}, "nothing lost"
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "held-out pass@1 gain: POPO=0.200 GRPO=0.150 (1 seeds)"

@@ -542,9 +542,43 @@ def test_predictor_head_structure_and_init(num_layers):
 def test_predictor_head_output_dim_and_errors():
     head = core.PredictorHead(8, hidden_dim=16, output_dim=5)
     assert head(torch.randn(2, 8)).shape == (2, 5)
-    for bad in (1, 0, -1):
+    for bad in (1, -1):
         with pytest.raises(ValueError):
             core.PredictorHead(8, hidden_dim=16, num_layers=bad)
+
+
+def test_predictor_head_with_zero_layers_is_the_identity():
+    head = core.PredictorHead(8, hidden_dim=16, num_layers=0)
+    x = torch.randn(3, 8, requires_grad=True)
+    assert torch.equal(head(x), x) and not list(head.parameters())
+    head(x).sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    with pytest.raises(ValueError):
+        core.PredictorHead(8, num_layers=0, output_dim=4)
+
+
+def test_k3_kl_is_zero_at_equal_policies_and_estimates_kl():
+    lp = torch.log(torch.tensor([0.2, 0.5, 0.9]))
+    assert torch.allclose(core.k3_kl(lp, lp), torch.zeros(3))
+    assert (core.k3_kl(lp, lp - 0.3) > 0).all() and (core.k3_kl(lp, lp + 0.3) > 0).all()
+    # unbiased: E_{y~p}[k3] = KL(p || q) for categorical p, q
+    p = torch.tensor([0.7, 0.2, 0.1])
+    q = torch.tensor([0.4, 0.4, 0.2])
+    expected = float((p * (p.log() - q.log())).sum())
+    assert float((p * core.k3_kl(p.log(), q.log())).sum()) == pytest.approx(expected, rel=1e-5)
+    # clamped: no overflow for far-apart log-probs
+    assert torch.isfinite(core.k3_kl(torch.tensor([-100.0]), torch.tensor([0.0]))).all()
+
+
+def test_log_prob_change_is_the_mean_change_of_length_normalised_log_probs():
+    old = torch.tensor([[-1.0, -1.0, 0.0], [-2.0, -2.0, -2.0], [-0.5, 0.0, 0.0]])
+    new = torch.tensor([[-0.5, -0.5, 9.0], [-2.3, -2.3, -2.3], [-0.1, 0.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    rows = torch.tensor([True, False, True])
+    # row 0: -0.5 - (-1) = +0.5 (the masked 9.0 ignored); row 2: -0.1 - (-0.5) = +0.4
+    assert core.log_prob_change(new, old, mask, rows) == pytest.approx(0.45)
+    assert core.log_prob_change(new, old, mask, ~rows) == pytest.approx(-0.3)
+    assert math.isnan(core.log_prob_change(new, old, mask, torch.zeros(3, dtype=torch.bool)))
 
 
 def test_predictor_head_gradients_reach_all_parameters():

@@ -60,7 +60,8 @@ def test_stock_hydra_refuses_the_bare_spelling():
 
 
 def test_defaults_match_popo_md():
-    assert popo_defaults() == {**POPO_MD_DEFAULTS, "kl_monitor_interval": 10}
+    assert popo_defaults() == {**POPO_MD_DEFAULTS, "kl_monitor_interval": 10, "anchor": "cosine",
+                               "implicit_negative_interval": 0}
 
 
 @pytest.mark.parametrize(
@@ -75,6 +76,8 @@ def test_defaults_match_popo_md():
         ("weight_mode", "greedy", "algorithm.popo.weight_mode"),
         ("entropy_on", "negatives", "algorithm.popo.entropy_on"),
         ("weight_temperature", 0.0, "algorithm.popo.weight_temperature"),
+        ("anchor", "l2", "algorithm.popo.anchor"),
+        ("implicit_negative_interval", -1, "algorithm.popo.implicit_negative_interval"),
     ],
 )
 def test_bad_values_fail_naming_the_key(key, value, match):
@@ -94,6 +97,19 @@ def test_entropy_on_all_needs_negatives_and_n_needs_two():
     cfg.actor_rollout_ref.rollout.n = 1
     with pytest.raises(ValueError, match="actor_rollout_ref.rollout.n"):
         validate_popo_config(cfg)
+
+
+def test_ablation_options_validate():
+    base = {"algorithm": {"popo": dict(POPO_MD_DEFAULTS)}, "actor_rollout_ref": {"rollout": {"n": 8}}}
+    cfg = OmegaConf.create(base)
+    cfg.algorithm.popo.predictor_layers = 0  # the identity head
+    cfg.algorithm.popo.anchor = "kl"
+    assert validate_popo_config(cfg).anchor == "kl"
+    cfg.algorithm.popo.positives_only_update = False
+    with pytest.raises(ValueError, match="anchor=kl"):
+        validate_popo_config(cfg)
+    composed = OmegaConf.create(compose("algorithm=popo"))
+    assert composed.algorithm.popo.anchor == "cosine" and composed.algorithm.popo.implicit_negative_interval == 0
 
 
 def test_composed_bad_value_is_caught():

@@ -172,3 +172,26 @@ def test_strip_predictor_from_hf_dir(tmp_path):
     assert set(load_file(str(tmp_path / "model.safetensors"))) == {"model.norm.weight"}
     assert strip_predictor_from_hf_dir(str(tmp_path)) == 0
     assert strip_predictor({"a": 1, "popo_predictor.x": 2}) == {"a": 1}
+
+
+def test_kl_anchor_replaces_the_similarity_penalty_with_k3_to_the_siamese():
+    """anchor=kl: L = L_nll + alpha * token-mean over the positives of k3(log pi, log pi_siamese) + beta * L_ent."""
+    data, out, ref = _batch(seed=3)
+    g = torch.Generator().manual_seed(9)
+    ref_lp = ref["resp_lp"] - torch.rand(ref["resp_lp"].shape, generator=g, dtype=torch.float64) * 0.5
+    r_len = [int(x) for x in ref["mask"].sum(-1)]
+    data["ref_log_prob"] = _nested([ref_lp[i, :r] for i, r in enumerate(r_len)])
+    loss, metrics = popo_actor_loss(_config(), out, data, alpha=0.2, beta=0.01, anchor="kl")
+    base = core.popo_loss(token_log_probs=ref["resp_lp"], response_mask=ref["mask"], weights=ref["weights"],
+                          entropy=ref["ent"], alpha=0.0, beta=0.01)
+    pos_mask = ref["mask"] * (ref["weights"] > 0).unsqueeze(-1)
+    kl = (core.k3_kl(ref["resp_lp"], ref_lp) * pos_mask).sum() / pos_mask.sum()
+    assert loss.item() == pytest.approx(base.loss.item() + 0.2 * kl.item(), rel=1e-9)
+    assert metrics["popo/kl_loss"].aggregate() == pytest.approx(kl.item(), rel=1e-9)
+    assert "popo/sim_loss" not in metrics
+    # the predictor gets no gradient from an anchor that does not use it
+    g_pred = torch.autograd.grad(loss, ref["pred"], allow_unused=True)[0]
+    assert g_pred is None or torch.count_nonzero(g_pred) == 0
+    with pytest.raises(RuntimeError, match="ref_log_prob"):
+        d2, o2, _ = _batch(seed=3)
+        popo_actor_loss(_config(), o2, d2, alpha=0.2, anchor="kl")

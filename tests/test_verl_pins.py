@@ -51,3 +51,37 @@ def test_hooks_we_call_into_exist():
     assert hasattr(TrainingWorker, "set_loss_fn")
     assert "_autocast_dtype" in inspect.getsource(FSDPEngineWithLMHead._build_fsdp_module)
     assert "pad_size" in inspect.getsource(FSDPEngineWithLMHead.prepare_model_inputs)
+
+
+def test_replay_buffer_poll_is_shortened_on_the_cpu_backend(monkeypatch):
+    """verl's v1 ReplayBuffer sleeps `self.poll_interval` (a 2 s constructor default, not a config key)
+    between polls; the CPU backend sets it to 50 ms. Fails if verl renames the attribute or the sleep."""
+    from verl.trainer.ppo.v1 import replay_buffer
+
+    from popo_verl import cpu
+
+    assert inspect.signature(replay_buffer.ReplayBuffer.__init__).parameters["poll_interval"].default == 2.0
+    assert "time.sleep(self.poll_interval)" in inspect.getsource(replay_buffer.ReplayBuffer._wait_for_next_poll)
+    cpu._fast_replay_buffer_poll()
+    cpu._fast_replay_buffer_poll()  # idempotent: wrapped once
+    assert replay_buffer.ReplayBuffer.__init__._popo_fast_poll
+    assert not getattr(replay_buffer.ReplayBuffer.__init__.__wrapped__, "_popo_fast_poll", False)
+    monkeypatch.setenv(cpu.POLL_INTERVAL_ENV, "0.25")
+    from omegaconf import OmegaConf
+
+    rb = replay_buffer.ReplayBuffer("sync", OmegaConf.create({}), None, "drop", OmegaConf.create({}), poll_interval=2.0)
+    assert rb.poll_interval == 0.25
+
+
+def test_transfer_queue_threads_follow_the_cores():
+    """TransferQueue reads TQ_NUM_THREADS per call from these module globals; the plugin sets them to the
+    physical cores (<= 8) so it stops warning on every put/get."""
+    import psutil
+    import transfer_queue.client as client
+    import transfer_queue.storage.simple_storage as storage
+    from transfer_queue.utils.common import limit_pytorch_auto_parallel_threads
+
+    cores = psutil.cpu_count(logical=False) or 1
+    assert client.TQ_NUM_THREADS == storage.TQ_NUM_THREADS <= max(cores, 1)
+    assert "TQ_NUM_THREADS" in inspect.getsource(client) and "target_num_threads" in inspect.signature(
+        limit_pytorch_auto_parallel_threads).parameters

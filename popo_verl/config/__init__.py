@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 
 WEIGHT_MODES = ("softmax", "uniform")
 ENTROPY_ON = ("positives", "all")
+ANCHORS = ("cosine", "kl")
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class PopoConfig:
     entropy_on: str = "positives"
     positives_only_update: bool = True
     kl_monitor_interval: int = 10
+    anchor: str = "cosine"
+    implicit_negative_interval: int = 0
 
 
 def popo_defaults() -> dict:
@@ -58,8 +61,14 @@ def validate_popo_config(config) -> PopoConfig:
     for key in ("alpha", "beta", "feature_noise_std"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{p}{key} must be >= 0, got {getattr(cfg, key)}")
-    if cfg.predictor_layers < 2:
-        raise ValueError(f"{p}predictor_layers must be >= 2, got {cfg.predictor_layers}")
+    if cfg.predictor_layers != 0 and cfg.predictor_layers < 2:
+        raise ValueError(f"{p}predictor_layers must be 0 (identity head, the ablation) or >= 2, got {cfg.predictor_layers}")
+    if cfg.anchor not in ANCHORS:
+        raise ValueError(f"{p}anchor must be one of {ANCHORS}, got {cfg.anchor!r}")
+    if cfg.anchor == "kl" and not cfg.positives_only_update:
+        raise ValueError(f"{p}anchor=kl reads the siamese's log-probs of the positives only: keep {p}positives_only_update=true")
+    if cfg.implicit_negative_interval < 0:
+        raise ValueError(f"{p}implicit_negative_interval must be >= 0, got {cfg.implicit_negative_interval}")
     if cfg.predictor_hidden_dim < 1:
         raise ValueError(f"{p}predictor_hidden_dim must be >= 1, got {cfg.predictor_hidden_dim}")
     if not cfg.weight_temperature > 0:

@@ -71,6 +71,32 @@ def _unpinned_offload_policy() -> None:
             mod.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
 
 
+#: seconds between the v1 replay buffer's polls for finished rollouts on the CPU backend
+POLL_INTERVAL_ENV = "POPO_VERL_POLL_INTERVAL"
+CPU_POLL_INTERVAL = 0.05
+
+
+def _fast_replay_buffer_poll() -> None:
+    """verl's v1 ReplayBuffer sleeps a fixed 2 s between polls for finished rollouts
+    (verl/trainer/ppo/v1/replay_buffer.py, `poll_interval=2.0`, not a config key); a tiny CPU rollout
+    finishes in well under that, so every step waited ~2 s for nothing. Poll every 50 ms instead
+    (POPO_VERL_POLL_INTERVAL overrides). A poll is a dict scan in the driver: nothing else changes."""
+    from verl.trainer.ppo.v1 import replay_buffer
+
+    for cls in (replay_buffer.ReplayBuffer, getattr(replay_buffer, "ReplayBufferAsync", None)):
+        if cls is None or getattr(cls.__init__, "_popo_fast_poll", False):
+            continue
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def wrapper(self, *args, _init=init, **kwargs):
+            _init(self, *args, **kwargs)
+            self.poll_interval = float(os.environ.get(POLL_INTERVAL_ENV, CPU_POLL_INTERVAL))
+
+        wrapper._popo_fast_poll = True
+        cls.__init__ = wrapper
+
+
 def _register_hf_rollout() -> None:
     from verl.workers.rollout import base as rollout_base
     from verl.workers.rollout.replica import RolloutReplicaRegistry
@@ -99,3 +125,4 @@ def register() -> None:
     os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
     _patch_process_group()
     _unpinned_offload_policy()
+    _fast_replay_buffer_poll()

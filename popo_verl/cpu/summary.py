@@ -1,4 +1,4 @@
-"""Summarise a verl console log: last step and the final held-out accuracy (`python -m popo_verl.cpu.summary LOG`)."""
+"""Summarise a verl console log: steps, step time and held-out pass@1 start -> end (`python -m popo_verl.cpu.summary LOG`)."""
 
 from __future__ import annotations
 
@@ -20,12 +20,25 @@ def parse_steps(text: str) -> list[tuple[int, dict[str, float]]]:
     return steps
 
 
-def held_out_accuracy(steps) -> tuple[int, str, float] | None:
-    for step, metrics in reversed(steps):
-        keys = sorted(k for k in metrics if k.startswith("val-core/") and "/acc/" in k or k.startswith("val-core/") and k.endswith("/reward/mean@1"))
+def held_out_curve(steps) -> tuple[str, dict[int, float]] | None:
+    """(key, {step: value}) of the held-out pass@1: verl's `val-core/<source>/acc/mean@N` (mean over the N
+    samples of each prompt), else its `val-core/<source>/reward/mean@N`."""
+    for pattern in (re.compile(r"val-core/.+/acc/mean@\d+$"), re.compile(r"val-core/.+/reward/mean@\d+$")):
+        keys = sorted({k for _, m in steps for k in m if pattern.match(k)})
         if keys:
-            return step, keys[0], metrics[keys[0]]
+            key = keys[0]
+            return key, {step: m[key] for step, m in steps if key in m}
     return None
+
+
+def held_out_best_of_n(steps) -> tuple[str, dict[int, float]] | None:
+    """(key, {step: value}) of verl's `val-core/<source>/acc/best@N/mean` (pass@N), N the largest logged."""
+    pattern = re.compile(r"val-core/.+/acc/best@(\d+)/mean$")
+    keys = {k: int(pattern.match(k).group(1)) for _, m in steps for k in m if pattern.match(k)}
+    if not keys:
+        return None
+    key = max(keys, key=keys.get)
+    return key, {step: m[key] for step, m in steps if key in m}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,17 +48,27 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with open(argv[0], errors="replace") as f:
         steps = parse_steps(f.read())
+    train_steps = [(s, m) for s, m in steps if any(k.startswith("timing_s/step") for k in m)]
     if not steps:
         print("no training step was logged")
         return 1
-    last_step, last = steps[-1]
-    print(f"trained {last_step} steps; last step took {last.get('timing_s/step', float('nan')):.1f} s")
-    acc = held_out_accuracy(steps)
-    if acc is None:
-        print("held-out accuracy: not measured (set trainer.test_freq > 0)")
-    else:
-        step, key, value = acc
-        print(f"held-out accuracy ({key}) at step {step}: {value:.4f}")
+    last_step = max(s for s, _ in steps)
+    step_times = [m["timing_s/step"] for _, m in train_steps if m.get("timing_s/step") == m.get("timing_s/step")]
+    if step_times:
+        print(f"trained {last_step} steps; median step {sorted(step_times)[len(step_times) // 2]:.1f} s")
+    curve = held_out_curve(steps)
+    if curve is None:
+        print("held-out pass@1: not measured (set trainer.test_freq > 0)")
+        return 0
+    best = held_out_best_of_n(steps)
+    if best is not None:
+        key, values = best
+        n = key.split("best@")[1].split("/")[0]
+        first, last = min(values), max(values)
+        print(f"held-out pass@{n}: {values[first]:.3f} -> {values[last]:.3f}")
+    key, values = curve
+    first, last = min(values), max(values)
+    print(f"held-out pass@1: {values[first]:.3f} -> {values[last]:.3f} ({last - first} steps)")
     return 0
 
 

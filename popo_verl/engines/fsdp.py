@@ -64,7 +64,7 @@ class PopoFSDPEngine(FSDPEngineWithLMHead):
     # ------------------------------------------------------------------ model construction
     def _build_module(self):
         module = super()._build_module()
-        if not self.engine_config.forward_only:
+        if not self.engine_config.forward_only and self.popo_predictor_layers > 0:
             hidden = module.config.hidden_size
             # Same seed on every rank: FSDP shards identical initial weights.
             with torch.random.fork_rng(devices=[]):
@@ -114,6 +114,8 @@ class PopoFSDPEngine(FSDPEngineWithLMHead):
             dtype = next(head.parameters()).dtype
             with torch.autocast(device_type=pooled.device.type, enabled=False):
                 captured[PRED_KEY] = head(pooled.to(dtype)).float()
+        elif self.popo_predictor_layers == 0 and not self.engine_config.forward_only and torch.is_grad_enabled():
+            captured[PRED_KEY] = pooled.float()  # identity head (predictor_layers=0): no parameters to shard
         self._popo_captured = captured
         return None
 

@@ -1,12 +1,23 @@
-"""The tiny verifiable task: a character-level Qwen3 model that half-knows arithmetic, and its data.
+"""The tiny verifiable task (v2): a character-level Qwen3 that half-knows addition, and its data.
 
-`python -m popo_verl.tiny build --out DIR` writes, deterministically from a seed and with no download:
+`python -m popo_verl.tiny build [--seed S] [--out DIR]` writes, deterministically from the seed, with no
+download, in about a minute on 2 cores (cached: a second call with the same spec returns at once):
   DIR/model/              HF model + tokenizer (char-level, ChatML template, "\\n" is one token)
   DIR/data/train.parquet  verl RL parquet: chat prompts asking for the answer in \\boxed{}
-  DIR/data/test.parquet
-  DIR/manifest.json       build parameters and the warm start's greedy pass@1 on the test split
-A short supervised warm start puts the model's greedy pass@1 inside [0.10, 0.60]: a random model gives
-no positive rollout, a perfect one nothing to learn. A build with the same parameters is cached.
+  DIR/data/test.parquet   held-out prompts: never seen by the warm start nor by RL training
+  DIR/manifest.json       build parameters and the warm start's held-out pass@1 / pass@8 at temperature 1
+
+Why it is built this way: RLVR on real LLMs mostly *sharpens* (it moves pass@1 toward pass@k), so the
+warm start must already hold the right answer for most problems, but with only part of its probability.
+The problems are sums of a number below 100 and a digit (`37+5`, `4+8`); the warm start is a supervised
+run on labels that are right only `label_accuracy` (30 %) of the time and otherwise off by one
+(`\\boxed{41}` or `\\boxed{43}` for 37+5). Off-by-one errors are chosen over random wrong digits because
+they share the computation of the right answer: the model learns the sum itself quickly (a random wrong
+digit dilutes that signal and the model never learns the units digit), and ends as a calibrated mixture
+in which the right answer carries about 30 % of the mass. Held out at temperature 1: pass@1 about 0.3,
+pass@8 above 0.9 -- the regime where rewarding correct samples has something to sharpen, on problems
+it has never seen. `--seed` draws another split of the problems and another initialisation and label
+noise, so a task built with another seed is a fresh held-out check.
 """
 
 from __future__ import annotations
@@ -23,24 +34,27 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-BUILD_VERSION = "1"
+BUILD_VERSION = "2"
 DATA_SOURCE = "tiny_arith"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-PASS_BAND = (0.10, 0.60)
+#: the warm start's held-out pass@1 at temperature 1 must fall here, and its pass@8 reach PASS_AT_8_MIN
+PASS_BAND = (0.15, 0.45)
+PASS_AT_8_MIN = 0.75
 
 
-def default_dir() -> str:
-    return os.environ.get("POPO_TINY_DIR", os.path.join(os.path.expanduser("~"), ".cache", "popo_verl", "tiny"))
+def default_dir(seed: int = 0) -> str:
+    """POPO_TINY_DIR, else ~/.cache/popo_verl/tiny; a task built with seed S != 0 lives in its `seed_S` folder."""
+    root = os.environ.get("POPO_TINY_DIR", os.path.join(os.path.expanduser("~"), ".cache", "popo_verl", "tiny"))
+    return root if seed == 0 else os.path.join(root, f"seed_{seed}")
 
 
 @dataclass(frozen=True)
 class TinySpec:
     seed: int = 0
-    n_train: int = 2000
     n_test: int = 128
     hidden_size: int = 64
     layers: int = 2
@@ -48,10 +62,13 @@ class TinySpec:
     kv_heads: int = 2
     intermediate: int = 192
     max_positions: int = 128
-    target_pass: float = 0.30
-    max_sft_steps: int = 3000
+    label_accuracy: float = 0.3  # share of warm-start labels that are right; the rest are off by one
+    min_sft_steps: int = 400
+    max_sft_steps: int = 1500
     sft_batch: int = 64
     sft_lr: float = 3e-3
+    target_pass: float = 0.28  # stop the warm start once the dev pass@1 (temperature 1) reaches this
+    eval_samples: int = 8  # samples per held-out prompt for the manifest's pass@1 / pass@8
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps({**asdict(self), "v": BUILD_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
@@ -60,44 +77,51 @@ class TinySpec:
 # ---------------------------------------------------------------------------------------------- data
 LEVELS = {
     1: "one-digit sum",
-    2: "two-digit plus one-digit sum",
-    3: "two-digit sum",
-    4: "two-digit difference",
+    2: "two-digit plus one-digit sum (either order)",
 }
 
 
-def make_problem(rng: random.Random, level: int) -> tuple[str, str]:
-    if level == 1:
-        a, b, op = rng.randint(0, 9), rng.randint(0, 9), "+"
-    elif level == 2:
-        a, b, op = rng.randint(10, 99), rng.randint(0, 9), "+"
-    elif level == 3:
-        a, b, op = rng.randint(10, 99), rng.randint(10, 99), "+"
-    else:
-        a, b, op = rng.randint(10, 99), rng.randint(0, 99), "-"
-    answer = a + b if op == "+" else a - b
-    return f"{a}{op}{b}", str(answer)
+def all_problems() -> list[tuple[str, str, int]]:
+    """Every problem of the task, in a fixed order: (expression, answer, level)."""
+    out = {}
+    for a in range(100):
+        for b in range(10):
+            level = 1 if a < 10 else 2
+            out[f"{a}+{b}"] = (str(a + b), level)
+            out[f"{b}+{a}"] = (str(a + b), level)
+    return [(e, ans, lvl) for e, (ans, lvl) in sorted(out.items())]
+
+
+def split_problems(seed: int, n_test: int) -> tuple[list, list]:
+    """(train, test): a seeded shuffle of all problems; the first n_test are held out from everything."""
+    problems = all_problems()
+    random.Random(seed).shuffle(problems)
+    return problems[n_test:], problems[:n_test]
 
 
 def question(expr: str) -> str:
     return f"{expr}=? Put the answer in \\boxed{{}}."
 
 
-def make_rows(rng: random.Random, n: int, split: str) -> list[dict]:
-    rows = []
-    for i in range(n):
-        level = rng.randint(1, 4)
-        expr, answer = make_problem(rng, level)
-        rows.append(
-            {
-                "data_source": DATA_SOURCE,
-                "prompt": [{"role": "user", "content": question(expr)}],
-                "ability": "math",
-                "reward_model": {"style": "rule", "ground_truth": answer},
-                "extra_info": {"split": split, "index": i, "level": level, "expression": expr},
-            }
-        )
-    return rows
+def noisy_label(rng: random.Random, answer: str, accuracy: float) -> str:
+    """The warm start's label: the answer with probability `accuracy`, otherwise the answer +- 1."""
+    if rng.random() < accuracy:
+        return answer
+    value = int(answer)
+    return str(value + 1 if value == 0 else value + rng.choice((-1, 1)))
+
+
+def make_rows(problems: list[tuple[str, str, int]], split: str) -> list[dict]:
+    return [
+        {
+            "data_source": DATA_SOURCE,
+            "prompt": [{"role": "user", "content": question(expr)}],
+            "ability": "math",
+            "reward_model": {"style": "rule", "ground_truth": answer},
+            "extra_info": {"split": split, "index": i, "level": level, "expression": expr},
+        }
+        for i, (expr, answer, level) in enumerate(problems)
+    ]
 
 
 # ------------------------------------------------------------------------------------ tokenizer, model
@@ -161,54 +185,72 @@ def chat_ids(tok, content: str) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------------ warm start
-def greedy_pass_at_1(model, tok, rows: list[dict], max_new_tokens: int = 16) -> float:
-    """Greedy decoding of every prompt, scored with popo_verl.reward."""
+def _left_padded(prompts: list[list[int]], pad: int):
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.full((len(prompts), width), pad)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p) :] = torch.tensor(p)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
+def pass_at_k(model, tok, rows: list[dict], n: int = 8, temperature: float = 1.0, seed: int = 0,
+              max_new_tokens: int = 16) -> tuple[float, float]:
+    """(pass@1, pass@n) of `rows`: n samples per prompt at `temperature` (0 = greedy, n = 1), scored with
+    popo_verl.reward. pass@1 is the mean correctness over the samples, pass@n the share of prompts with one right."""
     import torch
 
     from popo_verl.reward import compute_score
 
+    greedy = temperature == 0
+    n = 1 if greedy else n
     eos, pad = tok.eos_token_id, tok.pad_token_id
+    was_training = model.training
     model.eval()
-    correct = 0
-    with torch.no_grad():
+    right = []
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
         for start in range(0, len(rows), 64):
             chunk = rows[start : start + 64]
-            prompts = [chat_ids(tok, r["prompt"][0]["content"]) for r in chunk]
-            width = max(map(len, prompts))
-            ids = torch.full((len(prompts), width), pad)
-            mask = torch.zeros((len(prompts), width), dtype=torch.long)
-            for i, p in enumerate(prompts):
-                ids[i, width - len(p) :] = torch.tensor(p)
-                mask[i, width - len(p) :] = 1
-            out = model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=eos, pad_token_id=pad,
-            )
-            for r, seq in zip(chunk, out[:, width:].tolist()):
-                text = tok.decode(seq, skip_special_tokens=True)
-                correct += compute_score(r["data_source"], text, r["reward_model"]["ground_truth"]) > 0
-    model.train()
-    return correct / max(len(rows), 1)
+            ids, mask = _left_padded([chat_ids(tok, r["prompt"][0]["content"]) for r in chunk for _ in range(n)], pad)
+            sampling = {"do_sample": False} if greedy else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                                 eos_token_id=eos, pad_token_id=pad, **sampling)
+            texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+            for i, r in enumerate(chunk):
+                truth = r["reward_model"]["ground_truth"]
+                right.append([compute_score(r["data_source"], t, truth) >= 1.0 for t in texts[i * n : (i + 1) * n]])
+    model.train(was_training)
+    if not right:
+        return 0.0, 0.0
+    return sum(map(sum, right)) / (n * len(right)), sum(map(any, right)) / len(right)
 
 
-def warm_start(model, tok, spec: TinySpec, dev_rows: list[dict], log=print) -> tuple[float, int]:
-    """Supervised steps on "\\boxed{answer}" until greedy pass@1 on a dev split reaches the target."""
+def greedy_pass_at_1(model, tok, rows: list[dict], max_new_tokens: int = 16) -> float:
+    """Greedy decoding of every prompt, scored with popo_verl.reward."""
+    return pass_at_k(model, tok, rows, temperature=0.0, max_new_tokens=max_new_tokens)[0]
+
+
+def warm_start(model, tok, spec: TinySpec, train_problems: list, dev_rows: list[dict], log=print) -> tuple[float, int]:
+    """Supervised steps on noisy "\\boxed{label}" answers (see the module docstring) until the dev pass@1 at
+    temperature 1 reaches `target_pass` (checked every 100 steps from `min_sft_steps`). Returns (dev pass@1, steps)."""
     import torch
 
     rng = random.Random(spec.seed + 7)
-    g = torch.Generator().manual_seed(spec.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.sft_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50))
     eos, pad = tok.eos_token_id, tok.pad_token_id
+    prompt_ids = {e: chat_ids(tok, question(e)) for e, _, _ in train_problems}
     model.train()
-    best = 0.0
+    dev = 0.0
     for step in range(1, spec.max_sft_steps + 1):
         seqs, labels = [], []
-        for _ in range(spec.sft_batch):
-            # mostly easy problems: the model learns some of the task, not all of it
-            level = rng.choices([1, 2, 3, 4], weights=[6, 3, 1, 1])[0]
-            expr, answer = make_problem(rng, level)
-            p = chat_ids(tok, question(expr))
-            a = tok(f"\\boxed{{{answer}}}", add_special_tokens=False)["input_ids"] + [eos]
+        for expr, answer, _ in rng.choices(train_problems, k=spec.sft_batch):
+            p = prompt_ids[expr]
+            a = tok(f"\\boxed{{{noisy_label(rng, answer, spec.label_accuracy)}}}", add_special_tokens=False)["input_ids"] + [eos]
             seqs.append(p + a)
             labels.append([-100] * len(p) + a)
         width = max(map(len, seqs))
@@ -224,14 +266,13 @@ def warm_start(model, tok, spec: TinySpec, dev_rows: list[dict], log=print) -> t
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if step % 100 == 0:
-            acc = greedy_pass_at_1(model, tok, dev_rows)
-            best = max(best, acc)
-            log(f"  warm start step {step}: loss {loss.item():.3f}, dev greedy pass@1 {acc:.3f}")
-            if acc >= spec.target_pass:
-                return acc, step
-    del g
-    return best, spec.max_sft_steps
+        sched.step()
+        if step >= spec.min_sft_steps and step % 100 == 0:
+            dev, dev_k = pass_at_k(model, tok, dev_rows, n=4, seed=spec.seed + step)
+            log(f"  warm start step {step}: loss {loss.item():.3f}, dev pass@1 {dev:.3f}, pass@4 {dev_k:.3f} (temperature 1)")
+            if dev >= spec.target_pass:
+                return dev, step
+    return dev, spec.max_sft_steps
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -261,36 +302,49 @@ def build(out_dir, spec: TinySpec = TinySpec(), force: bool = False, log=print) 
 
     p = paths(out_dir)
     if not force and is_built(out_dir, spec):
-        log(f"tiny task already built in {p['root']} (cached)")
+        log(f"tiny task (seed {spec.seed}) already built in {p['root']} (cached)")
         return p
     t0 = time.time()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     tmp = Path(str(p["root"]) + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "data").mkdir(parents=True)
-    rng = random.Random(spec.seed)
-    train_rows = make_rows(rng, spec.n_train, "train")
-    test_rows = make_rows(rng, spec.n_test, "test")
-    dev_rows = make_rows(random.Random(spec.seed + 1), 128, "dev")
+    train_problems, test_problems = split_problems(spec.seed, spec.n_test)
+    train_rows, test_rows = make_rows(train_problems, "train"), make_rows(test_problems, "test")
+    random.Random(spec.seed + 1).shuffle(train_rows)
+    dev_rows = train_rows[:64]  # a monitor for the warm start's stopping rule; the test split stays unseen
     pd.DataFrame(train_rows).to_parquet(tmp / "data" / "train.parquet", index=False)
     pd.DataFrame(test_rows).to_parquet(tmp / "data" / "test.parquet", index=False)
 
     tok = build_tokenizer()
     model = build_model(spec, tok)
-    log(f"tiny task: warm-starting a {sum(x.numel() for x in model.parameters()):,}-parameter Qwen3 on CPU ...")
-    dev_acc, steps = warm_start(model, tok, spec, dev_rows, log=log)
-    test_acc = greedy_pass_at_1(model, tok, test_rows)
+    log(f"tiny task (seed {spec.seed}): warm-starting a {sum(x.numel() for x in model.parameters()):,}-parameter Qwen3 "
+        f"on labels right {spec.label_accuracy:.0%} of the time ...")
+    dev_acc, steps = warm_start(model, tok, spec, train_problems, dev_rows, log=log)
+    test_p1, test_pk = pass_at_k(model, tok, test_rows, n=spec.eval_samples, seed=spec.seed)
+    greedy = greedy_pass_at_1(model, tok, test_rows)
     lo, hi = PASS_BAND
-    if not lo <= test_acc <= hi:
-        raise RuntimeError(f"tiny warm start missed its band: test pass@1 {test_acc:.3f} not in [{lo}, {hi}]")
+    if not (lo <= test_p1 <= hi and test_pk >= PASS_AT_8_MIN):
+        raise RuntimeError(
+            f"tiny warm start (seed {spec.seed}) missed its band: held-out pass@1 {test_p1:.3f} (want [{lo}, {hi}]), "
+            f"pass@{spec.eval_samples} {test_pk:.3f} (want >= {PASS_AT_8_MIN})"
+        )
     save_tokenizer(tok, tmp / "model")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one shard of 400 kB: a progress bar is noise
     model.save_pretrained(tmp / "model")
     manifest = {
         "digest": spec.digest(),
+        "version": BUILD_VERSION,
         "spec": asdict(spec),
         "warm_start_steps": steps,
         "dev_pass_at_1": dev_acc,
-        "test_pass_at_1": test_acc,
+        "test_pass_at_1": test_p1,  # temperature 1, mean over eval_samples samples per prompt
+        f"test_pass_at_{spec.eval_samples}": test_pk,
+        "test_greedy_pass_at_1": greedy,
+        "n_train": len(train_rows),
+        "n_test": len(test_rows),
         "n_params": sum(x.numel() for x in model.parameters()),
         "build_seconds": round(time.time() - t0, 1),
         "levels": LEVELS,
@@ -298,12 +352,13 @@ def build(out_dir, spec: TinySpec = TinySpec(), force: bool = False, log=print) 
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
     shutil.rmtree(p["root"], ignore_errors=True)
     os.replace(tmp, p["root"])  # a half-built task is never left where a run would pick it up
-    log(f"tiny task built in {p['root']}: greedy pass@1 on test {test_acc:.3f} ({manifest['build_seconds']} s)")
+    log(f"tiny task (seed {spec.seed}) built in {p['root']}: held-out pass@1 {test_p1:.3f}, pass@{spec.eval_samples} "
+        f"{test_pk:.3f} at temperature 1 (greedy {greedy:.3f}), {manifest['build_seconds']} s")
     return p
 
 
 def ensure_built(out_dir: str | None = None, spec: TinySpec = TinySpec(), log=print) -> dict[str, str]:
-    out_dir = out_dir or default_dir()
+    out_dir = out_dir or default_dir(spec.seed)
     lock = Path(str(out_dir) + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     import fcntl
@@ -320,17 +375,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m popo_verl.tiny", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build (or reuse) the tiny task")
-    b.add_argument("--out", default=default_dir())
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int, default=0, help="problem split, initialisation and label noise (default 0)")
+    b.add_argument("--out", default=None, help="default: POPO_TINY_DIR or ~/.cache/popo_verl/tiny (seed_S for seed S != 0)")
     b.add_argument("--force", action="store_true")
     b.add_argument("--print-reward-file", action="store_true", help="end with the path of popo_verl/reward.py")
     args = parser.parse_args(argv)
     if args.cmd == "build":
         spec = TinySpec(seed=args.seed)
+        out = args.out or default_dir(args.seed)
         if args.force:
-            build(args.out, spec, force=True)
+            build(out, spec, force=True)
         else:
-            ensure_built(args.out, spec)
+            ensure_built(out, spec)
         if args.print_reward_file:
             import popo_verl.reward as reward
 
