@@ -41,7 +41,7 @@ def test_popo_raises_held_out_pass_at_1(tmp_path):
     gain = curve[20] - curve[0]
     assert gain >= MIN_GAIN, f"held-out pass@1 {curve[0]:.3f} -> {curve[20]:.3f}: POPO no longer learns"
     # the script's summary says the same
-    assert log.rstrip().splitlines()[-1] == f"held-out pass@1: {curve[0]:.3f} -> {curve[20]:.3f} (20 steps)"
+    assert r.stdout.rstrip().splitlines()[-1] == f"held-out pass@1: {curve[0]:.3f} -> {curve[20]:.3f} (20 steps)"
     # Theorem 3.1: negatives pushed down on average, positives up
     neg = [m["popo/neg_logprob_delta"] for _, m in steps if m.get("popo/neg_logprob_delta") == m.get("popo/neg_logprob_delta")
            and "popo/neg_logprob_delta" in m]
