@@ -13,8 +13,8 @@ what it measured; `--resume` skips the runs already there). At the end it writes
 mean ± std, POPO - GRPO paired by seed with a 95 % interval, each ablation against POPO, Theorem 3.1) and
 learning.png (curves), and prints the last line `held-out pass@1 gain: POPO=A GRPO=B (N seeds)`.
 
-    python benchmarks/learning.py --quick      # POPO and GRPO, 3 seeds (about 20 min on 2 cores)
-    python benchmarks/learning.py --resume     # every variant, 5 seeds
+    python benchmarks/learning.py --quick      # POPO and GRPO, 3 seeds (54.5 min on 2 cores, measured)
+    python benchmarks/learning.py --resume     # every variant, 5 seeds (about 7 h on 2 cores)
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import argparse
 import json
 import math
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -51,19 +50,15 @@ DATA_SOURCE = "tiny_arith"
 VAL_N = 8
 STEP_METRICS = {"reward": "critic/score/mean", "neg_delta": "popo/neg_logprob_delta", "pos_delta": "popo/pos_logprob_delta"}
 
-_STEP = re.compile(r"step:(\d+) - (.*)")
-_PAIR = re.compile(r"([\w/@\-\.]+):(?:np\.\w+\()?([-+0-9.eE]+|nan)\)?")
 
 
 def parse_steps(text: str) -> list[tuple[int, dict[str, float]]]:
-    """verl's console lines `step:N - key:value - ...` (the same parser as popo_verl.cpu.summary, without
-    importing popo_verl, which imports verl)."""
-    out = []
-    for line in text.splitlines():
-        m = _STEP.search(line)
-        if m:
-            out.append((int(m.group(1)), {k: float(v) for k, v in _PAIR.findall(m.group(2))}))
-    return out
+    """verl's console lines `step:N - key:value - ...`, parsed by popo_verl.cpu.summary (which imports verl,
+    through popo_verl/__init__: a few seconds, once)."""
+    sys.path.insert(0, str(ROOT))
+    from popo_verl.cpu.summary import parse_steps as _parse
+
+    return _parse(text)
 
 
 def val_keys(n: int = VAL_N) -> tuple[str, str]:
@@ -211,7 +206,6 @@ def summarise(results: list[dict], out_dir: Path) -> str:
                 _direction(lo, hi), "no clear effect on this task")
             lines.append(f"| {v} | {len(d)} | {m:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {reading} |")
         lines.append("")
-    popo_like = [r for v in order if v != "grpo" for r in by[v] if _curve(r, "neg_delta")]
     if "popo" in by and any(_curve(r, "neg_delta") for r in by["popo"]):
         neg = [x for r in by["popo"] for x in _curve(r, "neg_delta").values()]
         pos = [x for r in by["popo"] for x in _curve(r, "pos_delta").values()]
@@ -220,7 +214,6 @@ def summarise(results: list[dict], out_dir: Path) -> str:
                   f"steps below 0), popo/pos_logprob_delta mean {statistics.mean(pos):+.5f} "
                   f"({sum(x > 0 for x in pos)}/{len(pos)} steps above 0); the negatives were never in the update. "
                   f"Target neg_logprob_delta < 0 on average: {'met' if statistics.mean(neg) < 0 else 'missed'}.", ""]
-    del popo_like
     text = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "learning.md").write_text(text + "\n")
@@ -257,13 +250,10 @@ def _plot(by: dict[str, list[dict]], order: list[str], path: Path) -> None:
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
     ax = axes[1][1]
-    for v, style in (("popo", "-"),):
-        if v not in by:
-            continue
-        for metric, colour, label in (("neg_delta", "C3", "negatives (never in the update)"), ("pos_delta", "C2", "positives")):
-            steps, ys = _mean_curve(by[v], metric)
-            if steps:
-                ax.plot(steps, ys, style, color=colour, label=f"POPO: {label}")
+    for metric, colour, label in (("neg_delta", "C3", "negatives (never in the update)"), ("pos_delta", "C2", "positives")):
+        steps, ys = _mean_curve(by.get("popo", []), metric)
+        if steps:
+            ax.plot(steps, ys, color=colour, label=f"POPO: {label}")
     ax.axhline(0.0, color="k", linewidth=0.8)
     ax.set_xlabel("training step")
     ax.set_ylabel("change of length-normalised log-prob")

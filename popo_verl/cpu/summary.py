@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 
@@ -31,14 +32,14 @@ def held_out_curve(steps) -> tuple[str, dict[int, float]] | None:
     return None
 
 
-def held_out_best_of_n(steps) -> tuple[str, dict[int, float]] | None:
-    """(key, {step: value}) of verl's `val-core/<source>/acc/best@N/mean` (pass@N), N the largest logged."""
+def held_out_best_of_n(steps) -> tuple[int, dict[int, float]] | None:
+    """(N, {step: value}) of verl's `val-core/<source>/acc/best@N/mean` (pass@N), N the largest logged."""
     pattern = re.compile(r"val-core/.+/acc/best@(\d+)/mean$")
     keys = {k: int(pattern.match(k).group(1)) for _, m in steps for k in m if pattern.match(k)}
     if not keys:
         return None
     key = max(keys, key=keys.get)
-    return key, {step: m[key] for step, m in steps if key in m}
+    return keys[key], {step: m[key] for step, m in steps if key in m}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,12 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with open(argv[0], errors="replace") as f:
         steps = parse_steps(f.read())
-    train_steps = [(s, m) for s, m in steps if any(k.startswith("timing_s/step") for k in m)]
     if not steps:
         print("no training step was logged")
         return 1
     last_step = max(s for s, _ in steps)
-    step_times = [m["timing_s/step"] for _, m in train_steps if m.get("timing_s/step") == m.get("timing_s/step")]
+    step_times = [m["timing_s/step"] for _, m in steps if not math.isnan(m.get("timing_s/step", math.nan))]
     if step_times:
         print(f"trained {last_step} steps; median step {sorted(step_times)[len(step_times) // 2]:.1f} s")
     curve = held_out_curve(steps)
@@ -62,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     best = held_out_best_of_n(steps)
     if best is not None:
-        key, values = best
-        n = key.split("best@")[1].split("/")[0]
+        n, values = best
         first, last = min(values), max(values)
         print(f"held-out pass@{n}: {values[first]:.3f} -> {values[last]:.3f}")
     key, values = curve
