@@ -29,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from popo_verl.cpu.summary import parse_steps  # noqa: E402
+from popo_verl.tiny.summary import parse_steps  # noqa: E402
 
 PHASES = ["gen", "old_log_prob", "ref", "adv", "update_actor", "ema_update", "update_weights", "step"]
 

@@ -44,6 +44,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "popo_tau0.99": ("popo", ["algorithm.popo.tau=0.99"]),
     "popo_tau0.999": ("popo", ["algorithm.popo.tau=0.999"]),
     "popo_noise0": ("popo", ["algorithm.popo.feature_noise_std=0"]),
+    "popo_nll_sequence": ("popo", ["algorithm.popo.nll_norm=sequence"]),  # the nll_norm option (default token)
 }
 MAIN = ("popo", "grpo")
 DATA_SOURCE = "tiny_arith"
@@ -51,12 +52,10 @@ VAL_N = 8
 STEP_METRICS = {"reward": "critic/score/mean", "neg_delta": "popo/neg_logprob_delta", "pos_delta": "popo/pos_logprob_delta"}
 
 
-
 def parse_steps(text: str) -> list[tuple[int, dict[str, float]]]:
-    """verl's console lines `step:N - key:value - ...`, parsed by popo_verl.cpu.summary (which imports verl,
-    through popo_verl/__init__: a few seconds, once)."""
+    """verl's console lines `step:N - key:value - ...`, parsed by popo_verl.tiny.summary (stdlib only)."""
     sys.path.insert(0, str(ROOT))
-    from popo_verl.cpu.summary import parse_steps as _parse
+    from popo_verl.tiny.summary import parse_steps as _parse
 
     return _parse(text)
 

@@ -50,6 +50,31 @@ def compute_popo_outcome_advantage(
     return advantages, advantages
 
 
+def _clip_high(config) -> float:
+    if config is None:
+        return 0.2
+    return config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
+
+
+def clipped_nll_tokens(old_log_prob: torch.Tensor, log_prob: torch.Tensor, clip_high: float):
+    """Per token: value -log pi_theta, gradient -g(r) * grad log pi_theta with g(r) = r for r <= 1 + eps_high and
+    0 above (r = pi_theta / pi_old). Returns (loss matrix, log-ratio, ratio)."""
+    log_ratio = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, max=1.0 + clip_high)  # d clipped / d log pi = r below the clip, 0 above
+    return -(clipped - clipped.detach() + log_prob.detach()), log_ratio, ratio
+
+
+def _ratio_metrics(log_ratio, ratio, response_mask, weighted_rows, clip_high) -> dict[str, Any]:
+    return {
+        "actor/ppo_kl": verl_F.masked_mean(-log_ratio, response_mask).detach().item(),
+        "actor/pg_clipfrac": verl_F.masked_mean((ratio > 1.0 + clip_high).float(), weighted_rows.float()).detach().item()
+        if weighted_rows.any()
+        else 0.0,
+        "actor/pg_clipfrac_lower": 0.0,
+    }
+
+
 def compute_policy_loss_popo(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -59,38 +84,46 @@ def compute_policy_loss_popo(
     config=None,
     rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Weighted NLL of the positives with an upper-clipped importance ratio.
+    """Weighted NLL of the positives with PPO's upper clip of the importance ratio.
 
-    `advantages` carries the POPO weight w of each row (>= 0). Per token the loss value is
-    -w * log pi_theta (the weighted NLL) and its gradient is -w * min(r, 1 + eps_high) * grad log pi_theta,
-    r = pi_theta / pi_old. At r = 1 (the first mini-batch) that is exactly the gradient of
-    `core.weighted_nll_loss`; on later mini-batches the clip bounds the importance correction, so a
-    positive cannot be pushed up without limit. Aggregated by verl's `agg_loss` (loss_agg_mode and
-    global-batch normalisation honoured).
+    `advantages` carries the POPO weight w of each row (>= 0). Per token the loss value is -w * log pi_theta
+    (the weighted NLL) and its gradient is -w * r * grad log pi_theta while r = pi_theta / pi_old <= 1 + eps_high,
+    0 above: what PPO's clipped surrogate does with a positive advantage. At r = 1 (the first mini-batch of a
+    rollout batch, and the only one with one optimizer step per rollout batch, as in the reference) that is
+    exactly the gradient of `core.weighted_nll_loss`; on later mini-batches a positive already pushed past
+    1 + eps_high stops pulling. Aggregated by verl's `agg_loss` (loss_agg_mode and global-batch normalisation).
     """
     if (advantages < 0).any():
         raise ValueError("popo policy loss expects non-negative per-row weights in `advantages`")
-    clip_high = 0.2
-    if config is not None:
-        clip_high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
-    log_ratio = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
-    ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, max=1.0 + clip_high)
-    # Value: the weighted NLL -w * log pi (what POPO.md's L_nll reports); gradient: -w * min(r, 1+eps) * grad log pi.
-    pg_losses = -advantages * (clipped - clipped.detach() + log_prob.detach())
+    clip_high = _clip_high(config)
+    tokens, log_ratio, ratio = clipped_nll_tokens(old_log_prob, log_prob, clip_high)
+    pg_losses = advantages * tokens
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
     batch_info = config.global_batch_info if config is not None else {}
     pg_loss = core_algos.agg_loss(loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **batch_info)
     weighted_rows = (advantages > 0) & response_mask.bool()
-    metrics = {
-        "actor/ppo_kl": verl_F.masked_mean(-log_ratio, response_mask).detach().item(),
-        "actor/pg_clipfrac": verl_F.masked_mean((ratio > 1.0 + clip_high).float(), weighted_rows.float()).detach().item()
-        if weighted_rows.any()
-        else 0.0,
-        "actor/pg_clipfrac_lower": 0.0,
-    }
-    return pg_loss, metrics
+    return pg_loss, _ratio_metrics(log_ratio, ratio, response_mask, weighted_rows, clip_high)
+
+
+def popo_policy_loss_per_sequence(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    row_weights: torch.Tensor,
+    response_mask: torch.Tensor,
+    config=None,
+    dp_size: int = 1,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """`nll_norm=sequence`: dp * sum_b s_b * mean_t of the clipped NLL tokens, s the per-row weights normalised over
+    the mini-batch (all ranks). Summed over micro-batches and averaged over ranks (verl's convention), it is
+    core.weighted_nll_loss(norm="sequence") of the mini-batch at r = 1."""
+    clip_high = _clip_high(config)
+    tokens, log_ratio, ratio = clipped_nll_tokens(old_log_prob, log_prob, clip_high)
+    mask = response_mask.to(tokens.dtype)
+    per_row = (tokens * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
+    loss = (row_weights.to(tokens.dtype) * per_row).sum() * dp_size
+    weighted_rows = (row_weights > 0).unsqueeze(-1) & response_mask.bool()
+    return loss, _ratio_metrics(log_ratio, ratio, response_mask, weighted_rows, clip_high)
 
 
 def register() -> None:
@@ -99,3 +132,7 @@ def register() -> None:
         core_algos.register_adv_est(NAME)(compute_popo_outcome_advantage)
     if core_algos.POLICY_LOSS_REGISTRY.get(NAME) is not compute_policy_loss_popo:
         core_algos.register_policy_loss(NAME)(compute_policy_loss_popo)
+
+
+# Importing this module registers POPO (popo_verl/plugin.py relies on it when verl's first import comes from ours).
+register()

@@ -112,14 +112,29 @@ def length_normalized_weights(
     return out.to(weights.dtype)
 
 
-def weighted_nll_loss(token_log_probs: torch.Tensor, weights: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """L_nll = sum_b w_b sum_t -log pi(y_bt) m_bt / max(sum_{b: w_b > 0} sum_t m_bt, 1).
+NLL_NORMS = ("token", "sequence")
 
-    Global token normalisation over the positive responses, as verl does for GRPO.
+
+def weighted_nll_loss(
+    token_log_probs: torch.Tensor, weights: torch.Tensor, response_mask: torch.Tensor, norm: str = "token"
+) -> torch.Tensor:
+    """L_nll, the weighted NLL of the positives, in one of two normalisations:
+
+        token:    sum_b w_b sum_t -log pi(y_bt) m_bt / max(sum_{b: w_b > 0} sum_t m_bt, 1)
+        sequence: sum_b w_b [sum_t -log pi(y_bt) m_bt / max(sum_t m_bt, 1)] / max(sum_b w_b, 1e-8)
+
+    `token` is global token normalisation over the positive responses, as verl does for GRPO (a long
+    correct answer pulls in proportion to its length); `sequence` gives each response its weight alone,
+    whatever its length (what the reference's 2-row micro-batches come close to).
     """
+    if norm not in NLL_NORMS:
+        raise ValueError(f"weighted_nll_loss: norm must be one of {NLL_NORMS}, got {norm!r}")
     mask = response_mask.to(token_log_probs.dtype)
     w = weights.detach().to(token_log_probs.dtype)
     per_row = -(token_log_probs * mask).sum(dim=-1)
+    if norm == "sequence":
+        per_row = per_row / mask.sum(dim=-1).clamp(min=1.0)
+        return (w * per_row).sum() / w.sum().clamp(min=1e-8)
     n_tokens = (mask.sum(dim=-1) * (w > 0).to(mask.dtype)).sum().clamp(min=1.0)
     return (w * per_row).sum() / n_tokens
 
@@ -293,17 +308,18 @@ def popo_loss(
     noise_std: float = 0.0,
     entropy_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    nll_norm: str = "token",
 ) -> PopoLossOutput:
     """L = L_nll + alpha * L_sim + beta * L_ent.
 
     L_sim is skipped (0) without pred/target, L_ent without entropy. `entropy_mask` picks the rows of
     the entropy bonus (default: the positives' response tokens; pass the full response mask for
-    entropy_on=all). Returns the total and its parts as float metrics.
+    entropy_on=all), `nll_norm` the normalisation of L_nll. Returns the total and its parts as float metrics.
     """
     if alpha < 0 or beta < 0:
         raise ValueError(f"popo_loss: alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
     zero = token_log_probs.sum() * 0.0  # keeps the graph connected when every part is empty
-    l_nll = weighted_nll_loss(token_log_probs, weights, response_mask)
+    l_nll = weighted_nll_loss(token_log_probs, weights, response_mask, norm=nll_norm)
     l_sim, cos_mean = zero, float("nan")
     if pred is not None and target is not None:
         l_sim = similarity_loss(pred, target, weights, noise_std=noise_std, generator=generator)

@@ -3,12 +3,16 @@
 Mirrors the contract of verl 0.9.1's `verl/workers/utils/losses.py::ppo_loss(config, model_output,
 data, dp_group)`: one micro-batch in, (loss, metrics) out; `data` carries verl's global-batch info
 (dp_size, batch_num_tokens, global_batch_size) so that the sum of micro-batch losses over ranks
-and micro-batches is the loss of the whole mini-batch.
+and micro-batches is the loss of the whole mini-batch. Metrics follow verl's convention too: each
+rank logs its dp-scaled share with SUM aggregation over micro-batches, and verl averages over ranks.
 
 Per micro-batch, with w the POPO weight of each row (in `advantages`), s = `popo_sim_weight`
-(w rescaled by the trainer so that the mini-batch sum of s is 1) and c = `popo_token_scale`
-(all tokens / positive tokens of the update batch; 1 when only positives are sent):
-    L_nll = agg_loss(-w * min(r, 1 + eps_high) * c)                 (token-mean over the mini-batch)
+(w rescaled by the trainer so that the mini-batch sum of s is 1), c = `popo_token_scale`
+(all tokens / positive tokens of the update batch; 1 when only positives are sent; 0 on padding
+rows), all three per row, and g(r) = r for r <= 1 + eps_high, 0 above (PPO's clip for a positive
+advantage; r = 1 on the first mini-batch of a rollout batch):
+    L_nll = agg_loss(-w * c * log pi)   with gradient -w * c * g(r) * grad log pi    (nll_norm=token)
+          = dp * sum_b s_b mean_t(-log pi_bt)   with the same g(r) per token        (nll_norm=sequence)
     L_sim = -dp * sum_b s_b cos(h_phi(f_theta)_b, sg(f_xi_b + eps_b))   (eps_b keyed by the row's tokens)
     L_ent = -agg_loss(H * c) over the entropy rows (positives, or all with entropy_on=all)
     L     = L_nll + alpha * L_sim + beta * L_ent
@@ -28,15 +32,12 @@ from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
 from popo_verl import algos, core
-from popo_verl.engines.fsdp import POOLED_KEY, PRED_KEY
+from popo_verl.layout import tokens_to_row
+from popo_verl.engines.fsdp import PRED_KEY
 
 SIAMESE_KEY = "popo_siamese"
 SIM_WEIGHT_KEY = "popo_sim_weight"
 TOKEN_SCALE_KEY = "popo_token_scale"
-
-
-def _padded(t: torch.Tensor) -> torch.Tensor:
-    return t.to_padded_tensor(0.0) if getattr(t, "is_nested", False) else t
 
 
 def row_keys(data) -> list[int]:
@@ -57,6 +58,7 @@ def popo_actor_loss(
     entropy_on: str = "positives",
     noise_seed: Callable[[], int] | int = 0,
     anchor: str = "cosine",
+    nll_norm: str = "token",
 ):
     log_prob = no_padding_2_padding(model_output["log_probs"], data)
     entropy = model_output.get("entropy", None)
@@ -70,8 +72,7 @@ def popo_actor_loss(
     dp_size = int(data["dp_size"])
     aggregation = AggregationType.SUM
 
-    fields = ["response_mask", "old_log_probs", "advantages", SIM_WEIGHT_KEY, TOKEN_SCALE_KEY]
-    present = [f for f in fields if f in data.keys()]
+    present = ["response_mask", "old_log_probs"]
     if SIAMESE_KEY in data.keys():
         present.append(SIAMESE_KEY)
     if anchor == "kl":
@@ -80,20 +81,26 @@ def popo_actor_loss(
         present.append("ref_log_prob")
     tensors = data.select(*present).to_padded_tensor()
     response_mask = tensors["response_mask"].to(bool)
-    advantages = tensors["advantages"]
-    weights = (advantages * response_mask).amax(dim=-1).clamp(min=0.0)  # w per row
-    token_scale = tensors[TOKEN_SCALE_KEY].reshape(-1)[:1] if TOKEN_SCALE_KEY in tensors.keys() else None
-    c = float(token_scale.item()) if token_scale is not None and token_scale.numel() else 1.0
+    weights = tokens_to_row(data["advantages"]).to(log_prob.dtype).clamp(min=0.0)  # w per row
+    # c per row (padding rows carry 0, whatever their place in the micro-batch)
+    c = tokens_to_row(data[TOKEN_SCALE_KEY]).to(log_prob.dtype) if TOKEN_SCALE_KEY in data.keys() else torch.ones_like(weights)
+    s = tokens_to_row(data[SIM_WEIGHT_KEY]).to(log_prob.dtype) if SIM_WEIGHT_KEY in data.keys() else weights
 
     # 1. bounded weighted NLL (the registered "popo" policy loss)
-    nll, pg_metrics = algos.compute_policy_loss_popo(
-        old_log_prob=tensors["old_log_probs"],
-        log_prob=log_prob,
-        advantages=advantages * c,
-        response_mask=response_mask,
-        loss_agg_mode=config.loss_agg_mode,
-        config=config,
-    )
+    if nll_norm == "sequence":
+        nll, pg_metrics = algos.popo_policy_loss_per_sequence(
+            old_log_prob=tensors["old_log_probs"], log_prob=log_prob, row_weights=s, response_mask=response_mask,
+            config=config, dp_size=dp_size,
+        )
+    else:
+        nll, pg_metrics = algos.compute_policy_loss_popo(
+            old_log_prob=tensors["old_log_probs"],
+            log_prob=log_prob,
+            advantages=(weights * c).unsqueeze(-1) * response_mask,
+            response_mask=response_mask,
+            loss_agg_mode=config.loss_agg_mode,
+            config=config,
+        )
     metrics = {k: Metric(value=v, aggregation=AggregationType.MEAN) for k, v in pg_metrics.items()}
     metrics["actor/pg_loss"] = Metric(value=nll, aggregation=aggregation)
     total = nll
@@ -103,7 +110,7 @@ def popo_actor_loss(
     if anchor == "kl":
         if alpha > 0:
             kl = agg_loss(
-                loss_mat=core.k3_kl(log_prob, tensors["ref_log_prob"].to(log_prob.dtype)) * c,
+                loss_mat=core.k3_kl(log_prob, tensors["ref_log_prob"].to(log_prob.dtype)) * c.unsqueeze(-1),
                 loss_mask=response_mask & (weights > 0).unsqueeze(-1),
                 loss_agg_mode=config.loss_agg_mode,
                 **config.global_batch_info,
@@ -118,10 +125,10 @@ def popo_actor_loss(
             eps = core.feature_noise(row_keys(data), target.shape[-1], seed, target.dtype).to(target.device)
             target = target + noise_std * eps
         cos = F.cosine_similarity(pred, target.detach(), dim=-1)
-        s = tensors[SIM_WEIGHT_KEY].reshape(cos.shape[0], -1)[:, 0].to(cos.dtype) if SIM_WEIGHT_KEY in tensors.keys() else weights
-        sim = -(s * cos).sum() * dp_size
+        sim = -(s.to(cos.dtype) * cos).sum() * dp_size
         total = total + alpha * sim
-        metrics["popo/sim_loss"] = Metric(value=sim.detach() / dp_size, aggregation=aggregation)
+        # dp-scaled like the loss: verl's SUM over micro-batches, mean over ranks gives the mini-batch's L_sim
+        metrics["popo/sim_loss"] = Metric(value=sim.detach(), aggregation=aggregation)
         with torch.no_grad():
             rows = weights > 0
             cos_pos = cos.detach()[rows].float().mean() if rows.any() else torch.tensor(float("nan"))
@@ -132,9 +139,9 @@ def popo_actor_loss(
     # 3. entropy bonus
     if beta > 0 and entropy is not None:
         ent_mask = response_mask if entropy_on == "all" else response_mask & (weights > 0).unsqueeze(-1)
-        ent_scale = 1.0 if entropy_on == "all" else c
+        ent_scale = torch.ones_like(c) if entropy_on == "all" else c
         mean_entropy = agg_loss(
-            loss_mat=entropy * ent_scale,
+            loss_mat=entropy * ent_scale.unsqueeze(-1),
             loss_mask=ent_mask,
             loss_agg_mode=config.loss_agg_mode,
             **config.global_batch_info,

@@ -7,9 +7,16 @@ silently train something else, so a failure here prints its traceback to stderr 
 
 from __future__ import annotations
 
+import importlib
+import logging
 import os
 import sys
 import traceback
+
+logger = logging.getLogger(__name__)
+
+#: the modules whose import registers POPO into verl (each also registers itself at the end of its import)
+REGISTERING_MODULES = ("popo_verl.cpu.backend", "popo_verl.algos", "popo_verl.trainer")  # the platform first
 
 
 def _transfer_queue_threads() -> None:
@@ -33,14 +40,46 @@ def _transfer_queue_threads() -> None:
             mod.TQ_NUM_THREADS = threads
 
 
+def importing_now() -> set[str]:
+    """Our modules whose top-level code is running in this process (CPython marks a module's spec
+    `_initializing` from the start of its import to its end: importlib._bootstrap._load_unlocked)."""
+    return {
+        name for name, mod in list(sys.modules.items())
+        if name.split(".")[0] == "popo_verl" and name != __name__  # (this module runs register_all at import)
+        and getattr(getattr(mod, "__spec__", None), "_initializing", False)
+    }
+
+
 def register_all() -> None:
     _transfer_queue_threads()
-    from popo_verl import algos, cpu
+    pending = importing_now()
+    if pending:
+        _register_around(pending)
+        return
+    from popo_verl.cpu import backend
+
+    backend.register()  # before anything asks verl for its platform (verl caches its first answer)
+    from popo_verl import algos
 
     algos.register()
-    cpu.register()
     # Importing the trainer registers trainer mode "popo" (verl's register_trainer decorator).
     from popo_verl import trainer  # noqa: F401
+
+
+def _register_around(pending: set[str]) -> None:
+    """verl is being imported for the first time from inside one of our modules (a Ray worker unpickling a POPO
+    class, a script importing a glue module first). Importing the glue now may meet that module half-initialised;
+    every registering module registers itself at the end of its own import, so import those that do not wait on
+    a pending module now and leave the rest to finish on their own."""
+    for name in REGISTERING_MODULES:
+        if name in pending:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            if not importing_now():
+                raise
+            logger.debug("popo-verl: %s registers later (circular import through %s): %s", name, sorted(pending), e)
 
 
 try:

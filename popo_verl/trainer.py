@@ -4,7 +4,8 @@ Subclass of `PPOTrainerSync` (verl/trainer/ppo/v1/trainer_sync.py, base in train
 as trainer mode "popo", which `algorithm=popo` selects (trainer.v1.trainer_mode). Per step:
   gen -> rewards -> old_log_prob (verl) -> siamese forward on the positives ("ref" phase) ->
   POPO weights per uid from the old log-probs ("adv") -> actor update on the positives ->
-  EMA of the siamese after every optimizer step (inside the worker).
+  EMA of the siamese after every optimizer step (inside the worker) -> the update batch's padding rows
+  cleared from TransferQueue. A step without positives skips the update but still steps the LR schedule.
 Overrides (each mirrors the verl method of the same name): `_init_resource_pool_mgr` (POPO's worker),
 `_compute_ref_log_prob`, `_compute_advantage`, `_update_actor`. tests/test_e2e_cpu.py pins them.
 """
@@ -29,11 +30,12 @@ from verl.trainer.ppo.padding_utils import upsample_batch_to_divisible_size
 from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
-from verl.workers.utils.padding import response_from_nested, response_to_nested
+from verl.workers.utils.padding import response_from_nested
 
 from popo_verl import core
 from popo_verl.config import get_popo_config, validate_popo_config
 from popo_verl.engines.fsdp import POOLED_KEY
+from popo_verl.layout import padded, row_to_tokens
 from popo_verl.losses import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY
 
 logger = logging.getLogger(__name__)
@@ -107,6 +109,9 @@ class PopoTrainer(PPOTrainerSync):
         self.use_reference_policy = True
         self.popo_skipped_steps = 0
         self._popo_update_batch: KVBatchMeta | None = None
+        # the step's positive and real (not padding) rows, in the step batch's order: set once, in the siamese phase
+        self._popo_positive: torch.Tensor | None = None
+        self._popo_real: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ workers
     def _init_resource_pool_mgr(self):
@@ -140,15 +145,20 @@ class PopoTrainer(PPOTrainerSync):
 
     def _positive_and_real(self, scores, tags) -> tuple[torch.Tensor, torch.Tensor]:
         """The one definition of a positive: reward > tau_r, on a real (not padding) row. Returns (positive, real)."""
-        scores = scores.to_padded_tensor(0.0) if scores.is_nested else scores
+        scores = padded(scores)
         real = torch.tensor([not _is_padding(t) for t in tags], dtype=torch.bool)
         return core.positive_mask(scores.sum(dim=-1).float(), self.popo.tau_r) & real, real
 
     # ------------------------------------------------------------------ siamese forward ("ref" phase)
     def _compute_ref_log_prob(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
-        """Siamese forward on the positives only: pooled representation (+ log-probs for the KL monitor)."""
+        """Siamese forward on the positives only: pooled representation (+ log-probs for the KL anchor).
+
+        The step's positives are decided here, once, and reused by the weights phase and the metrics.
+        """
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["rm_scores"])
-        positive, _ = self._positive_and_real(data["rm_scores"], batch.tags)
+        positive, real = self._positive_and_real(data["rm_scores"], batch.tags)
+        self._popo_positive, self._popo_real = positive, real
+        self._maybe_kl_monitor(batch, real, metrics)
         pos_idx = np.flatnonzero(positive.numpy())
         self._popo_update_batch = None
         if len(pos_idx) == 0:
@@ -161,24 +171,43 @@ class PopoTrainer(PPOTrainerSync):
         sub = _select(sub, order)
         if micro is not None:
             sub.extra_info["micro_batch_size_per_gpu"] = micro
-        ref_info = dict(sub.extra_info)
-        sub.extra_info.update(
-            {"calculate_entropy": False, "compute_loss": False, "temperature": self.config.actor_rollout_ref.rollout.temperature}
-        )
-        output = self.actor_rollout_wg.compute_ref_log_prob(sub)
-        assert len(output) == len(sub)
-        data = tq.kv_batch_get(keys=sub.keys, partition_id=sub.partition_id, select_fields=["log_probs", "response_mask", POOLED_KEY])
-        ref_lp = response_from_nested(data.pop("log_probs"), data["response_mask"])
-        siamese = data[POOLED_KEY]
+        ref_lp, siamese = self._siamese_forward(sub)
         tq.kv_batch_put(
             keys=sub.keys,
             partition_id=sub.partition_id,
             fields=TensorDict({"ref_log_prob": ref_lp, SIAMESE_KEY: siamese}, batch_size=len(sub)),
         )
-        sub.extra_info = ref_info
         self._popo_update_batch = sub
         self._popo_n_mini = n_mini
         return batch
+
+    def _siamese_forward(self, batch: KVBatchMeta):
+        """The siamese (ref role) over `batch`: (response log-probs, nested like verl's; pooled states (B, H))."""
+        saved = dict(batch.extra_info)
+        batch.extra_info.update(
+            {"calculate_entropy": False, "compute_loss": False, "temperature": self.config.actor_rollout_ref.rollout.temperature}
+        )
+        try:
+            output = self.actor_rollout_wg.compute_ref_log_prob(batch)
+        finally:
+            batch.extra_info = saved
+        assert len(output) == len(batch)
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["log_probs", "response_mask", POOLED_KEY])
+        return response_from_nested(data.pop("log_probs"), data["response_mask"]), data[POOLED_KEY]
+
+    def _maybe_kl_monitor(self, batch: KVBatchMeta, real: torch.Tensor, metrics: dict) -> None:
+        """Every `kl_monitor_interval` steps: KL(policy || siamese), k3 over the response tokens of all the step's
+        rows (the reference's estimator and rows; an extra siamese forward on the whole batch). Monitoring only."""
+        every = int(self.popo.kl_monitor_interval)
+        if every <= 0 or self.global_steps % every != 0 or not bool(real.any()):
+            return
+        ref_lp, _ = self._siamese_forward(batch)
+        d = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["old_log_probs", "response_mask"])
+        mask = padded(d["response_mask"], 0).float() * real.float().unsqueeze(-1)
+        old, ref = padded(d["old_log_probs"]).float(), padded(ref_lp).float()
+        width = min(old.shape[1], ref.shape[1], mask.shape[1])
+        k3 = core.k3_kl(old[:, :width], ref[:, :width]) * mask[:, :width]
+        metrics["popo/kl_policy_siamese"] = float(k3.sum() / mask[:, :width].sum().clamp(min=1.0))
 
     def _positive_layout(self, n_pos: int, dp: int) -> tuple[int, int, int | None]:
         """(mini-batches, rows per rank and mini-batch, micro-batch size) for an update on n_pos positives.
@@ -200,14 +229,13 @@ class PopoTrainer(PPOTrainerSync):
     # ------------------------------------------------------------------ POPO weights ("adv" phase)
     def _compute_advantage(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
         cfg = self.popo
-        fields = ["uid", "response_mask", "rm_scores", "old_log_probs"]
+        fields = ["uid", "response_mask", "old_log_probs"]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
         response_mask_nested = data["response_mask"]
-        mask = response_mask_nested.to_padded_tensor(0).float()
-        old_lp = response_from_nested(data["old_log_probs"], response_mask_nested)
-        old_lp = old_lp.to_padded_tensor(0.0) if old_lp.is_nested else old_lp
+        mask = padded(response_mask_nested, 0).float()
+        old_lp = padded(response_from_nested(data["old_log_probs"], response_mask_nested))
         uid = _as_object_array(data["uid"])
-        positive, real = self._positive_and_real(data["rm_scores"], batch.tags)
+        positive, real = self._popo_positive, self._popo_real
 
         seq_lp = core.sequence_log_probs(old_lp.float(), mask[:, : old_lp.shape[1]], length_normalize=True)
         weights = core.popo_weights(seq_lp, positive, uid, temperature=cfg.weight_temperature, mode=cfg.weight_mode)
@@ -225,14 +253,14 @@ class PopoTrainer(PPOTrainerSync):
         token_scale = 1.0 if cfg.positives_only_update else (all_tokens / pos_tokens if pos_tokens > 0 else 1.0)
 
         rows = len(batch)
-        adv = weights.unsqueeze(-1) * mask
-        out = {
-            "advantages": adv,
-            "returns": adv,
-            SIM_WEIGHT_KEY: sim_w.unsqueeze(-1) * mask,
-            TOKEN_SCALE_KEY: torch.full_like(mask, token_scale) * mask,
+        # per-row values on verl's per-token layout; padding rows (verl's, not real) carry 0 everywhere
+        per_row = {
+            "advantages": weights,
+            "returns": weights,
+            SIM_WEIGHT_KEY: sim_w,
+            TOKEN_SCALE_KEY: torch.full_like(weights, token_scale) * real.float(),
         }
-        nested = {k: response_to_nested(v, response_mask_nested) for k, v in out.items()}
+        nested = {k: row_to_tokens(v, response_mask_nested) for k, v in per_row.items()}
         if not cfg.positives_only_update:
             # Negatives join the update at zero weight; give them a placeholder siamese representation.
             sub_keys = set(self._popo_update_batch.keys) if self._popo_update_batch is not None else set()
@@ -249,16 +277,12 @@ class PopoTrainer(PPOTrainerSync):
         if self._popo_update_batch is not None:
             # The synthetic padding rows of the positive batch carry nothing.
             sub = self._popo_update_batch
-            pad_keys = [k for k, t in zip(sub.keys, sub.tags, strict=True) if _is_padding(t)]
+            pad_keys = self._padding_keys(sub)
             if pad_keys:
-                pd = tq.kv_batch_get(keys=pad_keys, partition_id=sub.partition_id, select_fields=["response_mask"])
-                pm = pd["response_mask"]
-                zeros = torch.zeros_like(pm.to_padded_tensor(0)).float()
+                pm = tq.kv_batch_get(keys=pad_keys, partition_id=sub.partition_id, select_fields=["response_mask"])["response_mask"]
+                zeros = row_to_tokens(torch.zeros(len(pad_keys)), pm)
                 # (old_log_probs too: verl's padding template copied the first row's, of another length)
-                pad_fields = {
-                    k: response_to_nested(zeros, pm)
-                    for k in ("advantages", "returns", SIM_WEIGHT_KEY, TOKEN_SCALE_KEY, "old_log_probs")
-                }
+                pad_fields = {k: zeros for k in ("advantages", "returns", SIM_WEIGHT_KEY, TOKEN_SCALE_KEY, "old_log_probs")}
                 tq.kv_batch_put(keys=pad_keys, partition_id=sub.partition_id, fields=TensorDict(pad_fields, batch_size=len(pad_keys)))
 
             # What the update reads: every field the batch has now, plus the siamese outputs.
@@ -274,8 +298,11 @@ class PopoTrainer(PPOTrainerSync):
                 "popo/weight_max": float(weights.max()) if rows else 0.0,
             }
         )
-        self._popo_positive_count = int(positive.sum())
         return batch
+
+    @staticmethod
+    def _padding_keys(sub: KVBatchMeta) -> list:
+        return [k for k, t in zip(sub.keys, sub.tags, strict=True) if _is_padding(t)]
 
     def _hidden_size(self) -> int:
         if getattr(self, "_popo_hidden", None) is None:
@@ -287,31 +314,48 @@ class PopoTrainer(PPOTrainerSync):
 
     # ------------------------------------------------------------------ actor update
     def _update_actor(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
-        n_pos = getattr(self, "_popo_positive_count", 0)
+        try:
+            self._update_positives(batch, metrics)
+        finally:
+            self._clear_padding_rows(batch, metrics)
+        stats = self.actor_rollout_wg.popo_stats()
+        metrics.update(stats[0] if isinstance(stats, list) else stats)
+        metrics["popo/skipped_steps_total"] = float(self.popo_skipped_steps)
+        return batch
+
+    def _update_positives(self, batch: KVBatchMeta, metrics: dict) -> None:
+        n_pos = int(self._popo_positive.sum()) if self._popo_positive is not None else 0
         if n_pos == 0:
             self.popo_skipped_steps += 1
             msg = f"POPO step {self.global_steps}: no positive rollout in the batch; actor update skipped"
             warnings.warn(msg, stacklevel=1)
             logger.warning(msg)
-            metrics.update({"popo/skipped_step": 1.0, "popo/rows_updated": 0.0})
+            lr = self.actor_rollout_wg.popo_skipped_step()  # the LR schedule keeps pace with the training steps
+            metrics.update({"popo/skipped_step": 1.0, "popo/rows_updated": 0.0, "actor/lr": float(lr[0] if isinstance(lr, list) else lr)})
+            return
+        if self.popo.positives_only_update:
+            sub = self._popo_update_batch
+            # one verl mini-batch per optimizer step, over the positives only
+            self._run_update(sub, metrics, mini_rows=len(sub) // self._popo_n_mini)
+            rows = n_pos
         else:
-            if self.popo.positives_only_update:
-                sub = self._popo_update_batch
-                # one verl mini-batch per optimizer step, over the positives only
-                self._run_update(sub, metrics, mini_rows=len(sub) // self._popo_n_mini)
-                rows = n_pos
-            else:
-                mini_rows = self.config.actor_rollout_ref.actor.ppo_mini_batch_size * self.config.actor_rollout_ref.rollout.n
-                batch.fields = sorted(set(batch.fields or []) | {SIAMESE_KEY})
-                self._run_update(batch, metrics, mini_rows=mini_rows)
-                rows = sum(not _is_padding(t) for t in batch.tags)
-            metrics.update({"popo/skipped_step": 0.0, "popo/rows_updated": float(rows)})
-            self._maybe_log_prob_deltas(batch, metrics)
-        stats = self.actor_rollout_wg.popo_stats()
-        metrics.update(stats[0] if isinstance(stats, list) else stats)
-        metrics["popo/skipped_steps_total"] = float(self.popo_skipped_steps)
-        self._maybe_kl_monitor(metrics)
-        return batch
+            mini_rows = self.config.actor_rollout_ref.actor.ppo_mini_batch_size * self.config.actor_rollout_ref.rollout.n
+            batch.fields = sorted(set(batch.fields or []) | {SIAMESE_KEY})
+            self._run_update(batch, metrics, mini_rows=mini_rows)
+            rows = sum(not _is_padding(t) for t in batch.tags)
+        metrics.update({"popo/skipped_step": 0.0, "popo/rows_updated": float(rows)})
+        self._maybe_log_prob_deltas(batch, metrics)
+
+    def _clear_padding_rows(self, batch: KVBatchMeta, metrics: dict) -> None:
+        """The positives' update batch added padding rows under keys of their own, which verl's `fit` (it clears
+        the step batch's keys) never frees: clear them here, every step, failed or not. `popo/tq_rows_held` is
+        what the partition holds afterwards: the step batch's rows alone."""
+        sub, self._popo_update_batch = self._popo_update_batch, None
+        pad_keys = self._padding_keys(sub) if sub is not None else []
+        if pad_keys:
+            tq.kv_clear(keys=pad_keys, partition_id=sub.partition_id)
+        held = tq.kv_list(batch.partition_id) or {}
+        metrics["popo/tq_rows_held"] = float(len(held.get(batch.partition_id, {})))
 
     def _run_update(self, batch: KVBatchMeta, metrics: dict, mini_rows: int) -> None:
         """verl's `_update_actor` with the mini-batch size set to the positives' (verl/trainer/ppo/v1/trainer_base.py)."""
@@ -361,29 +405,13 @@ class PopoTrainer(PPOTrainerSync):
         finally:
             batch.extra_info = saved
         d = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id,
-                            select_fields=["log_probs", "old_log_probs", "response_mask", "rm_scores"])
+                            select_fields=["log_probs", "old_log_probs", "response_mask"])
         mask_nested = d["response_mask"]
-        new = response_from_nested(d["log_probs"], mask_nested)
-        new = new.to_padded_tensor(0.0) if new.is_nested else new
-        old = d["old_log_probs"].to_padded_tensor(0.0) if d["old_log_probs"].is_nested else d["old_log_probs"]
-        mask = mask_nested.to_padded_tensor(0).float()
+        new = padded(response_from_nested(d["log_probs"], mask_nested))
+        old = padded(d["old_log_probs"])
+        mask = padded(mask_nested, 0).float()
         width = min(new.shape[1], old.shape[1], mask.shape[1])
         new, old, mask = new[:, :width].float(), old[:, :width].float(), mask[:, :width]
-        positive, real = self._positive_and_real(d["rm_scores"], batch.tags)
+        positive, real = self._popo_positive, self._popo_real
         metrics["popo/pos_logprob_delta"] = core.log_prob_change(new, old, mask, positive)
         metrics["popo/neg_logprob_delta"] = core.log_prob_change(new, old, mask, real & ~positive)
-
-    def _maybe_kl_monitor(self, metrics: dict) -> None:
-        every = int(self.popo.kl_monitor_interval)
-        sub = self._popo_update_batch
-        if every <= 0 or sub is None or self.global_steps % every != 0:
-            return
-        real_keys = [k for k, t in zip(sub.keys, sub.tags, strict=True) if not _is_padding(t)]
-        d = tq.kv_batch_get(keys=real_keys, partition_id=sub.partition_id, select_fields=["old_log_probs", "ref_log_prob", "response_mask"])
-        m = d["response_mask"].to_padded_tensor(0).float()
-        old = d["old_log_probs"].to_padded_tensor(0.0)
-        ref = d["ref_log_prob"].to_padded_tensor(0.0)
-        width = min(old.shape[1], ref.shape[1], m.shape[1])
-        diff = (old[:, :width] - ref[:, :width]) * m[:, :width]
-        # k1 estimate of KL(policy || siamese) on the positives sampled from the policy (monitoring only)
-        metrics["popo/kl_policy_siamese"] = float(diff.sum() / m[:, :width].sum().clamp(min=1.0))

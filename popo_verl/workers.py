@@ -60,7 +60,8 @@ class PopoTrainingWorker(TrainingWorker):
             checkpoint_config=self.checkpoint_config,
         )
         s = self.popo_settings
-        self.engine.configure_popo(s.get("predictor_hidden_dim", 1024), s.get("predictor_layers", 2), s.get("seed", 0))
+        self.engine.configure_popo(s.get("predictor_hidden_dim", 1024), s.get("predictor_layers", 2), s.get("seed", 0),
+                                   s.get("predictor_clip_grad", 0.0))
 
 
 class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
@@ -81,6 +82,7 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
             "predictor_hidden_dim": int(popo.get("predictor_hidden_dim", 1024)),
             "predictor_layers": int(popo.get("predictor_layers", 2)),
             "seed": int(self.config.actor.get("data_loader_seed", 0) or 0),
+            "predictor_clip_grad": float(popo.get("predictor_clip_grad", 0.0)),
         }
         super().init_model()
 
@@ -99,6 +101,7 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
             entropy_on=str(popo.get("entropy_on", "positives")),
             noise_seed=self._step_noise_seed,
             anchor=str(popo.get("anchor", "cosine")),
+            nll_norm=str(popo.get("nll_norm", "token")),
         )
         self.actor.set_loss_fn(self.loss_fn)
 
@@ -212,6 +215,13 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
             "popo/drift_bound": bound,
             "popo/ema_steps": float(self.ema_steps),
         }
+
+    @register(dispatch_mode=Dispatch.ONE_TO_ALL)
+    def popo_skipped_step(self) -> float:
+        """A training step without an update: no optimizer step, no EMA, but the LR schedule advances, as verl
+        advances it once per training step (train_mini_batch's last mini-batch), so warm-up and decay follow
+        the step count. Returns the new learning rate."""
+        return float(self.actor.engine.lr_scheduler_step())
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def popo_full_state(self) -> dict:

@@ -137,5 +137,5 @@ python -m verl.trainer.main_ppo \
   "$@" 2>&1 | tee "$LOG_FILE"
 status=${PIPESTATUS[0]}
 set -e
-python -m popo_verl.cpu.summary "$LOG_FILE" || true
+python -m popo_verl.tiny.summary "$LOG_FILE" || true
 exit "$status"

@@ -1,7 +1,9 @@
-"""Shared fixtures: a tiny random Qwen3 model built locally (no download)."""
+"""Shared fixtures: a tiny random Qwen3 model built locally (no download), and verl's nested micro-batch as the
+actor's loss receives it (tests/test_losses.py, tests/test_plugin.py)."""
 
 import pytest
 import torch
+from tensordict import TensorDict
 
 
 @pytest.fixture(scope="session")
@@ -17,3 +19,60 @@ def tiny_random_model(tmp_path_factory):
     torch.manual_seed(0)
     Qwen3ForCausalLM(cfg).save_pretrained(path)
     return str(path)
+
+
+# ------------------------------------------------------------------------------------------------ micro-batches
+def nested(rows):
+    return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
+
+
+def make_micro_batch(seed=0, n=6, d=5, sim_weights=None, token_scale=1.0, dp=1):
+    """A micro-batch as verl hands it to the loss: nested prompts/responses, per-token log-probs over the
+    whole sequence (shifted by one), and the POPO fields the trainer writes."""
+    from verl.utils import tensordict_utils as tu
+
+    from popo_verl.engines.fsdp import POOLED_KEY, PRED_KEY
+    from popo_verl.losses import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY
+
+    g = torch.Generator().manual_seed(seed)
+    p_len = torch.randint(2, 5, (n,), generator=g).tolist()
+    r_len = torch.randint(1, 6, (n,), generator=g).tolist()
+    R = max(r_len)
+    seq_lp = [(-torch.rand(p + r, generator=g, dtype=torch.float64) * 3).requires_grad_() for p, r in zip(p_len, r_len)]
+    resp_lp = torch.zeros(n, R, dtype=torch.float64)
+    mask = torch.zeros(n, R)
+    for i, (p, r) in enumerate(zip(p_len, r_len)):
+        resp_lp[i, :r] = seq_lp[i].detach()[p - 1 : p + r - 1]
+        mask[i, :r] = 1
+    weights = torch.rand(n, generator=g, dtype=torch.float64) * torch.tensor([1, 1, 0, 1, 0, 1.0] * (n // 6 + 1), dtype=torch.float64)[:n]
+    entropy = [torch.rand(p + r, generator=g, dtype=torch.float64) for p, r in zip(p_len, r_len)]
+    pred = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randn(n, d, generator=g, dtype=torch.float64)
+    s = weights / weights.sum() if sim_weights is None else sim_weights
+    n_tok = float((mask.sum(-1) * (weights > 0)).sum()) if token_scale == 1.0 else float(mask.sum())
+    data = TensorDict(
+        {
+            "input_ids": nested([torch.randint(3, 50, (p + r,), generator=g) for p, r in zip(p_len, r_len)]),
+            "prompts": nested([torch.ones(p, dtype=torch.long) for p in p_len]),
+            "responses": nested([torch.ones(r, dtype=torch.long) for r in r_len]),
+            "response_mask": nested([torch.ones(r, dtype=torch.long) for r in r_len]),
+            "old_log_probs": nested([resp_lp[i, :r] for i, r in enumerate(r_len)]),
+            "advantages": nested([torch.full((r,), float(weights[i]), dtype=torch.float64) for i, r in enumerate(r_len)]),
+            SIM_WEIGHT_KEY: nested([torch.full((r,), float(s[i]), dtype=torch.float64) for i, r in enumerate(r_len)]),
+            TOKEN_SCALE_KEY: nested([torch.full((r,), token_scale, dtype=torch.float64) for r in r_len]),
+            SIAMESE_KEY: target,
+        },
+        batch_size=[n],
+    )
+    tu.assign_non_tensor(data, dp_size=dp, batch_num_tokens=n_tok, global_batch_size=n)
+    model_output = {"log_probs": nested(seq_lp), "entropy": nested(entropy), PRED_KEY: pred, POOLED_KEY: pred.detach()}
+    ent_resp = torch.zeros(n, R, dtype=torch.float64)
+    for i, (p, r) in enumerate(zip(p_len, r_len)):
+        ent_resp[i, :r] = entropy[i][p - 1 : p + r - 1]
+    return data, model_output, dict(resp_lp=resp_lp, mask=mask, weights=weights, ent=ent_resp, pred=pred, target=target, seq_lp=seq_lp)
+
+
+@pytest.fixture
+def micro_batch():
+    """`make_micro_batch(seed, n, d, sim_weights, token_scale, dp)` -> (data, model_output, reference tensors)."""
+    return make_micro_batch

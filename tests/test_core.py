@@ -787,3 +787,35 @@ def test_feature_noise_is_keyed_by_row_and_seed():
     big = core.feature_noise(list(range(200)), 64, seed=0)
     assert abs(big.mean().item()) < 0.03 and abs(big.std().item() - 1) < 0.03  # standard normal
     assert core.feature_noise([], 8, seed=0).shape == (0, 8)
+
+
+def test_nll_norms_token_and_sequence():
+    """token: a 9-token answer pulls 9x a 1-token one; sequence: each answer pulls with its weight alone."""
+    lp = torch.zeros(2, 9)
+    lp[0, :1] = -1.0
+    lp[1, :9] = -1.0
+    mask = torch.zeros(2, 9)
+    mask[0, :1] = 1
+    mask[1] = 1
+    w = torch.tensor([0.5, 0.5])
+    assert core.weighted_nll_loss(lp, w, mask, norm="token").item() == pytest.approx((0.5 * 1 + 0.5 * 9) / 10)
+    assert core.weighted_nll_loss(lp, w, mask, norm="sequence").item() == pytest.approx(1.0)
+    x = lp.clone().requires_grad_()
+    (g,) = torch.autograd.grad(core.weighted_nll_loss(x, w, mask, norm="sequence"), x)
+    assert g[0, 0].item() == pytest.approx(-0.5) and g[1, 0].item() == pytest.approx(-0.5 / 9)
+    assert core.popo_loss(lp, mask, w, alpha=0, beta=0, nll_norm="sequence").metrics["popo/nll_loss"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="norm"):
+        core.weighted_nll_loss(lp, w, mask, norm="row")
+
+
+def test_row_scalars_round_trip_through_the_nested_response_layout():
+    from popo_verl.layout import row_to_tokens, tokens_to_row
+
+    mask = torch.nested.as_nested_tensor([torch.ones(r, dtype=torch.long) for r in (3, 1, 5)], layout=torch.jagged)
+    values = torch.tensor([0.25, 0.0, 2.0])
+    t = row_to_tokens(values, mask)
+    assert t.is_nested and [len(r) for r in t.unbind()] == [3, 1, 5]
+    assert all(torch.all(r == v) for r, v in zip(t.unbind(), values))
+    assert torch.equal(tokens_to_row(t), values)
+    dense = row_to_tokens(values, torch.ones(3, 4))
+    assert dense.shape == (3, 4) and torch.equal(tokens_to_row(dense), values)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from popo_verl.cpu.summary import parse_steps
+from popo_verl.tiny.summary import parse_steps
 
 pytestmark = pytest.mark.e2e
 
@@ -121,8 +121,11 @@ def test_popo_runs_through_verl(popo_1rank):
     for s, m in steps.items():
         for key in ("popo/positive_ratio", "popo/groups_without_positive", "popo/weight_entropy", "popo/nll_loss",
                     "popo/sim_loss", "popo/cos_sim", "popo/ent_loss", "popo/drift", "popo/drift_bound",
-                    "popo/kl_policy_siamese", "popo/rows_updated", "actor/pg_loss", "timing_s/update_actor", "timing_s/ref"):
+                    "popo/kl_policy_siamese", "popo/rows_updated", "actor/pg_loss", "timing_s/update_actor", "timing_s/ref",
+                    "actor/grad_norm", "popo/predictor_grad_norm", "popo/tq_rows_held"):
             assert key in m, (s, key)
+        assert m["popo/kl_policy_siamese"] >= 0, "k3 is never negative"
+        assert m["popo/tq_rows_held"] == ROWS_PER_STEP, "TransferQueue holds this step's rows and nothing else"
         assert m["training/rollout_probs_diff_max"] < 1e-4
         assert m["popo/ema_steps"] == s, "one optimizer step per training step here, one EMA update each"
         # (e) exactly the positives reach update_actor
@@ -158,9 +161,12 @@ def test_popo_with_two_fsdp2_ranks_and_padded_micro_batches(tmp_path_factory, ti
     out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, "actor_rollout_ref.model.use_remove_padding=false",
                    ranks=2, steps=3, save_freq=3)
     assert sorted(out["steps"]) == [1, 2, 3]
+    assert any(m["popo/rows_updated"] % 2 for m in out["steps"].values()), "an odd positive count: padding rows at dp = 2"
     for m in out["steps"].values():
         assert m["training/rollout_probs_diff_max"] < 1e-4, "padded forward gives the rollout's log-probs"
         assert m["popo/rows_updated"] == round(m["popo/positive_ratio"] * ROWS_PER_STEP)
+        # the update batch's padding rows were cleared: no row of an earlier step stays in TransferQueue
+        assert m["popo/tq_rows_held"] == ROWS_PER_STEP, m["popo/tq_rows_held"]
         assert m["popo/skipped_step"] == 1 or -1 <= m["popo/cos_sim"] <= 1
     siamese, state = siamese_state(out["ckpt"] / "global_step_3")
     actor = model_state(out["ckpt"] / "global_step_3")
@@ -205,14 +211,17 @@ def test_resume_without_siamese_warns_and_restarts_it_from_the_actor(popo_1rank,
 
 
 def test_a_step_without_positives_completes(tmp_path_factory, tiny_dir):
-    """(f) all rewards 0: no crash, no NaN, a warning, the step logged as skipped."""
+    """(f) all rewards 0: no crash, no NaN, a warning, the step logged as skipped; the LR schedule still advances
+    once per training step (a 4-step linear warm-up: lr/4 after step 1, lr/2 after step 2)."""
     tmp = tmp_path_factory.mktemp("popo_nopos")
     zero = tmp / "zero_reward.py"
     zero.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw):\n    return 0.0\n")
-    out = run_tiny(tmp, tiny_dir, "popo", steps=2, env_extra={"REWARD_FILE": str(zero)})
+    out = run_tiny(tmp, tiny_dir, "popo", "actor_rollout_ref.actor.optim.lr_warmup_steps=4", steps=2,
+                   env_extra={"REWARD_FILE": str(zero)})
     for s in (1, 2):
         m = out["steps"][s]
         assert m["popo/positive_ratio"] == 0 and m["popo/skipped_step"] == 1 and m["popo/rows_updated"] == 0
+        assert m["actor/lr"] == pytest.approx(1e-3 * s / 4, rel=1e-6), m["actor/lr"]
         assert all(v == v for v in m.values()), "no NaN in the logged metrics"
     assert "no positive rollout" in out["log"]
 

@@ -42,14 +42,15 @@ def process_group():
     dist.destroy_process_group()
 
 
-def build_engine(model_path: str, param_dtype: str, forward_only: bool = False, rmpad: bool = True, sp: int = 1) -> PopoFSDPEngine:
+def build_engine(model_path: str, param_dtype: str, forward_only: bool = False, rmpad: bool = True, sp: int = 1,
+                 clip_grad: float = 1.0, predictor_clip_grad: float = 0.0) -> PopoFSDPEngine:
     model = HFModelConfig(path=model_path, use_remove_padding=rmpad, override_config={"attn_implementation": "sdpa"})
     engine = FSDPEngineConfig(strategy="fsdp2", mixed_precision={"param_dtype": param_dtype}, forward_only=forward_only,
                               use_torch_compile=False, ulysses_sequence_parallel_size=sp)
     engine.use_remove_padding = rmpad
-    e = PopoFSDPEngine(model_config=model, engine_config=engine, optimizer_config=FSDPOptimizerConfig(lr=1e-2),
+    e = PopoFSDPEngine(model_config=model, engine_config=engine, optimizer_config=FSDPOptimizerConfig(lr=1e-2, clip_grad=clip_grad),
                        checkpoint_config=CheckpointConfig())
-    e.configure_popo(predictor_hidden=16, predictor_layers=2, seed=0)
+    e.configure_popo(predictor_hidden=16, predictor_layers=2, seed=0, predictor_clip_grad=predictor_clip_grad)
     e.initialize()
     return e
 
@@ -78,7 +79,8 @@ def make_batch(n: int = 4, seed: int = 0, rmpad: bool = True) -> tuple[TensorDic
 
 
 def reference_pooled(model_path: str, padded, response_mask) -> torch.Tensor:
-    """The final-norm states that predict each response token, averaged: a plain HF fp32 forward."""
+    """The final-norm states at the response tokens (first response token through the last, EOS), averaged:
+    the reference's pooling window, from a plain HF fp32 forward."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="sdpa", torch_dtype=torch.float32)
@@ -88,7 +90,7 @@ def reference_pooled(model_path: str, padded, response_mask) -> torch.Tensor:
     with torch.no_grad():
         model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids)
     h.remove()
-    states = seen["h"][:, PROMPT - 1: PROMPT - 1 + RESPONSE]  # position t predicts token t + 1
+    states = seen["h"][:, PROMPT: PROMPT + RESPONSE]  # the states at the response tokens, not those predicting them
     m = response_mask.unsqueeze(-1).float()
     return (states * m).sum(1) / m.sum(1)
 
@@ -152,6 +154,54 @@ def test_predictor_is_fp32_under_bf16_mixed_precision_and_trains(process_group, 
     assert all(not torch.equal(p.full_tensor(), before[n]) for n, p in head_params.items())
 
 
+def _norm(tensors) -> float:
+    present = [(t.full_tensor() if hasattr(t, "full_tensor") else t).double() for t in tensors if t is not None]
+    return float(torch.sqrt(sum(t.pow(2).sum() for t in present))) if present else 0.0
+
+
+@pytest.mark.parametrize("predictor_clip", [0.0, 0.5], ids=["head_unclipped", "head_clipped"])
+def test_grad_clip_covers_the_policy_alone_and_the_head_norm_is_logged(process_group, tiny_random_model, predictor_clip):
+    """verl's clip (clip_grad = 1) sees the policy's norm alone: `actor/grad_norm` is that norm, the policy steps
+    with its gradient clipped to 1 by its own norm (not shrunk further by the head's), the head's own norm is logged
+    and it steps unclipped, or clipped on its own when predictor_clip_grad > 0."""
+    e = build_engine(tiny_random_model, "fp32", clip_grad=1.0, predictor_clip_grad=predictor_clip)
+    target = torch.randn(4, 32, generator=torch.Generator().manual_seed(3))
+    data, _, _ = make_batch(seed=4)
+    loss = lambda out: 0.01 * out["log_probs"].values().sum() - 5.0 * F.cosine_similarity(out[PRED_KEY], target, dim=-1).sum()  # noqa: E731
+    policy = [p for n, p in e.module.named_parameters() if not is_predictor_param(n)]
+    head = [p for n, p in e.module.named_parameters() if is_predictor_param(n)]
+    before = [p.full_tensor().clone() for p in head]
+    seen, pre_clip = [], {}
+    step = e.optimizer.step
+
+    def recording_step(*a, **k):  # what each optimizer.step applies
+        seen.append((_norm([p.grad for p in policy]), _norm([p.grad for p in head])))
+        return step(*a, **k)
+
+    e.optimizer.step = recording_step
+    with e.train_mode():
+        orig = e._separable_head_params
+
+        def grads_before_clip():
+            params = orig()
+            pre_clip["policy"] = _norm([p.grad for p in policy])
+            return params
+
+        e._separable_head_params = grads_before_clip
+        out = e.train_batch(data, loss_function=capture({}, loss))
+    grad_norm = float(out["metrics"]["grad_norm"])
+    head_norm = out["metrics"]["popo/predictor_grad_norm"].aggregate()
+    assert grad_norm == pytest.approx(pre_clip["policy"], rel=1e-5), "actor/grad_norm is the policy's norm"
+    assert grad_norm > 1.0 and head_norm > 1.0, (grad_norm, head_norm)  # both parts need clipping at 1
+    applied = [(pn, hn) for pn, hn in seen]
+    policy_step = [pn for pn, hn in applied if pn > 0]
+    head_step = [hn for pn, hn in applied if hn > 0]
+    assert len(policy_step) == 1 and policy_step[0] == pytest.approx(1.0, rel=1e-4), applied
+    assert len(head_step) == 1 and head_step[0] == pytest.approx(predictor_clip or head_norm, rel=1e-4), applied
+    assert all(pn == 0 or hn == 0 for pn, hn in applied), "policy and head step apart"
+    assert all(not torch.equal(p.full_tensor(), b) for p, b in zip(head, before)), "the head was stepped"
+
+
 def test_weights_for_the_rollout_leave_the_predictor_out(process_group, tiny_random_model):
     from transformers import AutoModelForCausalLM
 
@@ -207,9 +257,9 @@ def test_pooling_under_ulysses_sequence_parallel(tiny_random_model, tmp_path):
     mp.spawn(_sp_rank, args=(port, tiny_random_model, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     data, _, response_mask = make_batch(n=3, seed=5)
-    from verl.workers.utils.padding import no_padding_2_padding
-
-    expected = core.masked_mean_pool(no_padding_2_padding(r0["full"][0], data).float(), response_mask)
+    ends = data["input_ids"].offsets()[1:].tolist()
+    r_len = response_mask.sum(-1).tolist()
+    expected = torch.stack([r0["full"][0, end - r: end].mean(0) for end, r in zip(ends, r_len)])  # response tokens
     for r in (r0, r1):
         assert torch.allclose(r["pooled"], expected, atol=1e-6)
         assert r["local_grad"] is not None and torch.isfinite(r["local_grad"]).all() and r["local_grad"].abs().sum() > 0

@@ -61,7 +61,7 @@ def test_stock_hydra_refuses_the_bare_spelling():
 
 def test_defaults_match_popo_md():
     assert popo_defaults() == {**POPO_MD_DEFAULTS, "kl_monitor_interval": 10, "anchor": "cosine",
-                               "implicit_negative_interval": 0}
+                               "implicit_negative_interval": 0, "nll_norm": "token", "predictor_clip_grad": 0.0}
 
 
 @pytest.mark.parametrize(
@@ -78,6 +78,8 @@ def test_defaults_match_popo_md():
         ("weight_temperature", 0.0, "algorithm.popo.weight_temperature"),
         ("anchor", "l2", "algorithm.popo.anchor"),
         ("implicit_negative_interval", -1, "algorithm.popo.implicit_negative_interval"),
+        ("nll_norm", "row", "algorithm.popo.nll_norm"),
+        ("predictor_clip_grad", -1.0, "algorithm.popo.predictor_clip_grad"),
     ],
 )
 def test_bad_values_fail_naming_the_key(key, value, match):
@@ -110,6 +112,25 @@ def test_ablation_options_validate():
         validate_popo_config(cfg)
     composed = OmegaConf.create(compose("algorithm=popo"))
     assert composed.algorithm.popo.anchor == "cosine" and composed.algorithm.popo.implicit_negative_interval == 0
+
+
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
+def test_seq_mean_loss_modes_are_refused_pointing_at_nll_norm(agg):
+    """Padding rows of the positives' update batch would count as sequences: refused at start, with the key to use."""
+    cfg = OmegaConf.create(compose("algorithm=popo", f"actor_rollout_ref.actor.loss_agg_mode={agg}"))
+    with pytest.raises(ValueError, match="nll_norm=sequence"):
+        validate_popo_config(cfg)
+    cfg.actor_rollout_ref.actor.loss_agg_mode = "token-mean"
+    cfg.algorithm.popo.nll_norm = "sequence"
+    assert validate_popo_config(cfg).nll_norm == "sequence"
+
+
+def test_shuffle_is_refused_with_the_positives_only_update():
+    cfg = OmegaConf.create(compose("algorithm=popo", "actor_rollout_ref.actor.shuffle=true"))
+    with pytest.raises(ValueError, match="actor_rollout_ref.actor.shuffle"):
+        validate_popo_config(cfg)
+    cfg.algorithm.popo.positives_only_update = False  # verl's own batch layout: shuffling is harmless there
+    assert isinstance(validate_popo_config(cfg), PopoConfig)
 
 
 def test_composed_bad_value_is_caught():

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from popo_verl.cpu.summary import held_out_curve, parse_steps
+from popo_verl.tiny.summary import held_out_curve, parse_steps
 
 pytestmark = pytest.mark.e2e
 

@@ -2,61 +2,21 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tensordict import TensorDict
 
 import verl  # noqa: F401
 from verl.utils import tensordict_utils as tu
+from verl.utils.metric import Metric
 from verl.workers.config import FSDPActorConfig
 
 from popo_verl import core
-from popo_verl.engines.fsdp import POOLED_KEY, PRED_KEY
-from popo_verl.losses import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY, popo_actor_loss, row_keys
+from popo_verl.losses import TOKEN_SCALE_KEY, popo_actor_loss, row_keys
 from popo_verl.trainer import spread_padding_order
 
 
-def _nested(rows):
+def nested(rows):
     return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
-
-
-def _batch(seed=0, n=6, d=5, sim_weights=None, token_scale=1.0, dp=1):
-    """A micro-batch as verl hands it to the loss: nested prompts/responses, per-token log-probs over the
-    whole sequence (shifted by one), and the POPO fields the trainer writes."""
-    g = torch.Generator().manual_seed(seed)
-    p_len = torch.randint(2, 5, (n,), generator=g).tolist()
-    r_len = torch.randint(1, 6, (n,), generator=g).tolist()
-    R = max(r_len)
-    seq_lp = [(-torch.rand(p + r, generator=g, dtype=torch.float64) * 3).requires_grad_() for p, r in zip(p_len, r_len)]
-    resp_lp = torch.zeros(n, R, dtype=torch.float64)
-    mask = torch.zeros(n, R)
-    for i, (p, r) in enumerate(zip(p_len, r_len)):
-        resp_lp[i, :r] = seq_lp[i].detach()[p - 1 : p + r - 1]
-        mask[i, :r] = 1
-    weights = torch.rand(n, generator=g, dtype=torch.float64) * torch.tensor([1, 1, 0, 1, 0, 1.0], dtype=torch.float64)[:n]
-    entropy = [torch.rand(p + r, generator=g, dtype=torch.float64) for p, r in zip(p_len, r_len)]
-    pred = torch.randn(n, d, generator=g, dtype=torch.float64, requires_grad=True)
-    target = torch.randn(n, d, generator=g, dtype=torch.float64)
-    s = weights / weights.sum() if sim_weights is None else sim_weights
-    n_tok = float((mask.sum(-1) * (weights > 0)).sum()) if token_scale == 1.0 else float(mask.sum())
-    data = TensorDict(
-        {
-            "input_ids": _nested([torch.randint(3, 50, (p + r,), generator=g) for p, r in zip(p_len, r_len)]),
-            "prompts": _nested([torch.ones(p, dtype=torch.long) for p in p_len]),
-            "responses": _nested([torch.ones(r, dtype=torch.long) for r in r_len]),
-            "response_mask": _nested([torch.ones(r, dtype=torch.long) for r in r_len]),
-            "old_log_probs": _nested([resp_lp[i, :r] for i, r in enumerate(r_len)]),
-            "advantages": _nested([torch.full((r,), float(weights[i]), dtype=torch.float64) for i, r in enumerate(r_len)]),
-            SIM_WEIGHT_KEY: _nested([torch.full((r,), float(s[i]), dtype=torch.float64) for i, r in enumerate(r_len)]),
-            TOKEN_SCALE_KEY: _nested([torch.full((r,), token_scale, dtype=torch.float64) for r in r_len]),
-            SIAMESE_KEY: target,
-        },
-        batch_size=[n],
-    )
-    tu.assign_non_tensor(data, dp_size=dp, batch_num_tokens=n_tok, global_batch_size=n)
-    model_output = {"log_probs": _nested(seq_lp), "entropy": _nested(entropy), PRED_KEY: pred, POOLED_KEY: pred.detach()}
-    ent_resp = torch.zeros(n, R, dtype=torch.float64)
-    for i, (p, r) in enumerate(zip(p_len, r_len)):
-        ent_resp[i, :r] = entropy[i][p - 1 : p + r - 1]
-    return data, model_output, dict(resp_lp=resp_lp, mask=mask, weights=weights, ent=ent_resp, pred=pred, target=target, seq_lp=seq_lp)
 
 
 def _config():
@@ -64,8 +24,8 @@ def _config():
     return c
 
 
-def test_actor_loss_equals_core_popo_loss_at_ratio_one():
-    data, out, ref = _batch()
+def test_actor_loss_equals_core_popo_loss_at_ratio_one(micro_batch):
+    data, out, ref = micro_batch()
     loss, metrics = popo_actor_loss(_config(), out, data, alpha=0.1, beta=0.01, noise_std=0.0)
     expected = core.popo_loss(
         token_log_probs=ref["resp_lp"], response_mask=ref["mask"], weights=ref["weights"], entropy=ref["ent"],
@@ -75,8 +35,8 @@ def test_actor_loss_equals_core_popo_loss_at_ratio_one():
     assert metrics["popo/nll_loss"].aggregate() == pytest.approx(expected.metrics["popo/nll_loss"], rel=1e-9)
 
 
-def test_actor_loss_gradient_equals_core_gradient():
-    data, out, ref = _batch(seed=1)
+def test_actor_loss_gradient_equals_core_gradient(micro_batch):
+    data, out, ref = micro_batch(seed=1)
     loss, _ = popo_actor_loss(_config(), out, data, alpha=0.3, beta=0.02)
     g_seq = torch.autograd.grad(loss, ref["seq_lp"] + [ref["pred"]], allow_unused=True)
     # the same quantities through core, on leaf copies of the response log-probs
@@ -93,16 +53,16 @@ def test_actor_loss_gradient_equals_core_gradient():
 
 def _permute(data, out, ref, perm):
     """The same micro-batch with its rows in another order."""
-    rows = lambda t: _nested([t[i] for i in perm]) if t.is_nested else t[perm]  # noqa: E731
+    rows = lambda t: nested([t[i] for i in perm]) if t.is_nested else t[perm]  # noqa: E731
     d = TensorDict({k: rows(data[k]) for k in data.keys() if isinstance(data[k], torch.Tensor)}, batch_size=data.batch_size)
     tu.assign_non_tensor(d, dp_size=1, batch_num_tokens=data["batch_num_tokens"], global_batch_size=data["global_batch_size"])
     o = {k: rows(v) for k, v in out.items()}
     return d, o
 
 
-def test_feature_noise_follows_the_row_not_its_position():
+def test_feature_noise_follows_the_row_not_its_position(micro_batch):
     """A resumed run, or one on other ranks, may see the same rows in another order: each row keeps its noise."""
-    data, out, ref = _batch(seed=4)
+    data, out, ref = micro_batch(seed=4)
     loss, _ = popo_actor_loss(_config(), out, data, alpha=1.0, beta=0.0, noise_std=0.5, noise_seed=11)
     perm = [3, 0, 5, 1, 4, 2]
     d2, o2 = _permute(data, out, ref, perm)
@@ -119,29 +79,29 @@ def test_feature_noise_follows_the_row_not_its_position():
     assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-9)
 
 
-def test_negatives_get_no_gradient_and_an_all_negative_batch_is_finite():
-    data, out, ref = _batch(seed=2)
+def test_negatives_get_no_gradient_and_an_all_negative_batch_is_finite(micro_batch):
+    data, out, ref = micro_batch(seed=2)
     loss, _ = popo_actor_loss(_config(), out, data, alpha=0.1, beta=0.0)
     grads = torch.autograd.grad(loss, ref["seq_lp"], allow_unused=True)
     for i, w in enumerate(ref["weights"].tolist()):
         if w == 0:
             assert grads[i] is None or torch.all(grads[i] == 0)
     zero = torch.zeros_like(ref["weights"])
-    data0, out0, ref0 = _batch(seed=2, sim_weights=zero)
-    data0["advantages"] = _nested([torch.zeros(int(m.sum()), dtype=torch.float64) for m in ref0["mask"]])
+    data0, out0, ref0 = micro_batch(seed=2, sim_weights=zero)
+    data0["advantages"] = nested([torch.zeros(int(m.sum()), dtype=torch.float64) for m in ref0["mask"]])
     loss0, _ = popo_actor_loss(_config(), out0, data0, alpha=0.1, beta=0.01)
     assert torch.isfinite(loss0)
     loss0.backward()  # connected to the graph: every rank can still join the collectives
 
 
-def test_ratio_is_clipped_above():
-    data, out, ref = _batch(seed=3)
+def test_ratio_is_clipped_above(micro_batch):
+    data, out, ref = micro_batch(seed=3)
     # later mini-batch: the policy moved up by 0.5 nats on every token of row 0
     cfg = _config()
     old = ref["resp_lp"].clone()
     old[0] -= 0.5
     r0 = int(ref["mask"][0].sum())
-    data["old_log_probs"] = _nested([old[i, : int(m.sum())] for i, m in enumerate(ref["mask"])])
+    data["old_log_probs"] = nested([old[i, : int(m.sum())] for i, m in enumerate(ref["mask"])])
     loss, metrics = popo_actor_loss(cfg, out, data, alpha=0.0, beta=0.0)
     g = torch.autograd.grad(loss, ref["seq_lp"], allow_unused=True)
     if ref["weights"][0] > 0:
@@ -174,13 +134,13 @@ def test_strip_predictor_from_hf_dir(tmp_path):
     assert strip_predictor({"a": 1, "popo_predictor.x": 2}) == {"a": 1}
 
 
-def test_kl_anchor_replaces_the_similarity_penalty_with_k3_to_the_siamese():
+def test_kl_anchor_replaces_the_similarity_penalty_with_k3_to_the_siamese(micro_batch):
     """anchor=kl: L = L_nll + alpha * token-mean over the positives of k3(log pi, log pi_siamese) + beta * L_ent."""
-    data, out, ref = _batch(seed=3)
+    data, out, ref = micro_batch(seed=3)
     g = torch.Generator().manual_seed(9)
     ref_lp = ref["resp_lp"] - torch.rand(ref["resp_lp"].shape, generator=g, dtype=torch.float64) * 0.5
     r_len = [int(x) for x in ref["mask"].sum(-1)]
-    data["ref_log_prob"] = _nested([ref_lp[i, :r] for i, r in enumerate(r_len)])
+    data["ref_log_prob"] = nested([ref_lp[i, :r] for i, r in enumerate(r_len)])
     loss, metrics = popo_actor_loss(_config(), out, data, alpha=0.2, beta=0.01, anchor="kl")
     base = core.popo_loss(token_log_probs=ref["resp_lp"], response_mask=ref["mask"], weights=ref["weights"],
                           entropy=ref["ent"], alpha=0.0, beta=0.01)
@@ -193,5 +153,73 @@ def test_kl_anchor_replaces_the_similarity_penalty_with_k3_to_the_siamese():
     g_pred = torch.autograd.grad(loss, ref["pred"], allow_unused=True)[0]
     assert g_pred is None or torch.count_nonzero(g_pred) == 0
     with pytest.raises(RuntimeError, match="ref_log_prob"):
-        d2, o2, _ = _batch(seed=3)
+        d2, o2, _ = micro_batch(seed=3)
         popo_actor_loss(_config(), o2, d2, alpha=0.2, anchor="kl")
+
+
+def _rows(data, out, idx, dp):
+    """Rows `idx` of a micro-batch, as one dp rank receives them: (model_output, data), the loss's argument order."""
+    take = lambda t: nested([t[i] for i in idx]) if t.is_nested else t[idx]  # noqa: E731
+    d = TensorDict({k: take(data[k]) for k in data.keys() if isinstance(data[k], torch.Tensor)}, batch_size=[len(idx)])
+    tu.assign_non_tensor(d, dp_size=dp, batch_num_tokens=data["batch_num_tokens"], global_batch_size=data["global_batch_size"])
+    return {k: take(v) for k, v in out.items()}, d
+
+
+def test_sim_loss_is_logged_as_the_weighted_cosine_at_dp_2(micro_batch):
+    """Each rank logs its dp-scaled share; verl averages over ranks (Metric.aggregate_dp): the logged
+    popo/sim_loss is the mini-batch's -sum_b s_b cos_b, the value the gradient uses, not 1/dp of it."""
+    data, out, ref = micro_batch(seed=6)
+    s = ref["weights"] / ref["weights"].sum()
+    expected = -(s * F.cosine_similarity(ref["pred"].detach(), ref["target"], dim=-1)).sum().item()
+    per_rank = [popo_actor_loss(_config(), *_rows(data, out, idx, 2), alpha=0.1, beta=0.0)[1]
+                for idx in ([0, 1, 2], [3, 4, 5])]
+    logged = Metric.aggregate_dp([m["popo/sim_loss"] for m in per_rank])
+    assert logged == pytest.approx(expected, rel=1e-9)
+    assert abs(expected) > 0.05, "a cosine sum far enough from 0 that a factor of 2 shows"
+    one_rank = popo_actor_loss(_config(), out, data, alpha=0.1, beta=0.0)[1]["popo/sim_loss"]
+    assert Metric.aggregate_dp([one_rank]) == pytest.approx(expected, rel=1e-9)
+
+
+def test_token_scale_is_per_row_so_a_leading_padding_row_zeroes_nothing(micro_batch):
+    """Padding rows carry token scale 0 (and weight 0). Wherever one sits in a micro-batch, the real rows keep
+    their own scale c: the loss is c * L_nll + beta * c * L_ent of the real rows alone."""
+    data, out, ref = micro_batch(seed=7, token_scale=2.0)
+    r_len = [int(x) for x in ref["mask"].sum(-1)]
+    scale = torch.full((6,), 2.0, dtype=torch.float64)
+    scale[2] = 0.0  # row 2 (weight 0) plays a padding row
+    data[TOKEN_SCALE_KEY] = nested([torch.full((r,), float(scale[i]), dtype=torch.float64) for i, r in enumerate(r_len)])
+    perm = [2, 0, 1, 3, 4, 5]  # the padding row first
+    o, d = _rows(data, out, perm, 1)
+    loss, _ = popo_actor_loss(_config(), o, d, alpha=0.0, beta=0.01)
+    w = ref["weights"][perm]
+    mask, lp, ent = ref["mask"][perm], ref["resp_lp"][perm], ref["ent"][perm]
+    n_tok = float(data["batch_num_tokens"])
+    pos = mask * (w > 0).unsqueeze(-1)
+    expected = 2.0 * (-(w.unsqueeze(-1) * lp * mask).sum() / n_tok) - 0.01 * 2.0 * (ent * pos).sum() / n_tok
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+    assert loss.item() != 0.0
+
+
+def test_nll_norm_sequence_weighs_each_response_by_w_whatever_its_length(micro_batch):
+    data, out, ref = micro_batch(seed=8)
+    s = ref["weights"] / ref["weights"].sum()
+    loss, metrics = popo_actor_loss(_config(), out, data, alpha=0.0, beta=0.0, nll_norm="sequence")
+    expected = core.weighted_nll_loss(ref["resp_lp"], ref["weights"], ref["mask"], norm="sequence")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
+    token = core.weighted_nll_loss(ref["resp_lp"], ref["weights"], ref["mask"], norm="token")
+    assert abs(token.item() - expected.item()) > 1e-3, "rows of unequal length: the two norms differ here"
+    # gradient at ratio 1: s_b / |y_b| on each of row b's response tokens
+    g = torch.autograd.grad(loss, ref["seq_lp"], allow_unused=True)
+    for i, sp in enumerate(ref["seq_lp"]):
+        r = int(ref["mask"][i].sum())
+        p = sp.shape[0] - r
+        want = -(s[i] / r).item()
+        if s[i] > 0:
+            assert torch.allclose(g[i][p - 1 : p + r - 1], torch.full((r,), want, dtype=torch.float64), atol=1e-12)
+        else:
+            assert g[i] is None or torch.count_nonzero(g[i]) == 0
+    # at dp = 2 each rank's share, averaged over ranks as verl does, is the same loss
+    per_rank = [popo_actor_loss(_config(), *_rows(data, out, idx, 2), alpha=0.0, beta=0.0, nll_norm="sequence")
+                for idx in ([0, 1, 2], [3, 4, 5])]
+    assert sum(l.item() for l, _ in per_rank) / 2 == pytest.approx(expected.item(), rel=1e-9)
+    assert Metric.aggregate_dp([m["actor/pg_loss"] for _, m in per_rank]) == pytest.approx(expected.item(), rel=1e-9)

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
-from tensordict import TensorDict
 
 import verl  # noqa: F401  (loads the `verl.plugins` entry points, ours included)
 from verl.trainer.ppo import core_algos
@@ -246,50 +245,27 @@ def test_policy_loss_all_negative_batch_is_zero_and_finite():
     assert (log_prob.grad == 0).all()
 
 
-def _nested(rows):
-    return torch.nested.as_nested_tensor(rows, layout=torch.jagged)
-
-
-def test_policy_loss_through_verl_ppo_loss():
+def test_policy_loss_through_verl_ppo_loss(micro_batch):
     """End to end through verl's own `ppo_loss` (nested no-padding layout, global token normalisation)."""
-    g = torch.Generator().manual_seed(5)
-    n = 5
-    p_len = torch.randint(1, 4, (n,), generator=g).tolist()
-    r_len = torch.randint(1, 6, (n,), generator=g).tolist()
-    R = max(r_len)
-    w = torch.rand(n, generator=g, dtype=torch.float64)
-    w[2] = 0.0
-    seq_lp = [(-torch.rand(p + r, generator=g, dtype=torch.float64) * 2).requires_grad_() for p, r in zip(p_len, r_len)]
-    resp_lp = torch.zeros(n, R, dtype=torch.float64)
-    mask = torch.zeros(n, R)
-    for i, (p, r) in enumerate(zip(p_len, r_len)):
-        resp_lp[i, :r] = seq_lp[i].detach()[p - 1 : p + r - 1]
-        mask[i, :r] = 1
+    data, _, ref = micro_batch(seed=5, n=5)
+    w, mask, resp_lp, seq_lp = ref["weights"], ref["mask"], ref["resp_lp"], ref["seq_lp"]
     n_tok = int((mask.sum(-1) * (w > 0)).sum())
-    data = TensorDict(
-        {
-            "prompts": _nested([torch.ones(p, dtype=torch.long) for p in p_len]),
-            "responses": _nested([torch.ones(r, dtype=torch.long) for r in r_len]),
-            "response_mask": _nested([torch.ones(r, dtype=torch.long) for r in r_len]),
-            "old_log_probs": _nested([resp_lp[i, :r] for i, r in enumerate(r_len)]),
-            "advantages": _nested([torch.full((r,), float(w[i]), dtype=torch.float64) for i, r in enumerate(r_len)]),
-        },
-        batch_size=[n],
-    )
     tu.assign_non_tensor(data, dp_size=1, batch_num_tokens=n_tok, global_batch_size=None)
     cfg = _actor_config()
-    loss, _ = ppo_loss(cfg, {"log_probs": _nested(seq_lp)}, data)
+    loss, _ = ppo_loss(cfg, {"log_probs": torch.nested.as_nested_tensor(seq_lp, layout=torch.jagged)}, data)
     assert cfg.global_batch_info["batch_num_tokens"] == n_tok
     grads = torch.autograd.grad(loss, seq_lp)
 
     ref_lp = resp_lp.clone().requires_grad_(True)
-    ref = core.weighted_nll_loss(ref_lp, w, mask)
-    (g_ref,) = torch.autograd.grad(ref, ref_lp)
-    assert loss.item() == pytest.approx(ref.item(), rel=1e-12)
-    for i, (p, r) in enumerate(zip(p_len, r_len)):
-        expected = torch.zeros(p + r, dtype=torch.float64)
-        expected[p - 1 : p + r - 1] = g_ref[i, :r]
-        np.testing.assert_allclose(grads[i].numpy(), expected.numpy(), rtol=1e-12, atol=1e-15)
+    expected = core.weighted_nll_loss(ref_lp, w, mask)
+    (g_ref,) = torch.autograd.grad(expected, ref_lp)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    for i, s in enumerate(seq_lp):
+        r = int(mask[i].sum())
+        p = s.shape[0] - r
+        want = torch.zeros(p + r, dtype=torch.float64)
+        want[p - 1 : p + r - 1] = g_ref[i, :r]
+        np.testing.assert_allclose(grads[i].numpy(), want.numpy(), rtol=1e-12, atol=1e-15)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -377,3 +353,43 @@ def test_broken_plugin_is_loud_through_verl_import():
     assert "Traceback" in proc.stderr
     assert "popo_verl.cpu" in proc.stderr
     assert "POPO_REGISTERED=False" in proc.stdout  # verl itself imported fine, but nothing of POPO's is there
+
+
+# ----------------------------------------------------------------------------------------------
+# any of our modules may be the first to import verl; the CLI helpers never import it
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first", ["popo_verl.workers", "popo_verl.cpu.rollout", "popo_verl.losses", "popo_verl.algos"])
+def test_a_glue_module_imported_first_still_registers_everything(first):
+    """A Ray worker unpickling a POPO class imports that module before verl: verl's plugin loader then meets it
+    half-initialised. Registration must still complete, and the CPU platform must be in place before verl
+    caches its platform (it answers once per process)."""
+    proc = _run_python(
+        f"""
+        import sys
+        import {first}
+        assert "verl" in sys.modules
+        from verl.trainer.ppo import core_algos
+        from verl.utils.device import get_device_name
+        import popo_verl.trainer  # trainer mode "popo" (the driver imports it; a worker may not need it)
+        from verl.trainer.ppo.v1.trainer_base import TRAINER_REGISTRY
+        print("REG", "popo" in core_algos.POLICY_LOSS_REGISTRY, "popo" in core_algos.ADV_ESTIMATOR_REGISTRY,
+              get_device_name(), "popo" in TRAINER_REGISTRY)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "REG True True cpu True" in proc.stdout, proc.stdout + proc.stderr[-2000:]
+    assert "popo-verl: failed" not in proc.stderr
+
+
+def test_command_line_helpers_do_not_import_verl():
+    proc = _run_python(
+        """
+        import sys
+        import popo_verl, popo_verl.core, popo_verl.tiny, popo_verl.tiny.summary
+        print("LOADED", sorted(m for m in ("verl", "ray", "transformers") if m in sys.modules))
+        """
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "LOADED []" in proc.stdout, proc.stdout

@@ -58,7 +58,7 @@ def test_replay_buffer_poll_is_shortened_on_the_cpu_backend(monkeypatch):
     between polls; the CPU backend sets it to 50 ms. Fails if verl renames the attribute or the sleep."""
     from verl.trainer.ppo.v1 import replay_buffer
 
-    from popo_verl import cpu
+    from popo_verl.cpu import backend as cpu
 
     assert inspect.signature(replay_buffer.ReplayBuffer.__init__).parameters["poll_interval"].default == 2.0
     assert "time.sleep(self.poll_interval)" in inspect.getsource(replay_buffer.ReplayBuffer._wait_for_next_poll)

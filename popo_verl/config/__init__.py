@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, fields
 WEIGHT_MODES = ("softmax", "uniform")
 ENTROPY_ON = ("positives", "all")
 ANCHORS = ("cosine", "kl")
+NLL_NORMS = ("token", "sequence")
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,12 @@ class PopoConfig:
     kl_monitor_interval: int = 10
     anchor: str = "cosine"
     implicit_negative_interval: int = 0
+    # token: verl's global token mean (POPO.md's L_nll, the same normalisation as verl's GRPO baseline);
+    # sequence: each response weighs w whatever its length (close to the reference's 2-row micro-batches)
+    nll_norm: str = "token"
+    # max norm of the predictor head's own gradient clip (0 = none, as in the reference); the policy is
+    # clipped alone by actor.optim.clip_grad either way
+    predictor_clip_grad: float = 0.0
 
 
 def popo_defaults() -> dict:
@@ -67,6 +74,22 @@ def validate_popo_config(config) -> PopoConfig:
         raise ValueError(f"{p}anchor must be one of {ANCHORS}, got {cfg.anchor!r}")
     if cfg.anchor == "kl" and not cfg.positives_only_update:
         raise ValueError(f"{p}anchor=kl reads the siamese's log-probs of the positives only: keep {p}positives_only_update=true")
+    if cfg.nll_norm not in NLL_NORMS:
+        raise ValueError(f"{p}nll_norm must be one of {NLL_NORMS}, got {cfg.nll_norm!r}")
+    if cfg.predictor_clip_grad < 0:
+        raise ValueError(f"{p}predictor_clip_grad must be >= 0 (0 = no clip), got {cfg.predictor_clip_grad}")
+    actor = config.actor_rollout_ref.get("actor", None) or {}
+    agg = str(actor.get("loss_agg_mode", "token-mean"))
+    if agg.startswith("seq-mean"):
+        raise ValueError(
+            f"actor_rollout_ref.actor.loss_agg_mode={agg} is not supported with POPO (its padding rows would count "
+            f"as sequences); for a per-sequence NLL set {p}nll_norm=sequence and keep loss_agg_mode=token-mean"
+        )
+    if bool(actor.get("shuffle", False)) and cfg.positives_only_update:
+        raise ValueError(
+            "actor_rollout_ref.actor.shuffle=true is not supported with POPO's positives-only update: the update "
+            "batch is laid out so that every mini-batch holds real rows; set it to false"
+        )
     if cfg.implicit_negative_interval < 0:
         raise ValueError(f"{p}implicit_negative_interval must be >= 0, got {cfg.implicit_negative_interval}")
     if cfg.predictor_hidden_dim < 1:

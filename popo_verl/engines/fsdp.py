@@ -8,7 +8,7 @@ Subclass of verl 0.9.1's `FSDPEngineWithLMHead` (verl/workers/engine/fsdp/transf
   unit with an fp32 MixedPrecisionPolicy: it is stored and computed in fp32 whatever the model's
   param_dtype (bf16 by default), and still sharded, in the optimizer and in checkpoints.
 - A forward hook on the final norm (`module.model.norm`) pools the post-norm hidden states over the
-  response tokens and, on the trainable engine, applies the head, inside the root module's forward
+  response tokens (first response token through EOS, as the reference) and, on the trainable engine, applies the head, inside the root module's forward
   (where FSDP2 has the root parameters, the head's among them, unsharded).
 - Pooling works on every layout verl feeds the model: packed (remove-padding), packed and split over
   Ulysses sequence-parallel ranks (gathered back with verl's gather, as verl does for the log-probs),
@@ -24,7 +24,6 @@ import torch
 
 from verl.utils import tensordict_utils as tu
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
-from verl.workers.utils.padding import no_padding_2_padding
 
 from popo_verl import core
 
@@ -45,6 +44,32 @@ def final_norm(module: torch.nn.Module) -> torch.nn.Module:
     return norm
 
 
+def response_states(values: torch.Tensor, data) -> torch.Tensor:
+    """The packed states (nnz, H) at each row's response tokens -> (B, R, H), zero-padded.
+
+    Row b holds its prompt then its r_b response tokens (EOS included), rows back to back: the response
+    states are the row's last r_b. The window of the reference's pooling (first response token through EOS);
+    verl's `no_padding_2_padding` (verl/workers/utils/padding.py), which this mirrors for the lengths, takes
+    the window one token earlier: the states that *predict* the response tokens, what log-probs need.
+    """
+    prompts, responses = data["prompts"], data["responses"]
+    if prompts.is_nested:
+        prompt_lens, response_lens = prompts.offsets().diff(), responses.offsets().diff()
+    else:
+        attention = data["attention_mask"]
+        prompt_lens = attention[:, : prompts.shape[1]].sum(dim=1)
+        response_lens = attention[:, prompts.shape[1]:].sum(dim=1)
+    ends = (prompt_lens + response_lens).cumsum(dim=0).to(values.device)
+    response_lens = response_lens.to(values.device)
+    if int(ends[-1]) != values.shape[0]:
+        raise RuntimeError(f"POPO pooling: {values.shape[0]} packed states for {int(ends[-1])} tokens")
+    width = int(response_lens.max())
+    offs = torch.arange(width, device=values.device).unsqueeze(0)
+    valid = offs < response_lens.unsqueeze(1)
+    index = torch.where(valid, (ends - response_lens).unsqueeze(1) + offs, torch.zeros_like(offs))
+    return values[index] * valid.unsqueeze(-1).to(values.dtype)
+
+
 def is_predictor_param(name: str) -> bool:
     return name.startswith(PREDICTOR_PREFIX) or f".{PREDICTOR_PREFIX}" in name
 
@@ -56,10 +81,11 @@ class PopoFSDPEngine(FSDPEngineWithLMHead):
     popo_predictor_layers: int = 2
     popo_predictor_seed: int = 0
 
-    def configure_popo(self, predictor_hidden: int, predictor_layers: int, seed: int = 0) -> None:
+    def configure_popo(self, predictor_hidden: int, predictor_layers: int, seed: int = 0, predictor_clip_grad: float = 0.0) -> None:
         self.popo_predictor_hidden = int(predictor_hidden)
         self.popo_predictor_layers = int(predictor_layers)
         self.popo_predictor_seed = int(seed)
+        self.popo_predictor_clip_grad = float(predictor_clip_grad)
 
     # ------------------------------------------------------------------ model construction
     def _build_module(self):
@@ -120,10 +146,9 @@ class PopoFSDPEngine(FSDPEngineWithLMHead):
         return None
 
     def _pool_response_hidden(self, hidden: torch.Tensor, micro_batch) -> torch.Tensor:
-        """Mean of the final-norm hidden states over each row's response tokens -> (B, H) fp32."""
+        """Mean of the final-norm hidden states over each row's response tokens, EOS included -> (B, H) fp32."""
         values = self._packed_hidden(hidden, micro_batch)  # (nnz, H), rows back to back
-        # Same slicing verl uses for log-probs: the states that predict each response token.
-        per_token = no_padding_2_padding(values, micro_batch)  # (B, R, H)
+        per_token = response_states(values, micro_batch)  # (B, R, H): the states *at* the response tokens
         mask = micro_batch["response_mask"]
         mask = mask.to_padded_tensor(0) if mask.is_nested else mask
         mask = mask[:, : per_token.shape[1]].to(per_token.device)
@@ -176,15 +201,67 @@ class PopoFSDPEngine(FSDPEngineWithLMHead):
     # ------------------------------------------------------------------ optimizer step
     #: called as fn(grad_norm) after every optimizer step that updated the weights (the siamese EMA)
     popo_after_optimizer_step = None
+    #: the predictor head's own max grad norm (0 = no clip); set by configure_popo's caller
+    popo_predictor_clip_grad: float = 0.0
+    #: the head's gradient norm at the last optimizer step (before its clip), for popo/predictor_grad_norm
+    popo_predictor_grad_norm: float | None = None
+
+    def _separable_head_params(self) -> list[torch.nn.Parameter]:
+        """The head's parameters when they are tensors of their own (FSDP2, or no FSDP); [] under FSDP1, whose
+        root flat parameter holds the head with the policy (then one clip covers both, as verl does)."""
+        head = self.popo_predictor
+        if head is None or self.engine_config.strategy == "fsdp" or getattr(self, "scaler", None) is not None:
+            return []  # (an fp16 grad scaler steps the optimizer itself: keep verl's single step)
+        return [p for p in head.parameters() if p.grad is not None]
 
     def optimizer_step(self):
-        grad_norm = super().optimizer_step()
+        """verl's step (FSDPEngine.optimizer_step: clip, skip if non-finite, step) with the predictor head kept out of
+        the policy's clip norm: the reference clips the policy only (its head is its own optimizer group). The head's
+        gradients are hidden while verl clips and steps the policy (so `actor/grad_norm` is the policy's), then the
+        head is clipped on its own (`predictor_clip_grad`, 0 = none) and stepped by the same optimizer."""
+        head = self._separable_head_params()
+        if not head:
+            return self._after_step(super().optimizer_step())
+        from verl.utils.fsdp_utils import fsdp2_clip_grad_norm_
+
+        clip = float(self.popo_predictor_clip_grad) or float("inf")
+        head_norm = fsdp2_clip_grad_norm_(head, max_norm=clip)
+        head_norm = head_norm.full_tensor() if hasattr(head_norm, "full_tensor") else head_norm
+        self.popo_predictor_grad_norm = float(head_norm)
+        head_grads = [p.grad for p in head]
+        for p in head:
+            p.grad = None
+        grad_norm = super().optimizer_step()  # the policy: clipped by its own norm and stepped
+        policy = [p for p in self.module.parameters() if p.grad is not None]
+        policy_grads = [p.grad for p in policy]
+        for p in policy:
+            p.grad = None
+        for p, g in zip(head, head_grads, strict=True):
+            p.grad = g
+        policy_ok = bool(torch.isfinite(torch.as_tensor(grad_norm)))
+        if policy_ok and torch.isfinite(head_norm):
+            self.optimizer.step()  # only the head has gradients now
+        for p, g in zip(policy, policy_grads, strict=True):
+            p.grad = g
+        return self._after_step(grad_norm)
+
+    def _after_step(self, grad_norm):
         callback = self.popo_after_optimizer_step
         if callback is not None:
             gn = float(grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm)
             if gn == gn and gn not in (float("inf"), float("-inf")):  # verl skips non-finite steps
                 callback(gn)
         return grad_norm
+
+    def train_batch(self, data, loss_function):
+        self.popo_predictor_grad_norm = None
+        outputs = super().train_batch(data, loss_function)
+        if self.popo_predictor_grad_norm is not None and self.is_mp_src_rank_with_outputs():
+            from verl.utils.metric import AggregationType, Metric
+
+            # the norm is global (same on every rank); verl averages Metrics over ranks, then over mini-batches
+            outputs["metrics"]["popo/predictor_grad_norm"] = Metric(AggregationType.MEAN, self.popo_predictor_grad_norm)
+        return outputs
 
     # ------------------------------------------------------------------ weight export
     def get_per_tensor_param(self, *args, **kwargs):

@@ -1,4 +1,4 @@
-"""Summarise a verl console log: steps, step time and held-out pass@1 start -> end (`python -m popo_verl.cpu.summary LOG`)."""
+"""Summarise a verl console log: steps, step time and held-out pass@1 start -> end (`python -m popo_verl.tiny.summary LOG`)."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def held_out_best_of_n(steps) -> tuple[int, dict[int, float]] | None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print("usage: python -m popo_verl.cpu.summary LOG", file=sys.stderr)
+        print("usage: python -m popo_verl.tiny.summary LOG", file=sys.stderr)
         return 2
     with open(argv[0], errors="replace") as f:
         steps = parse_steps(f.read())

@@ -1,0 +1,129 @@
+"""The CPU backend's registration into verl: platform, gloo process groups, engine lookup, `hf` rollout."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from popo_verl.cpu.platform import FORCE_ENV, PlatformCPU, cpu_platform_wanted  # noqa: F401
+
+HF_ROLLOUT = "hf"
+
+
+def _gloo_process_group(init_fn):
+    """verl/utils/distributed.py builds the backend "cpu:gloo,cpu:gloo" for a cpu device, which torch rejects."""
+    if getattr(init_fn, "_popo_cpu_patched", False):
+        return init_fn
+
+    @functools.wraps(init_fn)
+    def wrapper(timeout_second=None, backend=None):
+        from verl.utils.device import get_device_name
+
+        if backend is None and get_device_name() == "cpu":
+            backend = "gloo"
+        return init_fn(timeout_second=timeout_second, backend=backend)
+
+    wrapper._popo_cpu_patched = True
+    return wrapper
+
+
+def _patch_process_group() -> None:
+    import verl.utils.distributed as dist
+
+    patched = _gloo_process_group(dist.initialize_global_process_group_ray)
+    dist.initialize_global_process_group_ray = patched
+    # Modules that imported the function by name before us (verl/workers/engine_workers.py,
+    # verl/checkpoint_engine/base.py) keep their own reference: rebind those too.
+    for mod_name in ("verl.workers.engine_workers", "verl.checkpoint_engine.base"):
+        mod = sys.modules.get(mod_name)
+        if mod is not None and hasattr(mod, "initialize_global_process_group_ray"):
+            mod.initialize_global_process_group_ray = patched
+
+
+def _unpinned_offload_policy() -> None:
+    """verl offloads forward-only FSDP2 models with CPUOffloadPolicy(pin_memory=True)
+    (verl/workers/engine/fsdp/transformer_impl.py); pinning needs an accelerator. On the CPU the
+    policy is a no-op move, so swap in a subclass that never pins, before verl imports the name."""
+    import dataclasses
+
+    import torch.distributed.fsdp as torch_fsdp
+
+    base = torch_fsdp.CPUOffloadPolicy
+    if getattr(base, "_popo_cpu_unpinned", False):
+        return
+
+    @dataclasses.dataclass
+    class UnpinnedCPUOffloadPolicy(base):
+        _popo_cpu_unpinned = True
+
+        def __post_init__(self):
+            self.pin_memory = False
+
+    torch_fsdp.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
+    for mod_name in ("verl.utils.fsdp_utils", "verl.workers.engine.fsdp.transformer_impl"):
+        mod = sys.modules.get(mod_name)
+        if mod is not None and hasattr(mod, "CPUOffloadPolicy"):
+            mod.CPUOffloadPolicy = UnpinnedCPUOffloadPolicy
+
+
+#: seconds between the v1 replay buffer's polls for finished rollouts on the CPU backend
+POLL_INTERVAL_ENV = "POPO_VERL_POLL_INTERVAL"
+CPU_POLL_INTERVAL = 0.05
+
+
+def _fast_replay_buffer_poll() -> None:
+    """verl's v1 ReplayBuffer sleeps a fixed 2 s between polls for finished rollouts
+    (verl/trainer/ppo/v1/replay_buffer.py, `poll_interval=2.0`, not a config key); a tiny CPU rollout
+    finishes in well under that, so every step waited ~2 s for nothing. Poll every 50 ms instead
+    (POPO_VERL_POLL_INTERVAL overrides). A poll is a dict scan in the driver: nothing else changes."""
+    from verl.trainer.ppo.v1 import replay_buffer
+
+    for cls in (replay_buffer.ReplayBuffer, getattr(replay_buffer, "ReplayBufferAsync", None)):
+        if cls is None or getattr(cls.__init__, "_popo_fast_poll", False):
+            continue
+        init = cls.__init__
+
+        @functools.wraps(init)
+        def wrapper(self, *args, _init=init, **kwargs):
+            _init(self, *args, **kwargs)
+            self.poll_interval = float(os.environ.get(POLL_INTERVAL_ENV, CPU_POLL_INTERVAL))
+
+        wrapper._popo_fast_poll = True
+        cls.__init__ = wrapper
+
+
+def _register_hf_rollout() -> None:
+    from verl.workers.rollout import base as rollout_base
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    rollout_base._ROLLOUT_REGISTRY[(HF_ROLLOUT, "async")] = "popo_verl.cpu.rollout.HFServerAdapter"
+
+    def _load_hf():
+        from popo_verl.cpu.rollout import HFReplica
+
+        return HFReplica
+
+    RolloutReplicaRegistry.register(HF_ROLLOUT, _load_hf)
+
+
+def register() -> None:
+    """Idempotent; runs in every process that imports verl (popo_verl.plugin, and this module's import)."""
+    from verl.plugin.platform import PlatformRegistry
+
+    _register_hf_rollout()
+    if not cpu_platform_wanted():
+        return
+    if PlatformRegistry.get("cpu") is not PlatformCPU:
+        PlatformRegistry.register(platform="cpu")(PlatformCPU)
+    # verl registers its FSDP engines for cuda/npu only (verl/workers/engine/fsdp/transformer_impl.py);
+    # on the CPU they run unchanged, so look them up under "cuda".
+    os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
+    _patch_process_group()
+    _unpinned_offload_policy()
+    _fast_replay_buffer_poll()
+
+
+# Importing this module registers the CPU backend (popo_verl/plugin.py relies on it when verl's first import
+# comes from one of our modules).
+register()
