@@ -79,6 +79,21 @@ def curves_from_log(text: str, val_n: int = VAL_N) -> dict[str, dict[int, float]
     return out
 
 
+def warm_start_id(seed: int) -> str:
+    """A hash of the seed's warm-start weights (the task is built first if needed, as the run script would).
+
+    The build is deterministic on one machine, not across machines (float kernels differ by CPU), so runs stored
+    from another build start elsewhere and must not be paired with, or stand in for, runs of this one."""
+    import hashlib
+
+    sys.path.insert(0, str(ROOT))
+    from popo_verl.tiny import TinySpec, default_dir, ensure_built
+
+    paths = ensure_built(default_dir(seed), TinySpec(seed=seed), log=lambda *a: None)
+    weights = Path(paths["model"]) / "model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+
+
 def run_variant(name: str, seed: int, args, workdir: Path) -> dict:
     algo, overrides = VARIANTS[name]
     log = workdir / f"{name}_s{seed}.log"
@@ -100,7 +115,7 @@ def run_variant(name: str, seed: int, args, workdir: Path) -> dict:
     if len(curves["pass@1"]) < 2:
         raise RuntimeError(f"{name} seed {seed}: fewer than two held-out measurements in the log {log}")
     return {"variant": name, "seed": seed, "steps": max(curves["pass@1"]), "wall_s": round(time.time() - t0, 1),
-            "overrides": overrides + list(args.overrides),
+            "overrides": overrides + list(args.overrides), "warm_start": warm_start_id(seed),
             "curves": {m: {str(s): v for s, v in c.items()} for m, c in curves.items()}}
 
 
@@ -183,6 +198,10 @@ def summarise(results: list[dict], out_dir: Path) -> str:
                   f"verl's GRPO gains {_mean_sd(g)} held-out pass@1 (min {min(g):+.3f}) over {len(g)} seeds: "
                   + ("it learns on every seed, so the comparisons below mean something." if works else
                      "it does NOT improve on every seed, so the comparisons below mean little."), ""]
+    else:
+        lines += ["## Is the baseline learning?", "",
+                  "verl's GRPO was not run in this set: nothing here compares POPO with GRPO; the tables below "
+                  "compare POPO's own variants, from the same warm starts.", ""]
     if "popo" in by and "grpo" in by:
         d = paired(by["popo"], by["grpo"])
         m, lo, hi = mean_ci(d)
@@ -287,13 +306,23 @@ def main(argv=None) -> int:
     store = out_dir / "learning.json"
     stored: list[dict] = json.loads(store.read_text()) if args.resume and store.exists() else []
 
-    def same(r, v, s):
-        return (r["variant"], r["seed"]) == (v, s) and r["overrides"] == VARIANTS[v][1] + list(args.overrides) \
-            and (not args.steps or r["steps"] == args.steps)
+    starts: dict[int, str] = {}
 
-    kept = [r for r in stored if r["variant"] in VARIANTS and same(r, r["variant"], r["seed"])]
-    results = [r for r in kept if r["variant"] in args.variants and r["seed"] in args.seeds]
-    others = [r for r in kept if r not in results]
+    def same(r, v, s):
+        if (r["variant"], r["seed"]) != (v, s) or r["overrides"] != VARIANTS[v][1] + list(args.overrides):
+            return False
+        if args.steps and r["steps"] != args.steps:
+            return False
+        if s not in starts:
+            starts[s] = warm_start_id(s)
+        return r.get("warm_start") == starts[s]  # measured from this machine's build of the task
+
+    def asked(r):
+        return r["variant"] in args.variants and r["seed"] in args.seeds
+
+    # runs asked for again are kept when measured the same way (else rerun); the others stay as they are
+    results = [r for r in stored if asked(r) and same(r, r["variant"], r["seed"])]
+    others = [r for r in stored if r["variant"] in VARIANTS and not asked(r)]
     workdir = Path("/tmp") / f"popo_learning_{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
     # POPO and GRPO on every seed first, then the ablations seed by seed: a cut-short benchmark still

@@ -35,7 +35,7 @@ def test_curves_come_from_verls_validation_and_step_keys(learning):
 
 
 def _run(variant, seed, start, end, neg=-0.01):
-    return {"variant": variant, "seed": seed, "steps": 20, "wall_s": 100.0, "overrides": [],
+    return {"variant": variant, "seed": seed, "steps": 20, "wall_s": 100.0, "overrides": [], "warm_start": "w",
             "curves": {"pass@1": {"0": start, "20": end}, "pass@8": {"0": 0.7, "20": 0.8},
                        "reward": {"1": 0.3, "2": 0.4}, "neg_delta": {"1": neg, "2": neg}, "pos_delta": {"1": 0.02}}}
 
@@ -74,8 +74,48 @@ def test_resume_keeps_finished_runs_and_skips_them(learning, tmp_path, monkeypat
         return _run(name, seed, 0.2, 0.35)
 
     monkeypatch.setattr(learning, "run_variant", fake_run)
+    monkeypatch.setattr(learning, "warm_start_id", lambda seed: "w")
     learning.main(["--variants", "popo", "grpo", "--seeds", "1", "--out", str(tmp_path), "--resume"])
     assert ran == [("grpo", 1)], "popo seed 1 was already measured with these settings"
     stored = json.loads((tmp_path / "learning.json").read_text())
     assert {(r["variant"], r["seed"]) for r in stored} == {("popo", 1), ("grpo", 1), ("grpo", 7)}, "nothing lost"
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == "held-out pass@1 gain: POPO=0.200 GRPO=0.150 (1 seeds)"
+
+
+def test_resume_reruns_what_was_measured_from_another_build_of_the_task(learning, tmp_path, monkeypatch):
+    """The tiny build is deterministic per machine, not across machines: a stored run whose warm start differs
+    from this machine's build must be rerun, never paired with a fresh one."""
+    stale = {**_run("grpo", 0, 0.29, 0.45), "warm_start": "other-machine"}
+    fresh = _run("popo", 0, 0.30, 0.47)
+    (tmp_path / "learning.json").write_text(json.dumps([stale, fresh, {**_run("grpo", 5, 0.2, 0.3), "warm_start": "x"}]))
+    ran = []
+
+    def fake_run(name, seed, args, workdir):
+        ran.append((name, seed))
+        return _run(name, seed, 0.30, 0.40)
+
+    monkeypatch.setattr(learning, "run_variant", fake_run)
+    monkeypatch.setattr(learning, "warm_start_id", lambda seed: "w")
+    learning.main(["--variants", "popo", "grpo", "--seeds", "0", "--out", str(tmp_path), "--resume"])
+    assert ran == [("grpo", 0)]
+    stored = json.loads((tmp_path / "learning.json").read_text())
+    assert sorted((r["variant"], r["seed"], r["warm_start"]) for r in stored) == [
+        ("grpo", 0, "w"), ("grpo", 5, "x"), ("popo", 0, "w")], "the stale run replaced; a seed not asked for kept"
+
+
+def test_warm_start_id_hashes_the_built_weights(learning, monkeypatch, tmp_path):
+    import popo_verl.tiny as tiny
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights-a")
+    monkeypatch.setattr(tiny, "ensure_built", lambda out, spec, log=None: {"model": str(model)})
+    a = learning.warm_start_id(3)
+    (model / "model.safetensors").write_bytes(b"weights-b")
+    assert learning.warm_start_id(3) != a and len(a) == 16
+
+
+def test_summary_without_grpo_says_no_baseline_comparison(learning, tmp_path):
+    runs = [_run("popo", s, 0.3, 0.5) for s in (0, 1)] + [_run("popo_nll_sequence", s, 0.3, 0.52) for s in (0, 1)]
+    text = learning.summarise(runs, tmp_path)
+    assert "GRPO was not run in this set" in text and "POPO - GRPO" not in text

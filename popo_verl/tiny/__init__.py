@@ -18,6 +18,11 @@ in which the right answer carries about 30 % of the mass. Held out at temperatur
 pass@8 about 0.9 (seeds 0-2: 0.28-0.30 and 0.88-0.93) -- the regime where rewarding correct samples
 has something to sharpen, on problems it has never seen. `--seed` draws another split of the problems and another initialisation and label
 noise, so a task built with another seed is a fresh held-out check.
+
+Deterministic on one machine; across machines the CPU's float kernels differ and the warm start comes out
+slightly different (seeds 0-2 measured held-out pass@1 0.287/0.297/0.279 on one 2-core machine and
+0.301/0.260/0.334 on another), so runs to be compared must share one build (benchmarks/learning.py checks a
+hash of the weights before reusing a stored run).
 """
 
 from __future__ import annotations
