@@ -16,6 +16,7 @@ from verl.trainer.ppo import core_algos
 from verl.utils import torch_functional as verl_F
 
 from popo_verl import core
+from popo_verl.config import PopoConfig
 
 NAME = "popo"
 
@@ -34,18 +35,23 @@ def compute_popo_outcome_advantage(
     config=None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform positive-set weights as "advantages": w = 1/|S+(x)| on positives, 0 elsewhere.
+    """Uniform positive-set weights as "advantages": w = 1/|S+(x)| on positives (graded: r~ / sum_{S+} r~), 0 elsewhere.
 
     For trainers that have no old log-probs at advantage time. The POPO trainer overwrites these with
     the softmax weights (POPO.md) computed from verl's old_log_probs.
     """
     if index is None:
         raise ValueError("popo advantage estimator needs the group ids (`uid`) of the batch")
-    tau_r = float(_popo_cfg(config).get("tau_r", 0.0))
+    # A config composed with algorithm=popo always names its reward_mode; one without (written before the key
+    # existed, or no popo section) keeps tau_r's old meaning: positive iff reward > tau_r, tau_r 0 when unset.
+    popo = PopoConfig(**{"reward_mode": "threshold", **_popo_cfg(config)})
+    tau_r = popo.reward_threshold
     with torch.no_grad():
         scores = token_level_rewards.sum(dim=-1)
-        positive = core.positive_mask(scores, tau_r)
+        positive = core.positive_mask(scores, tau_r, popo.reward_mode)
         weights = core.popo_weights(torch.zeros_like(scores, dtype=torch.float32), positive, index, mode="uniform")
+        if popo.reward_mode == "graded":
+            weights = core.graded_weights(weights, core.normalised_reward(scores, positive, index, tau_r), index)
         advantages = weights.unsqueeze(-1).to(token_level_rewards.dtype) * response_mask
     return advantages, advantages
 

@@ -5,7 +5,8 @@ Pure torch: nothing here imports verl, so this file reads next to the paper.
     L = L_nll + alpha * L_sim + beta * L_ent
 
 Notation: B rows (responses), T response tokens, D hidden size.
-S+(x) is the positive set of prompt x: responses whose reward exceeds tau_r.
+S+(x) is the positive set of prompt x (`positive_mask`): with binary rewards the responses the verifier
+scored correct (r = 1), with graded ones those whose reward exceeds tau_r.
 """
 
 from __future__ import annotations
@@ -20,14 +21,48 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 WEIGHT_MODES = ("softmax", "uniform")
+# binary: POPO as the paper defines it, for a verifier that scores 1 (correct) or 0 (wrong);
+# threshold: any reward, positive iff r > tau_r, weights as in binary;
+# graded: positive iff r > tau_r, and each positive's weight is scaled by its normalised reward.
+REWARD_MODES = ("binary", "threshold", "graded")
+CORRECT_SCORE, INCORRECT_SCORE = 1.0, 0.0
 
 
-def positive_mask(rewards: torch.Tensor, tau_r: float = 0.0) -> torch.Tensor:
-    """Positive set membership: 1[r(y) > tau_r]  -> bool[B]."""
+class NonBinaryRewardError(ValueError):
+    """reward_mode='binary' met rewards other than CORRECT_SCORE / INCORRECT_SCORE; `values` holds them (distinct)."""
+
+    def __init__(self, values: list[float], n_rows: int, n_total: int):
+        self.values, self.n_rows, self.n_total = values, n_rows, n_total
+        super().__init__(
+            f"positive_mask: reward_mode='binary' takes rewards in {{{INCORRECT_SCORE:g}, {CORRECT_SCORE:g}}} only; "
+            f"{n_rows} of {n_total} rewards are not, e.g. {values[:5]}"
+        )
+
+
+def positive_mask(rewards: torch.Tensor, tau_r: float | None = None, reward_mode: str = "binary") -> torch.Tensor:
+    """Positive set membership -> bool[B]:
+
+        binary:             1[r(y) = 1]      (every r must be 0 or 1, else NonBinaryRewardError)
+        threshold, graded:  1[r(y) > tau_r]  (tau_r None = 0.0)
+
+    Binary is the default because a threshold silently turns partial credit into "correct": with tau_r = 0
+    a reward of 0.5 for a wrong answer would be trained on as if it were right. tau_r is refused there (it
+    would mean nothing, and a caller who passes it has a threshold in mind).
+    """
+    if reward_mode not in REWARD_MODES:
+        raise ValueError(f"positive_mask: unknown reward_mode {reward_mode!r}; expected one of {REWARD_MODES}")
     rewards = torch.as_tensor(rewards)
     if not torch.isfinite(rewards).all():
         raise ValueError("positive_mask: rewards contain NaN or inf; a verifier must return finite scores")
-    return rewards > tau_r
+    if reward_mode != "binary":
+        return rewards > (0.0 if tau_r is None else tau_r)
+    if tau_r is not None:
+        raise ValueError(f"positive_mask: tau_r={tau_r} is a threshold; reward_mode='binary' takes none")
+    # exact comparison: verl puts the outcome reward on one token and zeros elsewhere, so sums are exact
+    off = (rewards != CORRECT_SCORE) & (rewards != INCORRECT_SCORE)
+    if off.any():
+        raise NonBinaryRewardError(sorted(set(rewards[off].tolist())), int(off.sum()), rewards.numel())
+    return rewards == CORRECT_SCORE
 
 
 def sequence_log_probs(
@@ -98,18 +133,64 @@ def popo_weights(
     return w.to(seq_log_probs.dtype if seq_log_probs.is_floating_point() else torch.float32)
 
 
+def _renormalised_per_group(scaled: torch.Tensor, group_index) -> torch.Tensor:
+    """scaled(y) / sum_{y' in group(y)} scaled(y'), 0 where a group sums to 0 (float64 in, float64 out)."""
+    gid = group_ids(group_index).to(scaled.device)
+    n_groups = int(gid.max().item()) + 1 if gid.numel() else 0
+    sums = torch.zeros(n_groups, dtype=scaled.dtype, device=scaled.device).index_add_(0, gid, scaled)
+    denom = sums[gid]
+    return torch.where(denom > 0, scaled / denom.clamp(min=torch.finfo(scaled.dtype).tiny), torch.zeros_like(scaled))
+
+
 def length_normalized_weights(
     weights: torch.Tensor, lengths: torch.Tensor, group_index: Sequence[Hashable] | np.ndarray | torch.Tensor
 ) -> torch.Tensor:
     """Optional length correction:  w'(y) = (w(y) / |y|) / sum_{y' in S+(x)} w(y') / |y'|  (groups still sum to 1)."""
-    w = weights.detach().double().reshape(-1)
-    scaled = w / lengths.detach().double().reshape(-1).clamp(min=1.0)
-    gid = group_ids(group_index).to(w.device)
+    scaled = weights.detach().double().reshape(-1) / lengths.detach().double().reshape(-1).clamp(min=1.0)
+    return _renormalised_per_group(scaled, group_index).to(weights.dtype)
+
+
+def normalised_reward(
+    rewards: torch.Tensor, positive: torch.Tensor, group_index: Sequence[Hashable] | np.ndarray | torch.Tensor,
+    tau_r: float = 0.0,
+) -> torch.Tensor:
+    """The normalised reward of reward_mode=graded, in (0, 1] on S+(x), 0 elsewhere:
+
+        r~(y) = (r(y) - tau_r) / (max_{y' in S+(x)} r(y') - tau_r)      for y in S+(x)  (so r(y) > tau_r)
+
+    The excess over the threshold, not r itself: a response's weight then goes to 0 as its reward comes
+    down to tau_r (no jump at the edge of S+, where a reward's noise decides membership), and stays
+    positive for any tau_r, negative ones included (the policy loss takes weights >= 0). The division by
+    the group's best makes r~ a share of what the group achieved (its best positive has r~ = 1); it cancels
+    in `graded_weights`, so the weights do not depend on the verifier's scale.
+    """
+    r = torch.as_tensor(rewards).detach().double().reshape(-1)
+    pos = torch.as_tensor(positive, device=r.device).reshape(-1).bool()
+    if pos.numel() != r.numel():
+        raise ValueError(f"normalised_reward: sizes differ: rewards {r.numel()}, positive {pos.numel()}")
+    excess = torch.where(pos, r - tau_r, torch.zeros_like(r))
+    if not (excess[pos] > 0).all():
+        raise ValueError(f"normalised_reward: a positive has a reward <= tau_r={tau_r}; positives are r > tau_r")
+    gid = group_ids(group_index).to(r.device)
     n_groups = int(gid.max().item()) + 1 if gid.numel() else 0
-    sums = torch.zeros(n_groups, dtype=w.dtype, device=w.device).index_add_(0, gid, scaled)
-    denom = sums[gid]
-    out = torch.where(denom > 0, scaled / denom.clamp(min=torch.finfo(w.dtype).tiny), torch.zeros_like(scaled))
-    return out.to(weights.dtype)
+    best = torch.zeros(n_groups, dtype=r.dtype, device=r.device).scatter_reduce(0, gid, excess, reduce="amax")
+    return torch.where(pos, excess / best[gid].clamp(min=torch.finfo(r.dtype).tiny), torch.zeros_like(r))
+
+
+def graded_weights(
+    weights: torch.Tensor, normalised_rewards: torch.Tensor, group_index: Sequence[Hashable] | np.ndarray | torch.Tensor
+) -> torch.Tensor:
+    """reward_mode=graded: the POPO weights scaled by the normalised reward, renormalised over each S+(x):
+
+        w_g(y|x) = w(y|x) r~(y) / sum_{y' in S+(x)} w(y'|x) r~(y')
+
+    With the softmax weights, w_g(y|x) = exp(s(y)/T) r~(y) / sum_{y' in S+(x)} exp(s(y')/T) r~(y'): a
+    softmax of s/T + log r~. Each group with a positive still sums to 1 (so w_g is bounded in [0, 1], as in
+    POPO); the paper leaves graded rewards open, and this is the smallest change that makes partial credit
+    pull in proportion to its credit. With binary rewards r~ = 1 on S+ and w_g = w.
+    """
+    scaled = weights.detach().double().reshape(-1) * normalised_rewards.detach().double().reshape(-1)
+    return _renormalised_per_group(scaled, group_index).to(weights.dtype)
 
 
 NLL_NORMS = ("token", "sequence")

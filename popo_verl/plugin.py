@@ -16,7 +16,7 @@ import traceback
 logger = logging.getLogger(__name__)
 
 #: the modules whose import registers POPO into verl (each also registers itself at the end of its import)
-REGISTERING_MODULES = ("popo_verl.cpu.backend", "popo_verl.algos", "popo_verl.trainer")  # the platform first
+REGISTERING_MODULES = ("popo_verl.cpu.backend", "popo_verl.algos", "popo_verl.trainer", "popo_verl.stop")  # platform first
 
 
 def _transfer_queue_threads() -> None:
@@ -40,6 +40,33 @@ def _transfer_queue_threads() -> None:
             mod.TQ_NUM_THREADS = threads
 
 
+def _validate_popo_in_driver() -> None:
+    """verl's entry (verl/trainer/main_ppo.py `main`) checks the config with `verl.utils.config.validate_config` in
+    the driver, before Ray starts; POPO's own checks would otherwise run only in the trainer, inside a Ray actor,
+    after ~40 s of start-up and under a Ray traceback. Wrap that function (main_ppo imports it by name after the
+    plugins load) so a bad POPO setting ends the run at once: one line naming the key, exit status 2."""
+    import verl.utils.config as verl_config
+
+    if getattr(verl_config.validate_config, "_popo_checked", False):
+        return
+    verl_validate = verl_config.validate_config
+
+    def validate_config(config, *args, **kwargs):
+        algorithm = config.get("algorithm", None) if hasattr(config, "get") else None
+        if algorithm is not None and algorithm.get("popo", None) is not None:
+            from popo_verl.config import validate_popo_config
+
+            try:
+                validate_popo_config(config)
+            except ValueError as e:
+                print(f"popo-verl: invalid configuration: {e}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
+        return verl_validate(config, *args, **kwargs)
+
+    validate_config._popo_checked = True
+    verl_config.validate_config = validate_config
+
+
 def importing_now() -> set[str]:
     """Our modules whose top-level code is running in this process (CPython marks a module's spec
     `_initializing` from the start of its import to its end: importlib._bootstrap._load_unlocked)."""
@@ -59,11 +86,15 @@ def register_all() -> None:
     from popo_verl.cpu import backend
 
     backend.register()  # before anything asks verl for its platform (verl caches its first answer)
+    _validate_popo_in_driver()
     from popo_verl import algos
 
     algos.register()
     # Importing the trainer registers trainer mode "popo" (verl's register_trainer decorator).
     from popo_verl import trainer  # noqa: F401
+    from popo_verl import stop
+
+    stop.register()
 
 
 def _register_around(pending: set[str]) -> None:

@@ -14,6 +14,8 @@ Pipeline: ``extract_answer`` takes the LAST ``\\boxed{...}`` / ``\\fbox{...}`` (
 braces allowed) of the completion, or failing that a final-answer line ("The answer
 is X", "Answer: X", "#### X"); ``is_equiv`` compares it with the gold answer, first by
 cheap string / exact-number checks, then by math-verify (``parse`` + ``verify``).
+``verifier="whole"`` scores as the POPO reference does instead (``verify_whole``: math-verify
+over the whole completion), for evaluation.
 
 Time is bounded without relying on signals alone: verl's reward loop calls the
 reward from executor threads, where math-verify's ``signal.alarm`` timeouts cannot
@@ -28,7 +30,8 @@ run (they raise).  So:
   when no outer ``ITIMER_REAL`` timer (e.g. verl's ``compute_score_timeout``) is
   armed, since math-verify's ``alarm(0)`` would cancel it.
 
-Nothing in here raises: any exception scores 0.0.
+Nothing in here raises on what a model writes: any exception scores 0.0 (an unknown ``verifier`` name, a
+configuration error, does raise).
 """
 
 from __future__ import annotations
@@ -41,7 +44,11 @@ import threading
 from decimal import Decimal, InvalidOperation
 from typing import Any, Iterable, Optional
 
-__all__ = ["compute_score", "extract_answer", "is_equiv", "normalize_answer"]
+__all__ = ["VERIFIERS", "compute_score", "extract_answer", "is_equiv", "normalize_answer", "verify_whole"]
+
+# last-boxed: the final answer this module extracts (last box, else a final-answer line), compared with the gold;
+# whole: the POPO reference's verifier, math-verify over the whole completion (evaluation: see verify_whole).
+VERIFIERS = ("last-boxed", "whole")
 
 logger = logging.getLogger(__name__)
 
@@ -390,12 +397,42 @@ def is_equiv(pred: Any, gold: Any) -> bool:
         return False
 
 
+def verify_whole(completion: Any, gold: Any) -> bool:
+    """The reference's verifier: math-verify parses the whole completion (the rightmost box first, then any LaTeX,
+    then a plain expression) and compares it with the gold. Never raises.
+
+    Meant for evaluation, which runs on the main thread: elsewhere math-verify's signal timeouts cannot run, and
+    only the extracted answer is screened for inputs that make sympy run unbounded.
+    """
+    try:
+        parse, verify, cfg = _mv()
+        use_signals = _signals_usable()
+        timeout = _MV_TIMEOUT_S if use_signals else None
+        pred_p = parse(str(completion), extraction_config=cfg, parsing_timeout=timeout)
+        extracted = next((x for x in pred_p if isinstance(x, str)), "")
+        if not pred_p or len(extracted) > _MAX_ANSWER_CHARS or _too_expensive(extracted):
+            return False
+        return any(
+            verify(_parse_gold(g, use_signals), pred_p, timeout_seconds=timeout) for g in _gold_list(gold) if g
+        )
+    except Exception:
+        logger.debug("verify_whole failed on gold=%r", gold, exc_info=True)
+        return False
+
+
 # --------------------------------------------------------------------------- verl entry
-def compute_score(data_source=None, solution_str=None, ground_truth=None, extra_info=None, **kwargs) -> float:
+def compute_score(
+    data_source=None, solution_str=None, ground_truth=None, extra_info=None, verifier="last-boxed", **kwargs
+) -> float:
     """verl custom reward: 1.0 when the completion's final answer equals the gold, else 0.0.
 
-    ``data_source`` and ``extra_info`` are accepted for verl's signature and ignored.
+    ``data_source`` and ``extra_info`` are accepted for verl's signature and ignored; ``verifier`` is one of
+    VERIFIERS.
     """
+    if verifier == "whole":
+        return 1.0 if verify_whole(solution_str, ground_truth) else 0.0
+    if verifier != "last-boxed":
+        raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
     try:
         pred = extract_answer(solution_str)
         if pred is None:

@@ -112,6 +112,7 @@ class PopoTrainer(PPOTrainerSync):
         # the step's positive and real (not padding) rows, in the step batch's order: set once, in the siamese phase
         self._popo_positive: torch.Tensor | None = None
         self._popo_real: torch.Tensor | None = None
+        self._popo_rewards: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ workers
     def _init_resource_pool_mgr(self):
@@ -143,11 +144,29 @@ class PopoTrainer(PPOTrainerSync):
         cfg = self.config
         return max(1, cfg.data.train_batch_size // cfg.actor_rollout_ref.actor.ppo_mini_batch_size)
 
-    def _positive_and_real(self, scores, tags) -> tuple[torch.Tensor, torch.Tensor]:
-        """The one definition of a positive: reward > tau_r, on a real (not padding) row. Returns (positive, real)."""
-        scores = padded(scores)
+    def _positive_and_real(self, scores, tags) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The one definition of a positive: core.positive_mask under algorithm.popo.reward_mode, on a real (not
+        padding) row. Returns (positive, real, rewards), padding rows at reward 0 (verl fills them from a template
+        row: neither a positive nor a reward the binary check should see)."""
         real = torch.tensor([not _is_padding(t) for t in tags], dtype=torch.bool)
-        return core.positive_mask(scores.sum(dim=-1).float(), self.popo.tau_r) & real, real
+        rewards = torch.where(real, padded(scores).sum(dim=-1).float(), 0.0)
+        try:
+            positive = core.positive_mask(rewards, self.popo.reward_threshold, self.popo.reward_mode)
+        except core.NonBinaryRewardError as e:
+            # `from None`: the message is the whole story; a chained core traceback would push it up the console
+            raise ValueError(self._non_binary_message(e, int(real.sum()))) from None
+        return positive & real, real, rewards
+
+    def _non_binary_message(self, e: core.NonBinaryRewardError, n_real: int) -> str:
+        p = "algorithm.popo."
+        shown = ", ".join(f"{v:g}" for v in e.values[:5]) + (", ..." if len(e.values) > 5 else "")
+        return (
+            f"POPO step {self.global_steps}: {e.n_rows} of {n_real} rewards are outside {{0, 1}} ({shown}), but "
+            f"{p}reward_mode=binary (the default) counts a response as positive only when its reward is 1, the "
+            f"verifier's 'correct'. For graded rewards set {p}reward_mode=threshold with {p}tau_r=<x> (positive iff "
+            f"reward > x), or {p}reward_mode=graded (positive iff reward > tau_r, default 0; weights scaled by the "
+            f"normalised reward)"
+        )
 
     # ------------------------------------------------------------------ siamese forward ("ref" phase)
     def _compute_ref_log_prob(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
@@ -156,8 +175,8 @@ class PopoTrainer(PPOTrainerSync):
         The step's positives are decided here, once, and reused by the weights phase and the metrics.
         """
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["rm_scores"])
-        positive, real = self._positive_and_real(data["rm_scores"], batch.tags)
-        self._popo_positive, self._popo_real = positive, real
+        positive, real, rewards = self._positive_and_real(data["rm_scores"], batch.tags)
+        self._popo_positive, self._popo_real, self._popo_rewards = positive, real, rewards
         self._maybe_kl_monitor(batch, real, metrics)
         pos_idx = np.flatnonzero(positive.numpy())
         self._popo_update_batch = None
@@ -239,6 +258,11 @@ class PopoTrainer(PPOTrainerSync):
 
         seq_lp = core.sequence_log_probs(old_lp.float(), mask[:, : old_lp.shape[1]], length_normalize=True)
         weights = core.popo_weights(seq_lp, positive, uid, temperature=cfg.weight_temperature, mode=cfg.weight_mode)
+        if cfg.reward_mode == "graded":
+            r_tilde = core.normalised_reward(self._popo_rewards, positive, uid, cfg.reward_threshold)
+            weights = core.graded_weights(weights, r_tilde, uid)
+            if positive.any():
+                metrics["popo/normalised_reward_mean"] = float(r_tilde[positive].mean())
         if cfg.length_normalize_weights:
             weights = core.length_normalized_weights(weights, mask.sum(-1), uid)
 

@@ -4,7 +4,8 @@ Subclasses verl 0.9.1's `ActorRolloutRefWorker` and `TrainingWorker`
 (verl/workers/engine_workers.py). With role `actor_rollout_ref` the ref model lives in the actor's
 process on the same mesh and wrap policy, so the EMA is a local, per-shard `lerp_` with no
 communication, run after every optimizer step of the actor. verl saves the actor only
-(`save_checkpoint`), so the siamese shards and the EMA state get their own files next to it.
+(`save_checkpoint`), so the siamese shards and the EMA state get their own files next to it, and a manifest
+that makes a broken or unfinished checkpoint fail loudly (popo_verl/checkpoint.py).
 tests/test_e2e_cpu.py pins what this relies on (through verl's real trainer on the CPU).
 """
 
@@ -27,13 +28,11 @@ from verl.workers.config import ActorConfig, HFModelConfig
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
-from popo_verl import core
+from popo_verl import checkpoint, core
 from popo_verl.engines.fsdp import PopoFSDPEngine, is_predictor_param
 from popo_verl.losses import popo_actor_loss
 
 logger = logging.getLogger(__name__)
-
-SIAMESE_DIR = "popo_siamese"
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -238,18 +237,14 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         }
 
     # ------------------------------------------------------------------ checkpoints
-    def _siamese_file(self, local_path: str) -> str:
-        return os.path.join(local_path, SIAMESE_DIR, f"rank_{self.rank}_of_{self.world_size}.pt")
-
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def save_checkpoint(self, local_path, hdfs_path=None, global_step=0, max_ckpt_to_keep=None):
+        checkpoint.begin(local_path, self.rank, self.world_size)
         super().save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep)
         if self.rank == 0:  # verl's hf_model export includes the training-only predictor head
             from popo_verl.model_merger import strip_predictor_from_hf_dir
 
             strip_predictor_from_hf_dir(os.path.join(local_path, "huggingface"))
-        path = self._siamese_file(local_path)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
         targets = {n: _local(p.data).detach().cpu().clone() for n, p in self._siamese_params().items()}
         state = {
             "siamese": targets,
@@ -258,26 +253,25 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
             "last_lr": self.last_lr,
             "tau": self.tau,
         }
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)  # never leave a half-written siamese behind
+        checkpoint.commit(local_path, self.rank, self.world_size, state)
         if dist.is_initialized():
             dist.barrier()
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, local_path, hdfs_path=None, del_local_after_load=False):
-        path = self._siamese_file(local_path)
-        have = os.path.exists(path)
-        super().load_checkpoint(local_path, hdfs_path, False if have else del_local_after_load)
-        if not have:
+        siamese = checkpoint.siamese_file(local_path, self.rank, self.world_size)
+        keep = os.path.exists(siamese)
+        state = checkpoint.load(local_path, self.rank, self.world_size,
+                                partial(super().load_checkpoint, local_path, hdfs_path, False if keep else del_local_after_load))
+        if state is None:
             msg = (
-                f"POPO: no siamese state in {os.path.dirname(path)} (checkpoint from a non-POPO run, or saved with "
+                f"POPO: no siamese state in {os.path.dirname(siamese)} (checkpoint from a non-POPO run, or saved with "
                 "another number of ranks): the siamese restarts from the actor's weights"
             )
             warnings.warn(msg, stacklevel=1)
             logger.warning(msg)
             self.copy_actor_to_siamese()
             return
-        state = torch.load(path, map_location="cpu", weights_only=True)
         params = self._siamese_params()
         with torch.no_grad():
             for n, p in params.items():

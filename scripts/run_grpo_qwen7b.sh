@@ -1,17 +1,6 @@
 #!/usr/bin/env bash
-# verl's GRPO on Qwen/Qwen2.5-Math-7B: the drop-in baseline for scripts/run_popo_qwen7b.sh (same model, data,
-# rollout, lengths, batch, steps, validation and optimizer; only the algorithm differs).
+# GRPO (the drop-in baseline of run_popo_qwen7b.sh) on Qwen/Qwen2.5-Math-7B: scripts/run_grpo.sh with MODEL=qwen2.5-math SIZE=7b.
+# PRESET (paper | verl), GRPO_BASELINE (verl | paper) and every other variable of scripts/common.sh still apply.
+#   bash scripts/run_grpo_qwen7b.sh [hydra overrides]     (--cfg job prints the config, launches nothing)
 set -euo pipefail
-MODEL_PATH=${MODEL_PATH:-Qwen/Qwen2.5-Math-7B}
-EXPERIMENT_NAME=${EXPERIMENT_NAME:-grpo_qwen2.5_math_7b}
-RESPONSE_LENGTH=${RESPONSE_LENGTH:-1024}
-LR=${LR:-1e-7}
-ALGO_ARGS=(
-  algorithm.adv_estimator=grpo
-  algorithm.use_kl_in_reward=false
-  actor_rollout_ref.actor.use_kl_loss=true
-  actor_rollout_ref.actor.kl_loss_coef=0.001
-  actor_rollout_ref.actor.kl_loss_type=low_var_kl
-  actor_rollout_ref.actor.entropy_coeff=0
-)
-source "$(dirname "${BASH_SOURCE[0]}")/common_qwen_math.sh"
+MODEL=qwen2.5-math SIZE=7b exec bash "$(dirname "${BASH_SOURCE[0]}")/run_grpo.sh" "$@"

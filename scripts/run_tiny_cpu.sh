@@ -29,7 +29,7 @@ TRAIN_BATCH=${TRAIN_BATCH:-16}                 # prompts per step
 ROLLOUT_N=${ROLLOUT_N:-8}                      # G responses per prompt
 TEST_FREQ=${TEST_FREQ:-10}
 VAL_N=${VAL_N:-8}                              # held-out samples per prompt (pass@1 = their mean, pass@VAL_N)
-SAVE_FREQ=${SAVE_FREQ:--1}
+SAVE_FREQ=${SAVE_FREQ:-$TOTAL_STEPS}           # the final policy is kept (HF format too: ready for evaluate)
 LR=${LR:-1e-3}
 TEMPERATURE=${TEMPERATURE:-1.0}
 # every rank gets all its rows in one micro-batch (verl's fixed micro-batching needs a divisor)
@@ -39,20 +39,25 @@ PROJECT_NAME=${PROJECT_NAME:-popo_tiny_cpu}
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-${ALGO}_tiny}
 CKPT_DIR=${CKPT_DIR:-$PWD/checkpoints/${PROJECT_NAME}/${EXPERIMENT_NAME}}
 LOGGER=${LOGGER:-[console]}
-LOG_FILE=${LOG_FILE:-$(mktemp -t popo_tiny_XXXX.log)}
+# this invocation's full log and held-out samples (the console shows the log without its known noise)
+RUN_DIR=${RUN_DIR:-$PWD/runs/${PROJECT_NAME}/${EXPERIMENT_NAME}_$(date +%Y%m%d_%H%M%S)}
+LOG_FILE=${LOG_FILE:-$RUN_DIR/train.log}
+VAL_DIR=${VAL_DIR:-$RUN_DIR/validation}
+mkdir -p "$(dirname "$LOG_FILE")" "$VAL_DIR"
+echo "full log: $LOG_FILE"
 
 export POPO_VERL_CPU=${POPO_VERL_CPU:-1}
 export RAY_DEDUP_LOGS=${RAY_DEDUP_LOGS:-0}
 export TOKENIZERS_PARALLELISM=false
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+export PYTHONUNBUFFERED=1                      # lines reach the console and the log as they happen
 # Ray would prestart one idle Python worker per logical CPU (32 here); on 2 cores that costs minutes.
 export RAY_prestart_worker_first_driver=${RAY_prestart_worker_first_driver:-0}
 export RAY_enable_worker_prestart=${RAY_enable_worker_prestart:-0}
 
-# builds the tiny task unless cached; its last line is the path of popo_verl's reward function
-BUILD_OUT=$(python -m popo_verl.tiny build --seed "$TINY_SEED" --out "$TINY_DIR" --print-reward-file)
-echo "$BUILD_OUT" | sed '$d'
-REWARD_FILE=${REWARD_FILE:-$(echo "$BUILD_OUT" | tail -n 1)}
+# builds the tiny task unless cached (progress on stderr); stdout is the path of popo_verl's reward function
+BUILT_REWARD_FILE=$(python -m popo_verl.tiny build --seed "$TINY_SEED" --out "$TINY_DIR" --print-reward-file)
+REWARD_FILE=${REWARD_FILE:-$BUILT_REWARD_FILE}
 
 case "$ALGO" in
   popo) ALGO_ARGS=(algorithm=popo) ;;
@@ -110,6 +115,8 @@ CPU_ARGS=(
   +actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32
   +actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=fp32
   ray_kwargs.ray_init.num_cpus=32
+  # no Ray dashboard: its ten processes cost start-up time and CPU on 2 cores, and nothing here reads it
+  +ray_kwargs.ray_init.include_dashboard=false
   # one agent-loop and one reward worker: each extra Ray process costs seconds of imports on 2 cores
   actor_rollout_ref.rollout.agent.num_workers="${AGENT_WORKERS:-1}"
   reward.num_workers="${REWARD_WORKERS:-1}"
@@ -129,13 +136,36 @@ TRAINER_ARGS=(
   trainer.experiment_name="$EXPERIMENT_NAME"
   trainer.default_local_dir="$CKPT_DIR"
   trainer.resume_mode=auto
+  trainer.validation_data_dir="$VAL_DIR"       # per-sample held-out results: the summary's pass@1 counts correct ones
+  actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]
 )
 
-set +e
-python -m verl.trainer.main_ppo \
-  "${ALGO_ARGS[@]}" "${DATA_ARGS[@]}" "${MODEL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "${CPU_ARGS[@]}" "${TRAINER_ARGS[@]}" \
-  "$@" 2>&1 | tee "$LOG_FILE"
-status=${PIPESTATUS[0]}
-set -e
-python -m popo_verl.tiny.summary "$LOG_FILE" || true
+# Ctrl-C: the trainer finishes its step, saves the policy and stops (popo_verl/stop.py); a second one aborts.
+# The trainer runs in the background, deaf to SIGINT, so that the first Ctrl-C reaches this script alone.
+export POPO_STOP_FILE="$RUN_DIR/stop_requested"
+rm -f "$POPO_STOP_FILE" "$RUN_DIR/trainer.pid" "$RUN_DIR/exit_status"
+on_interrupt() {
+  if [[ -e "$POPO_STOP_FILE" ]]; then
+    echo "second Ctrl-C: aborting without saving" >&2
+    kill -TERM "$(cat "$RUN_DIR/trainer.pid" 2>/dev/null)" 2>/dev/null || true
+    return
+  fi
+  touch "$POPO_STOP_FILE"
+  echo "Ctrl-C: stopping after this step and saving the policy (Ctrl-C again to abort without saving)" >&2
+}
+trap on_interrupt INT
+(
+  trap '' INT
+  python -m verl.trainer.main_ppo \
+    "${ALGO_ARGS[@]}" "${DATA_ARGS[@]}" "${MODEL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "${CPU_ARGS[@]}" "${TRAINER_ARGS[@]}" \
+    "$@" &
+  echo $! > "$RUN_DIR/trainer.pid"
+  wait $! && echo 0 > "$RUN_DIR/exit_status" || echo $? > "$RUN_DIR/exit_status"
+) 2>&1 | python -m popo_verl.tiny.console --log "$LOG_FILE" &
+pipeline=$!
+while kill -0 "$pipeline" 2>/dev/null; do wait "$pipeline" || true; done
+trap - INT
+status=$(cat "$RUN_DIR/exit_status" 2>/dev/null || echo 1)
+python -m popo_verl.tiny.summary "$LOG_FILE" --validation-dir "$VAL_DIR" --checkpoint-dir "$CKPT_DIR" \
+  --test-data "$TINY_DIR/data/test.parquet" || true
 exit "$status"

@@ -91,22 +91,51 @@ def _random_batch(seed, n_groups=7, group_size=5, p_pos=0.5):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_positive_mask_strict_threshold():
+@pytest.mark.parametrize("mode", ["threshold", "graded"])
+def test_positive_mask_strict_threshold(mode):
     r = torch.tensor([0.0, 1.0, 0.5, -1.0, 0.5000001, 0.4999])
-    assert core.positive_mask(r).tolist() == [False, True, True, False, True, True]
-    assert core.positive_mask(r, tau_r=0.5).tolist() == [False, True, False, False, True, False]
-    assert core.positive_mask(r, tau_r=-1.0).tolist() == [True, True, True, False, True, True]
-    assert core.positive_mask(r).dtype == torch.bool
+    assert core.positive_mask(r, reward_mode=mode).tolist() == [False, True, True, False, True, True]  # tau_r None = 0
+    assert core.positive_mask(r, 0.0, mode).tolist() == [False, True, True, False, True, True]
+    assert core.positive_mask(r, tau_r=0.5, reward_mode=mode).tolist() == [False, True, False, False, True, False]
+    assert core.positive_mask(r, tau_r=-1.0, reward_mode=mode).tolist() == [True, True, True, False, True, True]
+    assert core.positive_mask(r, reward_mode=mode).dtype == torch.bool
 
 
 def test_positive_mask_accepts_lists():
     assert core.positive_mask([0, 1, 1, 0]).tolist() == [False, True, True, False]
 
 
+@pytest.mark.parametrize("mode", core.REWARD_MODES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
-def test_positive_mask_rejects_non_finite(bad):
-    with pytest.raises(ValueError):
-        core.positive_mask(torch.tensor([0.0, 1.0, bad]))
+def test_positive_mask_rejects_non_finite(bad, mode):
+    with pytest.raises(ValueError, match="NaN or inf"):
+        core.positive_mask(torch.tensor([0.0, 1.0, bad]), reward_mode=mode)
+
+
+def test_positive_mask_binary_by_default_is_reward_equals_correct():
+    r = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])
+    assert core.positive_mask(r).tolist() == [False, True, True, False, True]
+    assert core.positive_mask(r.double(), reward_mode="binary").tolist() == [False, True, True, False, True]
+    assert core.positive_mask(torch.tensor([0, 1, 1])).tolist() == [False, True, True]  # integer rewards
+
+
+@pytest.mark.parametrize("graded", [[0.0, 1.0, 0.5, 1.0], [1.0, 0.25, 0.0, 0.5, 0.25], [-1.0, 1.0], [0.0, 2.0], [1.0000001]])
+def test_positive_mask_binary_refuses_partial_credit(graded):
+    """The issue's case: 0.5 for a wrong answer was a positive at tau_r = 0. Binary mode stops instead."""
+    r = torch.tensor(graded, dtype=torch.float64)
+    with pytest.raises(core.NonBinaryRewardError) as e:
+        core.positive_mask(r)
+    off = [v for v in graded if v not in (0.0, 1.0)]
+    assert e.value.values == sorted(set(off)) and e.value.n_rows == len(off) and e.value.n_total == len(graded)
+    assert isinstance(e.value, ValueError)
+    assert core.positive_mask(r, reward_mode="threshold").tolist() == [v > 0 for v in graded]  # what tau_r = 0 did
+
+
+def test_positive_mask_binary_takes_no_threshold_and_modes_are_checked():
+    with pytest.raises(ValueError, match="tau_r=0.5"):
+        core.positive_mask(torch.tensor([0.0, 1.0]), tau_r=0.5)
+    with pytest.raises(ValueError, match="reward_mode"):
+        core.positive_mask(torch.tensor([0.0, 1.0]), reward_mode="partial")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,6 +328,110 @@ def test_length_normalized_weights_matches_loop():
         for i in rows:
             exp = (wl[i] / max(ll[i], 1.0)) / z if z > 0 else 0.0
             assert out[i] == pytest.approx(exp, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# reward_mode=graded: normalised_reward, graded_weights
+# ----------------------------------------------------------------------------------------------
+
+
+def ref_graded_weights(seq_lp, rewards, groups, tau_r=0.0, temperature=1.0, mode="softmax"):
+    """w_g(y) = exp(s/T) r~ / sum_{S+} exp(s'/T) r~',  r~ = (r - tau_r) / (max_{S+} r - tau_r),  S+ = {r > tau_r}."""
+    out = [0.0] * len(seq_lp)
+    for g in set(groups):
+        rows = [i for i, gi in enumerate(groups) if gi == g and rewards[i] > tau_r]
+        if not rows:
+            continue
+        best = max(rewards[i] for i in rows)
+        m = max(seq_lp[i] / temperature for i in rows)
+        pi = {i: 1.0 if mode == "uniform" else math.exp(seq_lp[i] / temperature - m) for i in rows}
+        rt = {i: (rewards[i] - tau_r) / (best - tau_r) for i in rows}
+        z = sum(pi[i] * rt[i] for i in rows)
+        for i in rows:
+            out[i] = pi[i] * rt[i] / z
+    return out
+
+
+def _graded_batch(seed, levels=(0.0, 0.25, 0.5, 1.0)):
+    seq_lp, _, uid = _random_batch(seed)
+    rewards = torch.from_numpy(np.random.default_rng(seed + 100).choice(levels, len(uid)))
+    return seq_lp, rewards, uid
+
+
+def _graded(seq_lp, rewards, uid, tau_r=0.0, temperature=1.0, mode="softmax"):
+    positive = core.positive_mask(rewards, tau_r, "graded")
+    w = core.popo_weights(seq_lp, positive, uid, temperature=temperature, mode=mode)
+    return core.graded_weights(w, core.normalised_reward(rewards, positive, uid, tau_r), uid), positive
+
+
+def test_normalised_reward_matches_loop_and_lies_in_0_1():
+    _, rewards, uid = _graded_batch(0)
+    for tau_r in (0.0, 0.3, -0.5):
+        positive = core.positive_mask(rewards, tau_r, "graded")
+        rt = core.normalised_reward(rewards, positive, uid, tau_r)
+        rl, ul = rewards.tolist(), uid.tolist()
+        for i, (r, g) in enumerate(zip(rl, ul)):
+            best = max(rl[j] for j, x in enumerate(ul) if x == g)
+            expected = (r - tau_r) / (best - tau_r) if r > tau_r else 0.0
+            assert rt[i].item() == pytest.approx(expected, abs=1e-12)
+        assert ((rt > 0) == positive).all() and (rt <= 1).all()
+        for g in set(ul):  # the best positive of each group with one has r~ = 1
+            rows = torch.from_numpy(uid == g) & positive
+            if rows.any():
+                assert rt[rows].max().item() == 1.0
+
+
+def test_normalised_reward_refuses_a_positive_at_or_below_tau_r():
+    with pytest.raises(ValueError, match="tau_r"):
+        core.normalised_reward(torch.tensor([0.5, 1.0]), torch.tensor([True, True]), ["a", "a"], tau_r=0.5)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("tau_r,temperature,mode", [(0.0, 1.0, "softmax"), (0.3, 0.7, "softmax"), (-0.2, 1.0, "uniform")])
+def test_graded_weights_match_loop_reference(seed, tau_r, temperature, mode):
+    seq_lp, rewards, uid = _graded_batch(seed)
+    w, positive = _graded(seq_lp, rewards, uid, tau_r, temperature, mode)
+    ref = ref_graded_weights(seq_lp.tolist(), rewards.tolist(), uid.tolist(), tau_r, temperature, mode)
+    np.testing.assert_allclose(w.numpy(), ref, rtol=1e-10, atol=1e-12)
+    for g in set(uid.tolist()):  # still a distribution over each group's positives
+        rows = torch.from_numpy(uid == g)
+        assert w[rows].sum().item() == pytest.approx(1.0 if positive[rows].any() else 0.0, abs=1e-12)
+    assert (w[~positive] == 0).all() and (w[positive] > 0).all()
+
+
+def test_graded_weights_give_partial_credit_its_share():
+    """One group: right (1.0), off by one (0.5), wrong (0.0), equal log-probs: w = 2/3, 1/3, 0. At tau_r = 0.5 the
+    near miss leaves S+ and the right answer takes all the weight."""
+    seq_lp, uid = torch.zeros(3, dtype=torch.float64), ["x"] * 3
+    rewards = torch.tensor([1.0, 0.5, 0.0], dtype=torch.float64)
+    w, _ = _graded(seq_lp, rewards, uid)
+    np.testing.assert_allclose(w.numpy(), [2 / 3, 1 / 3, 0.0], atol=1e-12)
+    w, _ = _graded(seq_lp, rewards, uid, tau_r=0.5)
+    np.testing.assert_allclose(w.numpy(), [1.0, 0.0, 0.0], atol=1e-12)
+    # softmax and credit multiply: a likelier near miss can outweigh a less likely right answer
+    w, _ = _graded(torch.tensor([-2.0, -0.5, -1.0], dtype=torch.float64), rewards, uid)
+    a, b = math.exp(-2.0) * 1.0, math.exp(-0.5) * 0.5
+    np.testing.assert_allclose(w.numpy(), [a / (a + b), b / (a + b), 0.0], atol=1e-12)
+
+
+def test_graded_weights_reduce_to_popo_weights_on_binary_rewards_and_ignore_the_scale():
+    seq_lp, rewards, uid = _graded_batch(5, levels=(0.0, 1.0))
+    positive = core.positive_mask(rewards)
+    w_binary = core.popo_weights(seq_lp, positive, uid)
+    w, _ = _graded(seq_lp, rewards, uid)
+    np.testing.assert_allclose(w.numpy(), w_binary.numpy(), atol=1e-12)
+    _, graded, _ = _graded_batch(6)
+    w1, _ = _graded(seq_lp, graded, uid, tau_r=0.2)
+    w10, _ = _graded(seq_lp, graded * 10, uid, tau_r=2.0)  # a verifier that scores out of 10
+    np.testing.assert_allclose(w1.numpy(), w10.numpy(), atol=1e-12)
+
+
+def test_graded_weight_vanishes_as_the_reward_comes_down_to_tau_r():
+    """No jump at the edge of S+: a reward just above tau_r gets a weight close to 0, not one proportional to tau_r."""
+    seq_lp, uid = torch.zeros(2, dtype=torch.float64), ["x", "x"]
+    weights = [_graded(seq_lp, torch.tensor([1.0, 0.3 + eps], dtype=torch.float64), uid, tau_r=0.3)[0][1].item()
+               for eps in (0.1, 1e-3, 1e-6)]
+    assert weights[0] > weights[1] > weights[2] and weights[2] < 1e-5
 
 
 # ----------------------------------------------------------------------------------------------

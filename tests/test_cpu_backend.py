@@ -48,19 +48,32 @@ def test_stock_platform_when_cuda_present():
     assert r.stdout.split()[-5:] == ["cuda", "False", "False", "None", "True"]
 
 
-def test_force_env_overrides_cuda_detection():
+_FAKE_GPU_MACHINE = """
+    import torch
+    torch.cuda.is_available = lambda: True          # what a GPU machine answers ...
+    from verl.plugin.platform.platform_cuda import PlatformCUDA
+    PlatformCUDA.check_smi_command = lambda self, path: True   # ... and its nvidia-smi runs
+    import shutil
+    _which = shutil.which
+    shutil.which = lambda cmd, *a, **k: "/usr/bin/nvidia-smi" if cmd == "nvidia-smi" else _which(cmd, *a, **k)
+"""
+
+
+@pytest.mark.parametrize("flag, device", [("1", "cpu"), ("", "cuda")])
+def test_force_env_overrides_cuda_detection(flag, device):
+    """POPO_VERL_CPU=1 forces the CPU on a GPU machine, where verl's CUDA platform (probed first, through
+    nvidia-smi) would otherwise win; without the flag the GPU machine keeps verl's CUDA platform."""
     r = _run(
-        """
-        import torch
-        torch.cuda.is_available = lambda: True
-        import verl
-        from verl.utils.device import get_device_name
-        print(get_device_name())
-        """,
-        {"POPO_VERL_CPU": "1"},
+        _FAKE_GPU_MACHINE
+        + """
+    import os
+    from verl.plugin.platform import get_platform
+    print(get_platform().device_name, os.environ.get("VERL_PLATFORM"))
+    """,
+        {"POPO_VERL_CPU": flag} if flag else {},
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split()[-1] == "cpu"
+    assert r.stdout.split()[-2:] == [device, "cpu" if flag else "None"]
 
 
 def test_gloo_process_group_and_unpinned_offload():

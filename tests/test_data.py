@@ -6,7 +6,8 @@ unique_id), HuggingFaceH4/aime_2024 (id/problem/solution/answer/url/year),
 Maxwell-Jia/AIME_2024 (ID/Problem/Solution/Answer int), math-ai/aime24 (answer only
 boxed in the solution), yentinglin/aime_2025, opencompass/AIME2025 (question/answer),
 math-ai/amc23 (question/answer float), math-ai/olympiadbench (question/final_answer list,
-context, ...).
+context, ...), openai/gsm8k (question/answer ending "#### <number>"), MATH train
+(problem/level/type/solution, the answer boxed in the solution).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import pytest
 from popo_verl.data import (
     PROMPT_SUFFIX,
     SOURCES,
+    SYSTEM_PROMPT,
     convert_records,
     load_local,
     load_source,
@@ -40,6 +42,9 @@ LOCAL = {
     "aime25": FIX / "aime25.jsonl",
     "amc23": FIX / "amc23.jsonl",
     "olympiadbench": FIX / "olympiadbench.jsonl",
+    "gsm8k_train": FIX / "gsm8k_train.jsonl",
+    "math_train": FIX / "math_train.jsonl",
+    "gsm8k_test": FIX / "gsm8k_test.jsonl",
 }
 
 EXPECTED_GOLDS = {
@@ -49,6 +54,9 @@ EXPECTED_GOLDS = {
     "aime25": ["70", "588", "735"],
     "amc23": ["27", "36", "45", "9"],
     "olympiadbench": ["2", "2, 3", "\\frac{1}{2}", "2^{1009}", "(1,2]"],
+    "gsm8k_train": ["72", "10", "3,600"],  # the row whose answer lost its "#### " line is dropped
+    "math_train": ["0", "10", "20\\sqrt3"],  # the row whose solution has no box is dropped
+    "gsm8k_test": ["18", "3"],
 }
 
 COLUMNS = ["data_source", "prompt", "ability", "reward_model", "extra_info"]
@@ -75,6 +83,9 @@ def test_cli_writes_all_files(prepared, capsys):
     assert names == sorted(
         [
             "train.parquet",
+            "gsm8k_train.parquet",
+            "math_train.parquet",
+            "gsm8k_test.parquet",
             "math500.parquet",
             "aime24.parquet",
             "aime25.parquet",
@@ -88,23 +99,42 @@ def test_cli_writes_all_files(prepared, capsys):
 
 def test_schema_and_golds(prepared):
     for name, golds in EXPECTED_GOLDS.items():
-        fname = "train.parquet" if name == "deepscaler" else f"{name}.parquet"
-        df = _read(prepared / fname)
+        df = _read(prepared / SOURCES[name].output_file)
         assert list(df.columns) == COLUMNS
         assert (df["data_source"] == SOURCES[name].data_source).all()
         assert (df["ability"] == "math").all()
         assert [rm["style"] for rm in df["reward_model"]] == ["rule"] * len(df)
         assert [rm["ground_truth"] for rm in df["reward_model"]] == golds, name
-        split = "train" if name == "deepscaler" else "test"
         infos = list(df["extra_info"])
         assert [i["index"] for i in infos] == list(range(len(df)))
-        assert {i["split"] for i in infos} == {split}
+        assert {i["split"] for i in infos} == {SOURCES[name].split}
         assert [i["answer"] for i in infos] == golds
-        for prompt, info in zip(df["prompt"], infos):
-            assert len(prompt) == 1 and prompt[0]["role"] == "user"
-            content = prompt[0]["content"]
-            assert content == info["problem"] + " " + PROMPT_SUFFIX
-            assert content.endswith("Let's think step by step and output the final answer within \\boxed{}.")
+        for prompt, info in zip(df["prompt"], infos):  # the default style: the reference's system prompt
+            assert [m["role"] for m in prompt] == ["system", "user"]
+            assert prompt[0]["content"] == "Please reason step by step, and put your final answer within \\boxed{}."
+            assert prompt[1]["content"] == info["problem"]
+
+
+@pytest.mark.parametrize(
+    "style,expected",
+    [
+        ("system", lambda q: [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": q}]),
+        ("suffix", lambda q: [{"role": "user", "content": q + " " + PROMPT_SUFFIX}]),
+        ("bare", lambda q: [{"role": "user", "content": q}]),
+    ],
+)
+def test_prompt_styles(tmp_path, style, expected):
+    rc = main(["prepare", "--out", str(tmp_path), "--sources", "gsm8k_test", "--prompt-style", style,
+               "--local", f"gsm8k_test={LOCAL['gsm8k_test']}"])  # fmt: skip
+    assert rc == 0
+    df = _read(tmp_path / "gsm8k_test.parquet")
+    for prompt, info in zip(df["prompt"], df["extra_info"]):
+        assert [dict(m) for m in prompt] == expected(info["problem"])
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    assert man["prompt_style"] == style and man["system_prompt"] == (SYSTEM_PROMPT if style == "system" else None)
+    with pytest.raises(ValueError, match="prompt style"):
+        prepare(tmp_path, ["gsm8k_test"], local={"gsm8k_test": str(LOCAL["gsm8k_test"])}, prompt_style="nope",
+                verbose=False)  # fmt: skip
 
 
 def test_ids_and_context(prepared):
@@ -119,15 +149,17 @@ def test_ids_and_context(prepared):
 
 def test_combined_test_file_and_manifest(prepared):
     test = _read(prepared / "test.parquet")
-    n = sum(len(v) for k, v in EXPECTED_GOLDS.items() if k != "deepscaler")
-    assert len(test) == n
-    assert sorted(set(test["data_source"])) == sorted(k for k in EXPECTED_GOLDS if k != "deepscaler")
+    tests = [k for k in EXPECTED_GOLDS if SOURCES[k].split == "test"]
+    assert len(test) == sum(len(EXPECTED_GOLDS[k]) for k in tests)
+    assert sorted(set(test["data_source"])) == sorted(SOURCES[k].data_source for k in tests)
     man = json.loads((prepared / "manifest.json").read_text())
-    assert man["train_files"] == [str((prepared / "train.parquet").resolve())]
-    assert [Path(f).name for f in man["val_files"]] == [f"{k}.parquet" for k in SOURCES if k != "deepscaler"]
-    assert all(Path(f).is_file() for f in man["val_files"])
+    assert [Path(f).name for f in man["train_files"]] == ["train.parquet", "gsm8k_train.parquet", "math_train.parquet"]
+    assert [Path(f).name for f in man["val_files"]] == [f"{k}.parquet" for k in SOURCES if SOURCES[k].split == "test"]
+    assert all(Path(f).is_file() for f in man["train_files"] + man["val_files"])
     assert man["sources"]["deepscaler"]["rows"] == 4
     assert man["sources"]["deepscaler"]["dropped"] == 1
+    assert (man["sources"]["gsm8k_train"]["rows"], man["sources"]["gsm8k_train"]["dropped"]) == (3, 1)
+    assert man["sources"]["math_train"]["answer_column"] == "solution[boxed]"
     assert man["sources"]["amc23"]["problem_column"] == "question"
     assert man["sources"]["olympiadbench"]["answer_column"] == "final_answer"
 
@@ -155,7 +187,7 @@ def test_repeated_local_flags(tmp_path):
 
 def test_every_gold_is_scored_correct_by_the_reward(prepared):
     """Data and reward agree: a completion boxing the gold gets 1.0, a wrong one 0.0."""
-    for f in ("train.parquet", "test.parquet"):
+    for f in ("train.parquet", "gsm8k_train.parquet", "math_train.parquet", "test.parquet"):
         df = _read(prepared / f)
         for ds, rm in zip(df["data_source"], df["reward_model"]):
             gold = rm["ground_truth"]
@@ -166,6 +198,8 @@ def test_every_gold_is_scored_correct_by_the_reward(prepared):
     assert compute_score("olympiadbench", "\\boxed{3, 2}", "2, 3") == 1.0
     assert compute_score("olympiadbench", "\\boxed{0.5}", "\\frac{1}{2}") == 1.0
     assert compute_score("amc23", "\\boxed{27}", "27") == 1.0
+    assert compute_score("gsm8k", "\\boxed{3600}", "3,600") == 1.0
+    assert compute_score("math", "\\boxed{20\\sqrt{3}}", "20\\sqrt3") == 1.0
 
 
 def test_verl_rlhf_dataset_reads_output(prepared, tmp_path):
@@ -194,13 +228,13 @@ def test_verl_rlhf_dataset_reads_output(prepared, tmp_path):
         }
     )
     ds = RLHFDataset(man["val_files"], tok, cfg)
-    assert len(ds) == sum(len(v) for k, v in EXPECTED_GOLDS.items() if k != "deepscaler")
+    assert len(ds) == sum(len(v) for k, v in EXPECTED_GOLDS.items() if SOURCES[k].split == "test")
     row = ds[0]
-    assert row["raw_prompt"][0]["role"] == "user"
+    assert [m["role"] for m in row["raw_prompt"]] == ["system", "user"]
     assert row["reward_model"]["ground_truth"] == EXPECTED_GOLDS["math500"][0]
     assert row["index"] == 0
     train = RLHFDataset(man["train_files"], tok, cfg)
-    assert len(train) == 4
+    assert len(train) == sum(len(v) for k, v in EXPECTED_GOLDS.items() if SOURCES[k].split == "train")
 
 
 # --------------------------------------------------------------------------- schema variants
@@ -343,13 +377,16 @@ def test_hub_real_ids_first_choice(tmp_path, monkeypatch):
             ("yentinglin/aime_2025", None, "train"): load_local(LOCAL["aime25"]),
             ("math-ai/amc23", None, "test"): load_local(LOCAL["amc23"]),
             ("math-ai/olympiadbench", None, "test"): ob,
+            ("openai/gsm8k", "main", "train"): load_local(LOCAL["gsm8k_train"]),
+            ("openai/gsm8k", "main", "test"): load_local(LOCAL["gsm8k_test"]),
+            ("hendrycks/competition_math", None, "train"): load_local(LOCAL["math_train"]),
         }
     )
     monkeypatch.setattr(datasets, "load_dataset", fake)
     man = prepare(tmp_path, verbose=False)
-    assert len(fake.calls) == 6
+    assert len(fake.calls) == 9
     for name, golds in EXPECTED_GOLDS.items():
-        fname = "train.parquet" if name == "deepscaler" else f"{name}.parquet"
+        fname = SOURCES[name].output_file
         assert [rm["ground_truth"] for rm in _read(tmp_path / fname)["reward_model"]] == golds, name
     assert man["sources"]["math500"]["origin"] == "HuggingFaceH4/MATH-500:test"
 
@@ -382,6 +419,32 @@ def test_hub_falls_back_to_mirrors(monkeypatch):
     recs, origin = load_source(SOURCES["olympiadbench"])
     assert origin == "Hothan/OlympiadBench[OE_TO_maths_en_COMP]:train"
     assert convert_records(SOURCES["olympiadbench"], recs, origin).rows[0]["reward_model"]["ground_truth"] == "7"
+
+
+def test_math_train_falls_back_to_the_per_subject_mirror(monkeypatch):
+    """hendrycks/competition_math, the reference's copy, is gone from the hub: EleutherAI's per-subject configs
+    are read and concatenated in order."""
+    import datasets
+
+    recs = load_local(LOCAL["math_train"])
+    fake = _FakeHub({("EleutherAI/hendrycks_math", "algebra", "train"): recs[:2],
+                     ("EleutherAI/hendrycks_math", "intermediate_algebra", "train"): recs[2:]})  # fmt: skip
+    for cfg in ("counting_and_probability", "geometry", "number_theory", "prealgebra", "precalculus"):
+        fake.available[("EleutherAI/hendrycks_math", cfg, "train")] = []
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    got, origin = load_source(SOURCES["math_train"])
+    assert origin.startswith("EleutherAI/hendrycks_math[algebra,counting_and_probability,")
+    assert [c[0] for c in fake.calls[:2]] == ["hendrycks/competition_math", "DigitalLearningGmbH/MATH-lighteval"]
+    conv = convert_records(SOURCES["math_train"], got, origin)
+    assert [r["reward_model"]["ground_truth"] for r in conv.rows] == EXPECTED_GOLDS["math_train"]
+
+
+def test_gsm8k_gold_is_the_number_after_the_last_marker():
+    recs = [{"question": "q1", "answer": "a #### b\n#### 1,234"}, {"question": "q2", "answer": "#### -7"},
+            {"question": "q3", "answer": "no marker: 12"}]  # fmt: skip
+    conv = convert_records(SOURCES["gsm8k_train"], recs, "x")
+    assert [r["reward_model"]["ground_truth"] for r in conv.rows] == ["1,234", "-7"] and conv.dropped == 1
+    assert conv.rows[0]["data_source"] == "gsm8k" and conv.rows[0]["extra_info"]["split"] == "train"
 
 
 def test_hub_unreachable_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -1,9 +1,10 @@
-"""popo_verl.evaluate: the estimators against brute force, and a real run on the tiny model."""
+"""popo_verl.evaluate: the estimators against brute force, the presets and the CLI, real runs on tiny models."""
 
 import itertools
 import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -40,8 +41,9 @@ def test_majority_vote():
     assert ev.majority_answer(["nothing here"]) is None
     recs = [{"data_source": "s", "ground_truth": "4", "responses": ["\\boxed{4}", "\\boxed{3}", "\\boxed{4}"],
              "lengths": [5, 5, 5], "scores": [1.0, 0.0, 1.0]}]
-    row = ev.summarise(recs, 3)["s"]
-    assert row["maj@3"] == 1.0 and row["avg@n"] == pytest.approx(2 / 3) and row["pass@1"] == pytest.approx(2 / 3)
+    row = ev.summarise(recs)["s"]
+    assert row["n"] == 3 and row["maj@n"] == 1.0
+    assert row["avg@n"] == pytest.approx(2 / 3) and row["pass@1"] == pytest.approx(2 / 3)
 
 
 def test_evaluate_tiny_model_end_to_end(tmp_path):
@@ -66,3 +68,161 @@ def test_evaluate_tiny_model_end_to_end(tmp_path):
     rows = pd.read_parquet(built["test"]).to_dict("records")[:32]
     ref = greedy_pass_at_1(AutoModelForCausalLM.from_pretrained(built["model"]), AutoTokenizer.from_pretrained(built["model"]), rows)
     assert greedy == pytest.approx(ref)
+
+
+def test_summarise_refuses_mixed_n_within_a_benchmark():
+    recs = [{"data_source": "s", "ground_truth": "1", "responses": ["a"] * n, "lengths": [1] * n, "scores": [0.0] * n}
+            for n in (2, 3)]  # fmt: skip
+    with pytest.raises(ValueError, match="same number of samples"):
+        ev.summarise(recs)
+
+
+# ------------------------------------------------------------------------------------ presets and the CLI
+def test_help_describes_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        ev.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for action in ev.build_parser()._actions:
+        if action.dest == "help":
+            continue
+        assert action.help and "default" in action.help, action.dest
+        assert action.option_strings[0] in text
+    # the preset-driven defaults are spelled out, each preset's value by name
+    assert "paper 10, greedy 1, verl 16; for AIME paper 128, greedy 1, verl 16" in text
+    assert "paper 0.7, greedy 0.0, verl 0.6" in text and "paper 4096, greedy 4096, verl 1024" in text
+
+
+@pytest.fixture
+def captured_evaluate(monkeypatch, tmp_path):
+    calls = []
+
+    def fake(model, data, **kw):
+        calls.append(kw)
+        return {"benchmarks": {}}
+
+    monkeypatch.setattr(ev, "evaluate", fake)
+    data = tmp_path / "aime24.parquet"
+    data.write_bytes(b"")
+    return calls, ["--model", "m", "--data", str(data), "--out", str(tmp_path / "o")]
+
+
+@pytest.mark.parametrize(
+    "preset,expected",
+    [
+        ("paper", dict(n=10, n_aime=128, temperature=0.7, top_p=0.95, max_new_tokens=4096, verifier="whole")),
+        ("greedy", dict(n=1, n_aime=1, temperature=0.0, top_p=1.0, max_new_tokens=4096, verifier="whole")),
+        ("verl", dict(n=16, n_aime=16, temperature=0.6, top_p=0.95, max_new_tokens=1024, verifier="last-boxed")),
+    ],
+)
+def test_preset_sets_the_protocol(captured_evaluate, preset, expected):
+    calls, args = captured_evaluate
+    assert ev.main(args + ["--preset", preset]) == 0
+    assert {k: calls[0][k] for k in expected} == expected and calls[0]["preset"] == preset
+
+
+def test_explicit_options_override_the_preset(captured_evaluate):
+    calls, args = captured_evaluate
+    ev.main(args + ["--n", "4", "--temperature", "1.0", "--verifier", "last-boxed", "--chat-template", "r1"])
+    assert calls[0]["n"] == calls[0]["n_aime"] == 4 and calls[0]["temperature"] == 1.0
+    assert calls[0]["verifier"] == "last-boxed" and calls[0]["template"] == "r1"
+    assert calls[0]["max_new_tokens"] == 4096  # still the paper preset's
+    ev.main(args)
+    assert calls[1]["template"] is None  # the tokenizer's own chat template
+
+
+def test_whole_completion_verifier_is_the_references():
+    """math-verify over the whole completion: an unboxed final expression counts, which last-boxed does not see."""
+    unboxed = "Adding them gives 12, and halving gives x = 6"
+    assert ev.compute_score("s", unboxed, "6", verifier="whole") == 1.0
+    assert ev.compute_score("s", unboxed, "6", verifier="last-boxed") == 0.0
+    for verifier in ev.VERIFIERS:  # both agree on a box
+        assert ev.compute_score("s", "so \\boxed{\\frac{1}{2}}", "0.5", verifier=verifier) == 1.0
+        assert ev.compute_score("s", "so \\boxed{3}", "4", verifier=verifier) == 0.0
+    with pytest.raises(ValueError, match="verifier"):
+        ev.compute_score("s", "\\boxed{1}", "1", verifier="nope")
+
+
+# ------------------------------------------------------------------------------------ runs on a tiny model
+@pytest.fixture(scope="module")
+def char_model(tmp_path_factory):
+    """A random 1-layer Qwen3 with a character-level tokenizer that keeps chat-template markers whole."""
+    import string
+
+    import torch
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+
+    specials = ["<pad>", "<eos>", "<|im_start|>", "<|im_end|>"]
+    vocab = {t: i for i, t in enumerate(specials + sorted(set(string.printable)))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
+                                  additional_special_tokens=specials[2:])  # fmt: skip
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>{% endif %}")  # fmt: skip
+    cfg = Qwen3Config(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=2048,
+                      eos_token_id=1, pad_token_id=0, bos_token_id=0)  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("char_model") / "CharQwen-tiny"
+    Qwen3ForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def bench_files(tmp_path_factory):
+    from popo_verl.data import prepare
+
+    out = tmp_path_factory.mktemp("bench")
+    fix = Path(__file__).parent / "fixtures" / "data"
+    prepare(out, ["aime24", "math500"], local={"aime24": fix / "aime24.jsonl", "math500": fix / "math500.jsonl"},
+            limit=2, verbose=False)  # fmt: skip
+    return [str(out / "aime24.parquet"), str(out / "math500.parquet")]
+
+
+def test_aime_gets_its_own_n_and_the_plot_names_model_and_data(char_model, bench_files, tmp_path):
+    from PIL import Image
+
+    res = ev.evaluate(char_model, bench_files, n=2, n_aime=4, temperature=1.0, top_p=0.95, max_new_tokens=6,
+                      out_dir=str(tmp_path), show_progress=False, verifier="whole", template="qwen_math",
+                      preset="paper")  # fmt: skip
+    aime, m500 = res["benchmarks"]["aime24"], res["benchmarks"]["math500"]
+    assert (aime["n"], aime["problems"], m500["n"], m500["problems"]) == (4, 2, 2, 2)
+    assert "pass@4" in aime and "pass@4" not in m500
+    assert 0 < m500["mean_response_tokens"] <= 6
+    table = (tmp_path / "eval.md").read_text().splitlines()
+    header = [c.strip() for c in table[0].split("|")]
+    m500_cells = [c.strip() for c in next(r for r in table if r.startswith("| math500")).split("|")]
+    assert m500_cells[header.index("pass@4")] == "-" and m500_cells[header.index("n")] == "2"
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["data"] == ["aime24.parquet", "math500.parquet"] and saved["verifier"] == "whole"
+    title = Image.open(tmp_path / "pass_at_k.png").text["Title"]
+    assert title.startswith("CharQwen-tiny on aime24, math500")
+    assert "preset paper" in title and "T=1" in title and "whole verifier" in title
+
+
+def test_greedy_draws_once_per_problem(char_model, bench_files):
+    res = ev.evaluate(char_model, bench_files[1:], n=3, temperature=0.0, max_new_tokens=5, show_progress=False,
+                      limit=2)  # fmt: skip
+    row = res["benchmarks"]["math500"]
+    assert row["n"] == 3 and row["avg@n"] in (0.0, 0.5, 1.0)  # three identical answers per problem
+    assert row["pass@1"] == row["pass@3"]
+
+
+@pytest.mark.parametrize("name", ["qwen_math", "r1", "llama", "deepseek"])
+def test_prompts_use_the_named_template(char_model, bench_files, name):
+    import pandas as pd
+
+    from popo_verl.templates import chat_template
+
+    row = pd.read_parquet(bench_files[1]).to_dict("records")[0]
+    tok = ev.load_tokenizer(char_model, name)
+    assert tok.chat_template == chat_template(name)
+    text = tok.decode(ev.prompt_ids(tok, [row])[0])
+    system, problem = (m["content"] for m in row["prompt"])
+    assert system in text and text.index(system) < text.index(problem)
+    assert text.endswith({"qwen_math": "<|im_start|>assistant\n", "r1": "Assistant: <think>",
+                          "llama": "<|start_header_id|>assistant<|end_header_id|>\n\n", "deepseek": "Assistant: "}[name])

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 from popo_verl.config import PopoConfig, get_popo_config, popo_defaults, validate_popo_config
 
 POPO_MD_DEFAULTS = dict(
-    alpha=0.1, beta=0.01, tau=0.995, tau_r=0.0, weight_mode="softmax", weight_temperature=1.0,
+    alpha=0.1, beta=0.01, tau=0.995, reward_mode="binary", tau_r=None, weight_mode="softmax", weight_temperature=1.0,
     length_normalize_weights=False, feature_noise_std=0.02, predictor_hidden_dim=1024, predictor_layers=2,
     entropy_on="positives", positives_only_update=True,
 )
@@ -80,6 +80,8 @@ def test_defaults_match_popo_md():
         ("implicit_negative_interval", -1, "algorithm.popo.implicit_negative_interval"),
         ("nll_norm", "row", "algorithm.popo.nll_norm"),
         ("predictor_clip_grad", -1.0, "algorithm.popo.predictor_clip_grad"),
+        ("reward_mode", "partial", "algorithm.popo.reward_mode must be one of"),
+        ("tau_r", 0.5, r"algorithm.popo.tau_r=0.5 is a reward threshold.*algorithm.popo.reward_mode=threshold"),
     ],
 )
 def test_bad_values_fail_naming_the_key(key, value, match):
@@ -140,3 +142,31 @@ def test_composed_bad_value_is_caught():
         validate_popo_config(cfg)
     with pytest.raises(ValueError, match="unknown keys"):
         get_popo_config(OmegaConf.create({"algorithm": {"popo": {"taux": 1}}}))
+
+
+def test_reward_modes_validate_and_resolve_tau_r():
+    """binary (the default) takes no threshold, not even the old default 0.0 (a config that sets one has to say
+    which mode it means); threshold and graded read an unset tau_r as 0.0, the paper's."""
+    base = {"algorithm": {"popo": dict(POPO_MD_DEFAULTS)}, "actor_rollout_ref": {"rollout": {"n": 8}}}
+    cfg = OmegaConf.create(base)
+    assert validate_popo_config(cfg).reward_threshold is None
+    cfg.algorithm.popo.tau_r = 0.0
+    with pytest.raises(ValueError, match="reward_mode=graded"):
+        validate_popo_config(cfg)
+    for mode in ("threshold", "graded"):
+        cfg.algorithm.popo.reward_mode = mode
+        cfg.algorithm.popo.tau_r = None
+        assert validate_popo_config(cfg).reward_threshold == 0.0
+        cfg.algorithm.popo.tau_r = 0.3
+        assert validate_popo_config(cfg).reward_threshold == 0.3
+        cfg.algorithm.popo.tau_r = float("inf")
+        with pytest.raises(ValueError, match="algorithm.popo.tau_r must be finite"):
+            validate_popo_config(cfg)
+
+
+def test_composed_reward_mode_defaults_and_overrides():
+    cfg = OmegaConf.create(compose("algorithm=popo"))
+    assert cfg.algorithm.popo.reward_mode == "binary" and cfg.algorithm.popo.tau_r is None
+    cfg = OmegaConf.create(compose("algorithm=popo", "algorithm.popo.reward_mode=graded", "algorithm.popo.tau_r=0.3"))
+    popo = validate_popo_config(cfg)
+    assert (popo.reward_mode, popo.tau_r, popo.reward_threshold) == ("graded", 0.3, 0.3)

@@ -1,25 +1,48 @@
-"""The paper's run scripts: POPO and its GRPO baseline differ only in algorithm keys; the recipe entry."""
+"""The paper's run scripts, read back from `--cfg job`: each preset's values are the reference's, POPO and its GRPO
+twin differ only in algorithm keys for every model and preset, ablations and sweeps change one knob each, and a
+run without GPU or model fails in seconds, saying which. Also: the recipe entry composes like main_ppo."""
 
+import functools
 import os
+import re
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
+from popo_verl.config import validate_popo_config
+from popo_verl.templates import chat_template
+
 ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
 ALLOWED_PREFIXES = (
     "algorithm.",
     "actor_rollout_ref.actor.policy_loss.",
     "actor_rollout_ref.actor.use_kl_loss",
     "actor_rollout_ref.actor.kl_loss",
     "actor_rollout_ref.actor.entropy_coeff",
+    # the paper's TRL baseline averages per sequence (GRPO_BASELINE=paper); POPO keeps token-mean (its own
+    # per-sequence option is algorithm.popo.nll_norm), so this is an algorithm key of the twin
+    "actor_rollout_ref.actor.loss_agg_mode",
     "actor_rollout_ref.ref.",
     "trainer.v1.trainer_mode",
     "trainer.experiment_name",
     "trainer.default_local_dir",
 )
+# (MODEL, SIZE) -> (hub id, prompt template); the Qwen-Math pair is composed through the historical script names
+MODELS = {
+    ("qwen2.5-math", "7b"): ("Qwen/Qwen2.5-Math-7B", "qwen_math"),
+    ("qwen2.5-math", "1.5b"): ("Qwen/Qwen2.5-Math-1.5B", "qwen_math"),
+    ("r1-distill", "1.5b"): ("deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B", "r1"),
+    ("r1-distill", "7b"): ("deepseek-ai/DeepSeek-R1-Distill-Qwen-7B", "r1"),
+    ("llama3.1-instruct", "8b"): ("meta-llama/Llama-3.1-8B-Instruct", "llama"),
+    ("deepseek-math", "7b"): ("deepseek-ai/deepseek-math-7b-base", "deepseek"),
+}
+A = "actor_rollout_ref."
 
 
 def _flat(cfg, prefix=""):
@@ -33,48 +56,286 @@ def _flat(cfg, prefix=""):
     return out
 
 
-def _compose(script: str, env_extra=None) -> dict:
-    env = dict(os.environ, **(env_extra or {}))
-    r = subprocess.run(["bash", str(ROOT / "scripts" / script), "--cfg", "job"], capture_output=True, text=True,
-                       env=env, timeout=300, cwd="/")
+def _run(script, *args, env=None, timeout=300):
+    return subprocess.run(["bash", str(SCRIPTS / script), *args], capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **(env or {})), cwd="/")  # fmt: skip
+
+
+def _docs(stdout: str) -> list[dict]:
+    """The configs a script prints with --cfg job (ablate.sh / sweep.sh print one per variant)."""
+    docs = [d for d in re.split(r"^# variant .*\n", stdout, flags=re.M) if d.strip()]
+    return [OmegaConf.to_container(OmegaConf.create(d), resolve=False) for d in docs]
+
+
+@functools.lru_cache(maxsize=None)
+def _cfg_job(script, env_items=(), args=()) -> tuple:
+    """What the script prints with --cfg job: verl's own composition, one verl start-up per config (seconds)."""
+    r = _run(script, *args, "--cfg", "job", env=dict(env_items))
     assert r.returncode == 0, r.stderr[-3000:]
-    return _flat(OmegaConf.to_container(OmegaConf.create(r.stdout), resolve=False))
+    return tuple(_docs(r.stdout))
 
 
-@pytest.mark.parametrize("size", ["7b", "1.5b"])
-def test_popo_and_grpo_differ_only_in_algorithm_keys(size):
-    popo, grpo = _compose(f"run_popo_qwen{size}.sh"), _compose(f"run_grpo_qwen{size}.sh")
-    differing = {k for k in set(popo) | set(grpo) if popo.get(k) != grpo.get(k)}
+# Stands in for `python` on the scripts' PATH: records verl's command line, runs anything else for real.
+PYTHON_SHIM = """#!/usr/bin/env bash
+if [[ "${1:-}" == -m && "${2:-}" == verl.trainer.main_ppo ]]; then
+  shift 2
+  printf '%s\\0' "$@" > "$POPO_TEST_ARGS_DIR/$(printf %04d "$(ls "$POPO_TEST_ARGS_DIR" | wc -l)")"
+  exit 0
+fi
+exec REAL_PYTHON "$@"
+"""
+
+
+def _hydra_compose(overrides: list[str]) -> dict:
+    import verl
+    from hydra import compose, initialize_config_dir
+
+    # main_ppo's own config (hydra.main(config_path="config", config_name="ppo_trainer")), search-path plugins included
+    with initialize_config_dir(config_dir=str(Path(verl.__file__).parent / "trainer" / "config"), version_base=None):
+        return OmegaConf.to_container(compose("ppo_trainer", overrides=overrides), resolve=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _compose_all(script, env_items=(), args=()) -> tuple:
+    """The configs of the verl command lines the script builds, composed in this process: what --cfg job prints
+    (test_shim_composes_like_cfg_job), without a verl start-up per config."""
+    with tempfile.TemporaryDirectory() as d:
+        shim_dir, args_dir = Path(d, "bin"), Path(d, "args")
+        shim_dir.mkdir(), args_dir.mkdir()
+        (shim_dir / "python").write_text(PYTHON_SHIM.replace("REAL_PYTHON", sys.executable))
+        (shim_dir / "python").chmod(0o755)
+        env = dict(env_items, PATH=f"{shim_dir}:{os.environ['PATH']}", POPO_TEST_ARGS_DIR=str(args_dir))
+        r = _run(script, *args, "--cfg", "job", env=env)
+        assert r.returncode == 0, r.stderr[-3000:]
+        calls = [f.read_bytes().decode().split("\0")[:-1] for f in sorted(args_dir.iterdir())]
+    assert calls and all(c[-2:] == ["--cfg", "job"] for c in calls)  # passed last, as any user override
+    return tuple(_hydra_compose(c[:-2]) for c in calls)
+
+
+def _compose(script, **env) -> dict:
+    (cfg,) = _compose_all(script, tuple(sorted(env.items())))
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "script,env,args",
+    [
+        ("run_popo_qwen7b.sh", {}, ()),
+        ("run_popo_qwen1.5b.sh", {}, ()),
+        # --cfg job needs neither a GPU nor the model
+        ("run_grpo_qwen7b.sh", {"GRPO_BASELINE": "paper", "MODEL_PATH": "/nonexistent", "CUDA_VISIBLE_DEVICES": ""}, ()),
+        ("ablate.sh", {"SCRIPT": str(SCRIPTS / "run_popo_qwen1.5b.sh")}, ("uniform",)),
+        ("sweep.sh", {"VALUES": "0.99"}, ("tau",)),
+    ],
+)
+def test_shim_composes_like_cfg_job(script, env, args):
+    """The scripts compose for real with --cfg job, to the configs the other tests read faster."""
+    key = (script, tuple(sorted(env.items())), args)
+    assert _cfg_job(*key) == _compose_all(*key)
+
+
+def _twin(algo, model, size, **env):
+    if model == "qwen2.5-math":
+        return _compose(f"run_{algo}_qwen{size}.sh", **env)
+    return _compose(f"run_{algo}.sh", MODEL=model, SIZE=size, **env)
+
+
+def _differing(a, b):
+    fa, fb = _flat(a), _flat(b)
+    return {k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k)}
+
+
+@pytest.mark.parametrize("preset", ["paper", "verl"])
+@pytest.mark.parametrize("model,size", list(MODELS))
+def test_popo_and_grpo_twins_differ_only_in_algorithm_keys(model, size, preset):
+    popo, grpo = _twin("popo", model, size, PRESET=preset), _twin("grpo", model, size, PRESET=preset)
+    differing = _differing(popo, grpo)
     assert differing, "the two scripts must differ somewhere"
     stray = sorted(k for k in differing if not k.startswith(ALLOWED_PREFIXES))
     assert not stray, stray
-    assert popo["algorithm.adv_estimator"] == "popo" and grpo["algorithm.adv_estimator"] == "grpo"
-    assert grpo["actor_rollout_ref.actor.use_kl_loss"] is True and grpo["actor_rollout_ref.actor.kl_loss_type"] == "low_var_kl"
-    assert popo["actor_rollout_ref.model.path"] == f"Qwen/Qwen2.5-Math-{size.upper().replace('B', 'B')}"
-    assert popo["actor_rollout_ref.rollout.n"] == grpo["actor_rollout_ref.rollout.n"] == 8
-    assert popo["data.max_prompt_length"] == 512 and popo["data.max_response_length"] == 1024
+    p, g = _flat(popo), _flat(grpo)
+    assert p["algorithm.adv_estimator"] == "popo" and g["algorithm.adv_estimator"] == "grpo"
+    # verl's GRPO, the default baseline
+    assert g[A + "actor.use_kl_loss"] is True and g[A + "actor.kl_loss_type"] == "low_var_kl"
+    assert g[A + "actor.kl_loss_coef"] == 0.001 and g[A + "actor.loss_agg_mode"] == "token-mean"
+    validate_popo_config(OmegaConf.create(popo))
+    hub_id, template = MODELS[(model, size)]
+    assert p[A + "model.path"] == hub_id
+    # the hand-written prompt layout of the model's family reaches verl intact through hydra
+    assert p[A + "model.custom_chat_template"] == chat_template(template)
+    assert p[A + "rollout.n"] == 8 and p["data.max_prompt_length"] == 512
+    if model == "r1-distill":
+        assert p["data.max_response_length"] == 4096
+    assert p["trainer.experiment_name"] == f"popo_{model}-{size}_{preset}"
+    assert g["trainer.experiment_name"] == f"grpo-verl_{model}-{size}_{preset}"
 
 
-def test_7b_reference_settings():
-    c = _compose("run_popo_qwen7b.sh")
-    assert c["algorithm.popo.tau"] == 0.999 and c["algorithm.popo.feature_noise_std"] == 0.01
-    assert c["algorithm.popo.predictor_hidden_dim"] == 4096 and c["actor_rollout_ref.actor.optim.lr"] == 1e-7
-    assert c["actor_rollout_ref.actor.optim.lr_scheduler_type"] == "cosine"
-    assert c["actor_rollout_ref.actor.optim.lr_warmup_steps_ratio"] == 0.1
-    assert c["actor_rollout_ref.rollout.name"] == "vllm"
+@pytest.mark.parametrize("model,size,preset", [("qwen2.5-math", "7b", "paper"), ("r1-distill", "1.5b", "verl")])
+def test_paper_grpo_baseline_is_the_trl_one(model, size, preset):
+    popo = _twin("popo", model, size, PRESET=preset)
+    grpo = _twin("grpo", model, size, PRESET=preset, GRPO_BASELINE="paper")
+    stray = sorted(k for k in _differing(popo, grpo) if not k.startswith(ALLOWED_PREFIXES))
+    assert not stray, stray
+    g = _flat(grpo)
+    assert (g[A + "actor.kl_loss_coef"], g[A + "actor.kl_loss_type"]) == (0.01, "k3")
+    assert g[A + "actor.loss_agg_mode"] == "seq-mean-token-mean"
+    assert g["trainer.experiment_name"] == f"grpo-paper_{model}-{size}_{preset}"
+
+
+def _budget(c):
+    f = _flat(c)
+    return {
+        "prompts_per_rollout": f["data.train_batch_size"],
+        "prompts_per_optimizer_step": f[A + "actor.ppo_mini_batch_size"],
+        "responses_per_prompt": f[A + "rollout.n"],
+        "steps": f["trainer.total_training_steps"],
+        "warmup_steps": f[A + "actor.optim.lr_warmup_steps"],
+        "lr": f[A + "actor.optim.lr"],
+        "tau": f["algorithm.popo.tau"],
+        "noise": f["algorithm.popo.feature_noise_std"],
+        "predictor": f["algorithm.popo.predictor_hidden_dim"],
+        "alpha": f["algorithm.popo.alpha"],
+        "beta": f["algorithm.popo.beta"],
+        "prompt": f["data.max_prompt_length"],
+        "response": f["data.max_response_length"],
+    }
+
+
+def test_paper_preset_is_the_reference_7b_command():
+    (c,) = _cfg_job("run_popo_qwen7b.sh")  # PRESET=paper is the default
+    assert _budget(c) == dict(prompts_per_rollout=8, prompts_per_optimizer_step=8, responses_per_prompt=8, steps=1500,
+                              warmup_steps=150, lr=1e-7, tau=0.999, noise=0.01, predictor=4096, alpha=0.1, beta=0.01,
+                              prompt=512, response=1024)  # fmt: skip
+    f = _flat(c)
+    assert f[A + "actor.optim.lr_scheduler_type"] == "cosine" and f[A + "actor.optim.weight_decay"] == 0.01
+    assert f[A + "actor.optim.clip_grad"] == 1.0 and f[A + "rollout.temperature"] == 1.0
+    assert f[A + "rollout.top_p"] == 1.0 and f[A + "actor.ppo_epochs"] == 1
+    assert f[A + "rollout.val_kwargs.temperature"] == 0.7 and f["trainer.save_freq"] == 500
+
+
+def test_paper_preset_is_the_reference_default_config_for_1_5b():
+    (c,) = _cfg_job("run_popo_qwen1.5b.sh")
+    assert _budget(c) == dict(
+        prompts_per_rollout=8, prompts_per_optimizer_step=8, responses_per_prompt=8, steps=1000, warmup_steps=100,
+        lr=1e-6, tau=0.995, noise=0.02, predictor=1024, alpha=0.1, beta=0.01, prompt=512, response=512)  # fmt: skip
+
+
+def test_verl_preset_keeps_the_verl_style_budget():
+    c = _compose("run_popo_qwen7b.sh", PRESET="verl")
+    b = _budget(c)
+    assert (b["prompts_per_rollout"], b["prompts_per_optimizer_step"], b["steps"]) == (128, 64, 500)
+    assert b["warmup_steps"] == -1 and _flat(c)[A + "actor.optim.lr_warmup_steps_ratio"] == 0.1
+    assert (b["lr"], b["tau"], b["noise"], b["predictor"], b["response"]) == (1e-7, 0.999, 0.01, 4096, 1024)
 
 
 def test_env_defaults_and_passthrough():
-    c = _compose("run_popo_qwen7b.sh", {"MODEL_PATH": "/models/m", "N_GPUS_PER_NODE": "4", "EXPERIMENT_NAME": "x"})
-    assert c["actor_rollout_ref.model.path"] == "/models/m" and c["trainer.n_gpus_per_node"] == 4
-    assert c["trainer.experiment_name"] == "x"
+    c = _flat(_compose("run_popo_qwen7b.sh", MODEL_PATH="/models/m", N_GPUS_PER_NODE="4", EXPERIMENT_NAME="x",
+                       LR="5e-7", CHAT_TEMPLATE="tokenizer"))  # fmt: skip
+    assert c[A + "model.path"] == "/models/m" and c["trainer.n_gpus_per_node"] == 4
+    assert c["trainer.experiment_name"] == "x" and c[A + "actor.optim.lr"] == 5e-7
+    assert c[A + "model.custom_chat_template"] is None  # the tokenizer's own template
+    # a hydra override after the script name wins over the script's own values
+    (cfg,) = _compose_all("run_popo_qwen7b.sh", args=("trainer.total_training_steps=7", "algorithm.popo.tau=0.9"))
+    assert cfg["trainer"]["total_training_steps"] == 7 and cfg["algorithm"]["popo"]["tau"] == 0.9
+
+
+def test_gsm8k_run_reads_the_gsm8k_files():
+    c = _flat(_compose("run_popo.sh", TRAIN_SET="gsm8k_train", VAL_SETS="gsm8k_test", DATA_DIR="/d"))
+    assert c["data.train_files"] == "/d/gsm8k_train.parquet" and c["data.val_files"] == ["/d/gsm8k_test.parquet"]
+
+
+ABLATIONS = {
+    "uniform": ("weight_mode", "uniform"),
+    "alpha0": ("alpha", 0),
+    "beta0": ("beta", 0),
+    "frozen-siamese": ("tau", 1.0),
+    "no-predictor": ("predictor_layers", 0),
+    "kl-anchor": ("anchor", "kl"),
+    "noise0": ("feature_noise_std", 0),
+}
+
+
+def test_each_ablation_changes_one_knob_of_the_base_run():
+    base = _compose("run_popo_qwen1.5b.sh")
+    runs = _compose_all("ablate.sh", (("SCRIPT", str(SCRIPTS / "run_popo_qwen1.5b.sh")),), ("all",))
+    assert len(runs) == len(ABLATIONS)
+    dirs = set()
+    for (name, (key, value)), cfg in zip(ABLATIONS.items(), runs):
+        validate_popo_config(OmegaConf.create(cfg))
+        assert cfg["algorithm"]["popo"][key] == value, name
+        assert cfg["trainer"]["experiment_name"] == f"popo_qwen2.5-math-1.5b_paper_ablate-{name}"
+        dirs.add(cfg["trainer"]["default_local_dir"])
+        assert _differing(base, cfg) == {f"algorithm.popo.{key}", "trainer.experiment_name",
+                                         "trainer.default_local_dir"}, name  # fmt: skip
+    assert len(dirs) == len(ABLATIONS)  # no run resumes from another one's checkpoint
+
+
+@pytest.mark.parametrize("knob,key", [("alpha", "alpha"), ("beta", "beta"), ("tau", "tau"),
+                                      ("noise", "feature_noise_std")])  # fmt: skip
+def test_sweep_sets_its_knob(knob, key):
+    (cfg,) = _compose_all("sweep.sh", (("VALUES", "0.123"),), (knob,))
+    assert cfg["algorithm"]["popo"][key] == 0.123
+    assert cfg["trainer"]["experiment_name"] == f"popo_qwen2.5-math-7b_paper_sweep-{knob}-0.123"
+    assert _differing(_compose("run_popo.sh"), cfg) == {f"algorithm.popo.{key}", "trainer.experiment_name",
+                                                        "trainer.default_local_dir"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "script,args,env,message",
+    [
+        ("run_popo.sh", ["--cfg", "job"], {"MODEL": "gpt2"}, "unknown MODEL/SIZE"),
+        ("run_popo.sh", ["--cfg", "job"], {"PRESET": "fast"}, "unknown PRESET"),
+        ("run_grpo.sh", ["--cfg", "job"], {"GRPO_BASELINE": "trl"}, "GRPO_BASELINE must be verl or paper"),
+        ("ablate.sh", ["nope", "--cfg", "job"], {}, "unknown ablation 'nope'"),
+        ("ablate.sh", [], {}, "usage: bash scripts/ablate.sh"),
+        ("sweep.sh", ["gamma", "--cfg", "job"], {}, "unknown knob 'gamma'"),
+        ("ablate.sh", ["uniform", "--cfg", "job"], {"CKPT_DIR": "/tmp/x"}, "CKPT_DIR names a single run's directory"),
+    ],
+)
+def test_bad_names_fail_with_the_known_ones(script, args, env, message):
+    r = _run(script, *args, env=env, timeout=60)
+    assert r.returncode == 2 and message in r.stderr
+
+
+# ----------------------------------------------------------------------------------- no GPU, no model, no data
+@pytest.fixture
+def data_dir(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    for name in ("train", "math500", "aime24", "aime25", "amc23", "olympiadbench"):
+        (d / f"{name}.parquet").write_bytes(b"")
+    return d
+
+
+def _fails_fast(script, env, message):
+    t0 = time.time()
+    r = _run(script, env=env, timeout=120)
+    assert r.returncode != 0 and message in r.stderr, r.stderr[-2000:]
+    assert time.time() - t0 < 60 and not r.stdout.strip()  # verl never started (it would print its config)
+    return r.stderr
 
 
 def test_missing_data_is_reported_with_the_fix(tmp_path):
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "run_popo_qwen7b.sh")], capture_output=True, text=True,
-                       env=dict(os.environ, DATA_DIR=str(tmp_path)), timeout=120)
-    assert r.returncode != 0
-    assert "python -m popo_verl.data prepare --out" in r.stderr
+    _fails_fast("run_popo_qwen7b.sh", {"DATA_DIR": str(tmp_path)}, "python -m popo_verl.data prepare --out")
+
+
+def test_no_gpu_fails_in_seconds(data_dir, tiny_random_model):
+    env = {"DATA_DIR": str(data_dir), "MODEL_PATH": tiny_random_model, "CUDA_VISIBLE_DEVICES": ""}
+    err = _fails_fast("run_popo_qwen7b.sh", env, "no GPU visible on this machine")
+    assert "N_GPUS_PER_NODE=8" in err and "run_tiny_cpu.sh" in err
+    assert "MODEL_PATH" not in err  # the model is there: only the GPU is named
+
+
+@pytest.mark.parametrize(
+    "model,message",
+    [("/nonexistent/Qwen2.5-Math-7B", "no such directory"), ("acme/never-downloaded", "is unreachable")],
+)
+def test_missing_model_fails_in_seconds(data_dir, tmp_path, model, message):
+    env = {"DATA_DIR": str(data_dir), "MODEL_PATH": model, "POPO_SKIP_GPU_CHECK": "1",
+           # an empty cache and a hub that refuses connections, whatever network this machine has
+           "HF_HUB_CACHE": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}
+    err = _fails_fast("run_grpo_qwen1.5b.sh", env, message)
+    assert f"MODEL_PATH={model}" in err and "GPU" not in err
 
 
 def test_recipe_entry_composes_like_main_ppo():

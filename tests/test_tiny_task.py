@@ -113,3 +113,39 @@ def test_build_is_cached(built):
 def test_default_dir_per_seed(monkeypatch, tmp_path):
     monkeypatch.setenv("POPO_TINY_DIR", str(tmp_path))
     assert tiny.default_dir() == str(tmp_path) and tiny.default_dir(3) == str(tmp_path / "seed_3")
+
+
+def test_build_pins_the_float_kernels_so_every_avx2_machine_builds_the_same_model(built, tmp_path):
+    """The warm start runs in a child process with ATen's AVX2 kernels, MKL's AVX2 reproducibility branch and 2
+    threads, whatever the machine's own: a parent that forces another kernel set (as another CPU would pick)
+    still gets the same weights, byte for byte."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    if not tiny._can_pin_kernels():
+        pytest.skip("not an x86-64 CPU with AVX2: the build uses the native kernels here (the manifest says so)")
+    manifest = json.loads(open(built["manifest"]).read())
+    assert manifest["kernels"].startswith("pinned: ATen AVX2, MKL_CBWR=AVX2, 2 threads")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default", MKL_CBWR="COMPATIBLE", OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "popo_verl.tiny", "build", "--out", str(tmp_path / "t")],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    digest = lambda p: hashlib.sha256(open(os.path.join(p, "model.safetensors"), "rb").read()).hexdigest()  # noqa: E731
+    assert digest(tmp_path / "t" / "model") == digest(built["model"])
+    assert "warm start step" in r.stderr, "the build's progress streams while it runs"
+
+
+def test_rebuilding_seed_0_keeps_the_other_seeds_tasks(tmp_path, monkeypatch):
+    """Seed S != 0 lives in seed 0's folder (`seed_S/`): a rebuild of seed 0 moves them over, never deletes them."""
+    monkeypatch.setattr(tiny, "_can_pin_kernels", lambda: False)  # build in-process
+    monkeypatch.setattr(tiny, "warm_start", lambda model, tok, spec, train, dev, log=print: (0.3, 0))
+    monkeypatch.setattr(tiny, "pass_at_k", lambda *a, **k: (0.3, 0.9))
+    root = tmp_path / "tiny"
+    (root / "seed_3" / "model").mkdir(parents=True)
+    (root / "seed_3" / "manifest.json").write_text("{}")
+    (root / "old_file").write_text("x")
+    tiny.build(root, tiny.TinySpec(), force=True, log=lambda *a: None)
+    assert (root / "seed_3" / "manifest.json").read_text() == "{}"
+    assert not (root / "old_file").exists() and (root / "manifest.json").exists()

@@ -85,3 +85,21 @@ def test_transfer_queue_threads_follow_the_cores():
     assert client.TQ_NUM_THREADS == storage.TQ_NUM_THREADS <= max(cores, 1)
     assert "TQ_NUM_THREADS" in inspect.getsource(client) and "target_num_threads" in inspect.signature(
         limit_pytorch_auto_parallel_threads).parameters
+
+
+def test_checkpoint_layout_and_resume_keys_popo_relies_on():
+    """popo_verl/checkpoint.py lists verl's shards by name in its manifest, checks `global_step_N/actor`, prints
+    `trainer.resume_mode=resume_path trainer.resume_from_path=...` when it refuses one, and counts on verl writing
+    latest_checkpointed_iteration.txt only after the actor's save returned (so resume_mode=auto skips a killed save)."""
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    from verl.utils.checkpoint.fsdp_checkpoint_manager import FSDPCheckpointManager
+
+    save, load = (inspect.getsource(getattr(FSDPCheckpointManager, m)) for m in ("save_checkpoint", "load_checkpoint"))
+    for kind in ("model", "optim", "extra_state"):
+        name = f'f"{kind}_world_size_{{self.world_size}}_rank_{{self.rank}}.pt"'
+        assert name in save and name in load, f"verl renamed its {kind} shard: popo_verl.checkpoint.verl_files"
+    resume = inspect.getsource(PPOTrainer._load_checkpoint)
+    assert 'resume_mode == "resume_path"' in resume and "global_step_folder = self.config.trainer.resume_from_path" in resume
+    assert 'local_path=os.path.join(global_step_folder, "actor")' in resume
+    trainer_save = inspect.getsource(PPOTrainer._save_checkpoint)
+    assert trainer_save.index("self.actor_rollout_wg.save_checkpoint(") < trainer_save.index('"latest_checkpointed_iteration.txt"')

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 
 WEIGHT_MODES = ("softmax", "uniform")
 ENTROPY_ON = ("positives", "all")
 ANCHORS = ("cosine", "kl")
 NLL_NORMS = ("token", "sequence")
+REWARD_MODES = ("binary", "threshold", "graded")
 
 
 @dataclass(frozen=True)
@@ -15,7 +17,12 @@ class PopoConfig:
     alpha: float = 0.1
     beta: float = 0.01
     tau: float = 0.995
-    tau_r: float = 0.0
+    # binary (POPO as published: positive iff reward == 1, any other reward stops the run at its first step),
+    # threshold (positive iff reward > tau_r) or graded (the same positives, weights scaled by the normalised reward)
+    reward_mode: str = "binary"
+    # None: unset. binary refuses a value (a user who sets a threshold has graded rewards in mind: they must
+    # choose threshold or graded); threshold and graded read None as 0.0, the paper's tau_r
+    tau_r: float | None = None
     weight_mode: str = "softmax"
     weight_temperature: float = 1.0
     length_normalize_weights: bool = False
@@ -33,6 +40,13 @@ class PopoConfig:
     # max norm of the predictor head's own gradient clip (0 = none, as in the reference); the policy is
     # clipped alone by actor.optim.clip_grad either way
     predictor_clip_grad: float = 0.0
+
+    @property
+    def reward_threshold(self) -> float | None:
+        """tau_r as core.positive_mask takes it: None in binary mode, 0.0 when unset in the others."""
+        if self.reward_mode == "binary":
+            return None
+        return 0.0 if self.tau_r is None else self.tau_r
 
 
 def popo_defaults() -> dict:
@@ -55,7 +69,7 @@ def get_popo_config(config) -> PopoConfig:
         raise ValueError(f"algorithm.popo has unknown keys {unknown}; known: {sorted(known)}")
     values = popo_defaults()
     values.update(section)
-    casts = {"float": float, "int": int, "bool": bool, "str": str}
+    casts = {"float": float, "int": int, "bool": bool, "str": str, "float | None": lambda v: None if v is None else float(v)}
     return PopoConfig(**{k: casts[str(known[k])](v) for k, v in values.items()})
 
 
@@ -104,6 +118,17 @@ def validate_popo_config(config) -> PopoConfig:
         raise ValueError(
             f"{p}entropy_on=all needs the negatives in the update: set {p}positives_only_update=false"
         )
+    if cfg.reward_mode not in REWARD_MODES:
+        raise ValueError(f"{p}reward_mode must be one of {REWARD_MODES}, got {cfg.reward_mode!r}")
+    if cfg.reward_mode == "binary" and cfg.tau_r is not None:
+        raise ValueError(
+            f"{p}tau_r={cfg.tau_r} is a reward threshold, which {p}reward_mode=binary (the default) does not use: "
+            f"binary takes a response as positive iff its reward is 1 and stops at any reward outside {{0, 1}}. "
+            f"For graded rewards set {p}reward_mode=threshold (positive iff reward > tau_r) or {p}reward_mode=graded "
+            f"(the same positives, weighted by their normalised reward); with binary rewards drop tau_r"
+        )
+    if cfg.tau_r is not None and not math.isfinite(cfg.tau_r):
+        raise ValueError(f"{p}tau_r must be finite, got {cfg.tau_r}")
     if cfg.kl_monitor_interval < 0:
         raise ValueError(f"{p}kl_monitor_interval must be >= 0, got {cfg.kl_monitor_interval}")
     n = config.actor_rollout_ref.rollout.n

@@ -93,6 +93,32 @@ def _fast_replay_buffer_poll() -> None:
         cls.__init__ = wrapper
 
 
+def _direct_agent_loop_instantiate() -> None:
+    """verl builds a new agent loop object per sample with `hydra.utils.instantiate({"_target_": cls}, **kwargs)`
+    (verl/experimental/agent_loop/agent_loop.py, `AgentLoopWorker._run_agent_loop`); for a config that holds
+    nothing but `_target_` (every `@register` agent loop) that is `cls(**kwargs)`, but hydra first wraps the
+    kwargs (the whole trainer config among them) in OmegaConf and merges them, about a third of the agent-loop
+    process's time on the CPU. Call the class directly in that case; any other config still goes to hydra."""
+    import types
+
+    import hydra
+    from hydra.utils import get_class
+
+    from verl.experimental.agent_loop import agent_loop
+
+    if getattr(agent_loop.hydra, "_popo_direct", False):
+        return
+    hydra_instantiate = hydra.utils.instantiate
+
+    def instantiate(config, *args, **kwargs):
+        if not args and isinstance(config, dict) and set(config) == {"_target_"}:
+            return get_class(config["_target_"])(**kwargs)
+        return hydra_instantiate(config, *args, **kwargs)
+
+    shim = types.SimpleNamespace(utils=types.SimpleNamespace(instantiate=instantiate), _popo_direct=True)
+    agent_loop.hydra = shim
+
+
 def _register_hf_rollout() -> None:
     from verl.workers.rollout import base as rollout_base
     from verl.workers.rollout.replica import RolloutReplicaRegistry
@@ -116,12 +142,18 @@ def register() -> None:
         return
     if PlatformRegistry.get("cpu") is not PlatformCPU:
         PlatformRegistry.register(platform="cpu")(PlatformCPU)
+    if os.environ.get(FORCE_ENV, "").strip().lower() in ("1", "true", "yes"):
+        # verl probes its platforms in registration order and CUDA's answers first wherever nvidia-smi runs
+        # (verl/plugin/platform/platform_manager.py `_detect_platform_name`); its explicit override comes
+        # before any probe, and Ray workers inherit it from the driver. An explicit VERL_PLATFORM still wins.
+        os.environ.setdefault("VERL_PLATFORM", "cpu")
     # verl registers its FSDP engines for cuda/npu only (verl/workers/engine/fsdp/transformer_impl.py);
     # on the CPU they run unchanged, so look them up under "cuda".
     os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
     _patch_process_group()
     _unpinned_offload_policy()
     _fast_replay_buffer_poll()
+    _direct_agent_loop_instantiate()
 
 
 # Importing this module registers the CPU backend (popo_verl/plugin.py relies on it when verl's first import

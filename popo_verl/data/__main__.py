@@ -1,4 +1,4 @@
-"""``python -m popo_verl.data prepare --out DATA_DIR [--sources ...] [--local NAME=PATH ...] [--limit N]``."""
+"""``python -m popo_verl.data prepare --out DATA_DIR [--sources ...] [--local NAME=PATH ...] [--limit N] [--prompt-style S]``."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from popo_verl.data.prepare import PROMPT_TEMPLATE, prepare
+from popo_verl.data.prepare import DEFAULT_PROMPT_STYLE, PROMPT_STYLES, prepare
 from popo_verl.data.sources import SOURCES
 
 
@@ -44,7 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="read SOURCE from a local parquet/json/jsonl/csv file or directory instead of the hub",
     )
     p.add_argument("--limit", type=int, default=None, help="keep the first N rows of each source")
-    p.add_argument("--template", default=PROMPT_TEMPLATE, help="user-message template with {problem}")
+    p.add_argument(
+        "--prompt-style",
+        default=DEFAULT_PROMPT_STYLE,
+        choices=list(PROMPT_STYLES),
+        help="system: the reference's system prompt ('Please reason step by step, and put your final answer within "
+        "\\boxed{}.') and the bare problem; suffix: the instruction after the problem, no system message; bare: the "
+        "problem only, the run's chat template adds its model family's instruction (default: %(default)s)",
+    )
+    p.add_argument("--template", default=None, help="user-turn template with {problem} (default: the prompt style's)")
     sub.add_parser("list", help="list the known sources and their hub copies")
     return ap
 
@@ -63,7 +71,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.limit is not None and args.limit <= 0:
         ap.error("--limit must be positive")
     try:
-        prepare(args.out, args.sources, local=local, limit=args.limit, template=args.template)
+        prepare(args.out, args.sources, local=local, limit=args.limit, template=args.template,
+                prompt_style=args.prompt_style)
     except (RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

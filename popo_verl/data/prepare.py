@@ -4,15 +4,17 @@ Row format (what ``verl.utils.dataset.rl_dataset.RLHFDataset`` and the reward
 manager read)::
 
     data_source   str                    e.g. "math500" (verl groups val metrics by it)
-    prompt        [{"role": "user", "content": "<problem> Let's think step by step ..."}]
+    prompt        [{"role": "system", "content": "Please reason step by step, ..."}, {"role": "user", "content": "<problem>"}]
+                  (the default prompt style; see PROMPT_STYLES)
     ability       "math"
     reward_model  {"style": "rule", "ground_truth": "<normalised answer>"}
     extra_info    {"split", "index", "id", "problem", "answer", "origin"}
 
 Output directory::
 
-    train.parquet                 DeepScaleR-Preview (the train set)
-    math500.parquet aime24.parquet aime25.parquet amc23.parquet olympiadbench.parquet
+    train.parquet                 DeepScaleR-Preview (the train set of the paper's runs)
+    gsm8k_train.parquet math_train.parquet   GSM8K and MATH train sets (the paper's Figure 1 uses GSM8K)
+    math500.parquet aime24.parquet aime25.parquet amc23.parquet olympiadbench.parquet gsm8k_test.parquet
     test.parquet                  all benchmarks of this run, concatenated
     manifest.json                 train_files / val_files / rows per source
 """
@@ -30,9 +32,22 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 from popo_verl.data.sources import SOURCES, HubRef, Source
 from popo_verl.reward import extract_answer, normalize_answer
+from popo_verl.templates import QWEN_MATH_SYSTEM
 
 PROMPT_SUFFIX = "Let's think step by step and output the final answer within \\boxed{}."
 PROMPT_TEMPLATE = "{problem} " + PROMPT_SUFFIX
+SYSTEM_PROMPT = QWEN_MATH_SYSTEM
+
+# style -> (system message or None, user-turn template)
+PROMPT_STYLES: dict[str, tuple[Optional[str], str]] = {
+    # the reference's system prompt and the bare problem
+    "system": (SYSTEM_PROMPT, "{problem}"),
+    # the instruction after the problem in the user turn, no system message (this project's first style)
+    "suffix": (None, PROMPT_TEMPLATE),
+    # the bare problem: the run's chat template supplies its family's instruction (popo_verl.templates)
+    "bare": (None, "{problem}"),
+}
+DEFAULT_PROMPT_STYLE = "system"
 
 TRAIN_FILE = "train.parquet"
 TEST_FILE = "test.parquet"
@@ -42,9 +57,10 @@ LOCAL_EXTS = (".parquet", ".jsonl", ".json", ".csv")
 
 
 # --------------------------------------------------------------------------- helpers
-def make_prompt(problem: str, template: str = PROMPT_TEMPLATE) -> list[dict[str, str]]:
-    """The chat messages of one problem (a single user turn, Qwen-math style)."""
-    return [{"role": "user", "content": template.replace("{problem}", problem.strip())}]
+def make_prompt(problem: str, template: str = "{problem}", system: Optional[str] = None) -> list[dict[str, str]]:
+    """The chat messages of one problem: an optional system message, then one user turn."""
+    user = [{"role": "user", "content": template.replace("{problem}", problem.strip())}]
+    return ([{"role": "system", "content": system}] if system else []) + user
 
 
 def _is_missing(v: Any) -> bool:
@@ -126,7 +142,8 @@ def convert_records(
     records: Sequence[Mapping[str, Any]],
     origin: str,
     limit: Optional[int] = None,
-    template: str = PROMPT_TEMPLATE,
+    template: str = "{problem}",
+    system: Optional[str] = SYSTEM_PROMPT,
 ) -> Converted:
     """Turn raw records of ``source`` into verl RL rows (rows without problem or answer are dropped)."""
     out = Converted()
@@ -135,6 +152,10 @@ def convert_records(
             break
         pk, problem = _first(raw, source.problem_keys)
         ak, answer = _first(raw, source.answer_keys)
+        if source.answer_after and ak:
+            # a row without the marker has no final answer: dropped, rather than its whole solution as the gold
+            text = str(answer)
+            answer = text.rsplit(source.answer_after, 1)[1] if source.answer_after in text else None
         gold = normalize_gold(answer) if ak else ""
         if not gold:
             # math-ai/aime24 keeps the answer only inside the solution's last \boxed{}
@@ -156,7 +177,7 @@ def convert_records(
         out.rows.append(
             {
                 "data_source": source.data_source,
-                "prompt": make_prompt(problem, template),
+                "prompt": make_prompt(problem, template, system),
                 "ability": "math",
                 "reward_model": {"style": "rule", "ground_truth": gold},
                 "extra_info": {
@@ -281,20 +302,21 @@ def write_parquet(rows: list[dict], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def output_file(source: Source) -> str:
-    return TRAIN_FILE if source.split == "train" else f"{source.name}.parquet"
-
-
 def prepare(
     out_dir: str | os.PathLike,
     sources: Sequence[str] = tuple(SOURCES),
     local: Optional[Mapping[str, str]] = None,
     limit: Optional[int] = None,
-    template: str = PROMPT_TEMPLATE,
+    template: Optional[str] = None,
     load_dataset: Optional[Callable[..., Any]] = None,
     verbose: bool = True,
+    prompt_style: str = DEFAULT_PROMPT_STYLE,
 ) -> dict[str, Any]:
-    """Write the parquet files of ``sources`` into ``out_dir``; returns the manifest."""
+    """Write the parquet files of ``sources`` into ``out_dir``; returns the manifest.
+
+    ``prompt_style`` (PROMPT_STYLES) sets the system message and the user-turn template; ``template`` replaces
+    the latter.
+    """
     out = Path(out_dir)
     local = dict(local or {})
     unknown = [s for s in list(sources) + list(local) if s not in SOURCES]
@@ -303,6 +325,10 @@ def prepare(
     not_selected = [s for s in local if s not in sources]
     if not_selected:
         raise ValueError(f"local file(s) given for source(s) not selected: {not_selected}")
+    if prompt_style not in PROMPT_STYLES:
+        raise ValueError(f"unknown prompt style {prompt_style!r}; known: {', '.join(PROMPT_STYLES)}")
+    system, style_template = PROMPT_STYLES[prompt_style]
+    template = template or style_template
     if "{problem}" not in template:
         raise ValueError("template must contain '{problem}'")
     names = list(dict.fromkeys(sources))
@@ -311,13 +337,13 @@ def prepare(
     for name in names:
         src = SOURCES[name]
         records, origin = load_source(src, local.get(name), load_dataset)
-        conv = convert_records(src, records, origin, limit=limit, template=template)
+        conv = convert_records(src, records, origin, limit=limit, template=template, system=system)
         if not conv.rows:
             raise RuntimeError(
                 f"source {name!r} ({origin}) gave no usable rows out of {len(records)}: "
                 f"no column among {src.problem_keys} / {src.answer_keys}?"
             )
-        fname = output_file(src)
+        fname = src.output_file
         write_parquet(conv.rows, out / fname)
         if src.split == "test":
             test_rows.extend(conv.rows)
@@ -330,6 +356,8 @@ def prepare(
         "train_files": [str((out / r.file).resolve()) for r in results if r.split == "train"],
         "val_files": [str((out / r.file).resolve()) for r in results if r.split == "test"],
         "test_file": str((out / TEST_FILE).resolve()) if test_rows else None,
+        "prompt_style": prompt_style,
+        "system_prompt": system,
         "prompt_template": template,
         "sources": {
             r.name: {

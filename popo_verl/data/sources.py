@@ -44,7 +44,15 @@ class Source:
     context_keys: tuple[str, ...] = ()
     # Columns kept (as strings) in extra_info when present.
     id_keys: tuple[str, ...] = ("unique_id", "id", "ID", "problem_idx", "idx")
+    # The gold is what follows the last occurrence of this marker in the answer column (GSM8K: "... #### 72").
+    answer_after: Optional[str] = None
+    # Output parquet name; default "<name>.parquet". DeepScaleR keeps "train.parquet", what the run scripts read.
+    file: Optional[str] = None
     notes: str = ""
+
+    @property
+    def output_file(self) -> str:
+        return self.file or f"{self.name}.parquet"
 
 
 SOURCES: dict[str, Source] = {
@@ -55,7 +63,32 @@ SOURCES: dict[str, Source] = {
             data_source="deepscaler",
             split="train",
             hub=(HubRef("agentica-org/DeepScaleR-Preview-Dataset", "train"),),
+            file="train.parquet",
             notes="40,315 problems (AIME 1983-2023, AMC, Omni-MATH, STILL); columns problem/answer/solution",
+        ),
+        Source(
+            name="gsm8k_train",
+            data_source="gsm8k",
+            split="train",
+            hub=(HubRef("openai/gsm8k", "train", ("main",)),),  # question/answer ("<solution> #### <number>")
+            answer_after="####",
+            notes="7,473 problems; the paper's Figure 1 traces (reward, completion length) train on it",
+        ),
+        Source(
+            name="math_train",
+            data_source="math",
+            split="train",
+            hub=(
+                HubRef("hendrycks/competition_math", "train"),  # the reference's copy (since withdrawn from the hub)
+                HubRef("DigitalLearningGmbH/MATH-lighteval", "train"),  # problem/level/type/solution
+                HubRef(
+                    "EleutherAI/hendrycks_math",
+                    "train",
+                    ("algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                     "prealgebra", "precalculus"),
+                ),  # fmt: skip
+            ),
+            notes="7,500 problems (MATH train split); the answer is the solution's last \\boxed{}",
         ),
         Source(
             name="math500",
@@ -106,6 +139,14 @@ SOURCES: dict[str, Source] = {
             answer_keys=("final_answer", "answer", "Answer"),
             context_keys=("context",),
             notes="675 problems (OE_TO_maths_en_COMP); final_answer list, joined with ', '",
+        ),
+        Source(
+            name="gsm8k_test",
+            data_source="gsm8k",
+            split="test",
+            hub=(HubRef("openai/gsm8k", "test", ("main",)),),
+            answer_after="####",
+            notes="1,319 problems; the held-out set of a GSM8K run",
         ),
     )
 }

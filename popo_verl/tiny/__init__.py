@@ -19,10 +19,14 @@ pass@8 about 0.9 (seeds 0-2: 0.28-0.30 and 0.88-0.93) -- the regime where reward
 has something to sharpen, on problems it has never seen. `--seed` draws another split of the problems and another initialisation and label
 noise, so a task built with another seed is a fresh held-out check.
 
-Deterministic on one machine; across machines the CPU's float kernels differ and the warm start comes out
-slightly different (seeds 0-2 measured held-out pass@1 0.287/0.297/0.279 on one 2-core machine and
-0.301/0.260/0.334 on another), so runs to be compared must share one build (benchmarks/learning.py checks a
-hash of the weights before reusing a stored run).
+Identical on every x86-64 machine with AVX2 (for one torch build): the warm start is 800 chaotic Adam
+steps, so a different float kernel anywhere (AVX-512 against AVX2 paths, MKL's per-CPU code branches, the
+thread count) used to give another model on another machine (seeds 0-2 started at held-out pass@1
+0.287/0.297/0.279 on one machine, 0.301/0.260/0.334 on another). The build now runs in a child process with
+the kernels pinned (`PORTABLE_KERNELS`: ATen's AVX2 kernels, MKL's AVX2 conditional-numerical-reproducibility
+branch, 2 threads), which every such CPU executes the same way; elsewhere (aarch64, no AVX2) it builds with
+the native kernels and the manifest says so. benchmarks/learning.py still checks a hash of the weights before
+it reuses a stored run.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-BUILD_VERSION = "2"
+BUILD_VERSION = "3"  # 3: kernels pinned, the same model on every AVX2 machine
 DATA_SOURCE = "tiny_arith"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -49,6 +53,9 @@ CHAT_TEMPLATE = (
 #: the warm start's held-out pass@1 at temperature 1 must fall here, and its pass@8 reach PASS_AT_8_MIN
 PASS_BAND = (0.15, 0.45)
 PASS_AT_8_MIN = 0.75
+#: the float kernels the warm start runs with, read by torch/MKL at start-up, hence a child process
+PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+BUILD_THREADS = 2  # a reduction split over another number of threads sums in another order
 
 
 def default_dir(seed: int = 0) -> str:
@@ -309,8 +316,10 @@ def build(out_dir, spec: TinySpec = TinySpec(), force: bool = False, log=print) 
     if not force and is_built(out_dir, spec):
         log(f"tiny task (seed {spec.seed}) already built in {p['root']} (cached)")
         return p
+    if _can_pin_kernels() and not _kernels_pinned():
+        return _build_in_pinned_child(out_dir, spec, log)
     t0 = time.time()
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(BUILD_THREADS)
     tmp = Path(str(p["root"]) + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "data").mkdir(parents=True)
@@ -352,14 +361,73 @@ def build(out_dir, spec: TinySpec = TinySpec(), force: bool = False, log=print) 
         "n_test": len(test_rows),
         "n_params": sum(x.numel() for x in model.parameters()),
         "build_seconds": round(time.time() - t0, 1),
+        "kernels": _kernels_description(),
         "levels": LEVELS,
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(p["root"], ignore_errors=True)
-    os.replace(tmp, p["root"])  # a half-built task is never left where a run would pick it up
+    root = Path(p["root"])
+    if root.is_dir():  # the seed-0 folder holds the other seeds' tasks (seed_S/): they move, never get deleted
+        for other in root.iterdir():
+            if other.name.startswith("seed_"):
+                os.replace(other, tmp / other.name)
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(tmp, root)  # a half-built task is never left where a run would pick it up
     log(f"tiny task (seed {spec.seed}) built in {p['root']}: held-out pass@1 {test_p1:.3f}, pass@{spec.eval_samples} "
         f"{test_pk:.3f} at temperature 1 (greedy {greedy:.3f}), {manifest['build_seconds']} s")
     return p
+
+
+def _can_pin_kernels() -> bool:
+    """An x86-64 CPU with AVX2 and FMA, where the pinned kernels run."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return {"avx2", "fma"} <= set(flags)
+
+
+def _kernels_pinned() -> bool:
+    """This process runs the pinned kernels (set before torch started, as in the build's child process)."""
+    import torch
+
+    return (all(os.environ.get(k) == v for k, v in PORTABLE_KERNELS.items())
+            and torch.backends.cpu.get_cpu_capability() == "AVX2")
+
+
+def _kernels_description() -> str:
+    import platform
+
+    import torch
+
+    pinned = _can_pin_kernels() and _kernels_pinned()
+    return (f"pinned: ATen {torch.backends.cpu.get_cpu_capability()}, MKL_CBWR={os.environ.get('MKL_CBWR')}, "
+            f"{BUILD_THREADS} threads, torch {torch.__version__}" if pinned else
+            f"native: {platform.machine()} ATen {torch.backends.cpu.get_cpu_capability()}, torch {torch.__version__} "
+            "(not comparable with builds on other machines)")
+
+
+def _build_in_pinned_child(out_dir, spec: TinySpec, log) -> dict[str, str]:
+    """Run the build in a child process whose torch starts with PORTABLE_KERNELS, streaming its progress."""
+    import subprocess
+
+    cmd = [sys.executable, "-u", "-m", "popo_verl.tiny", "build", "--out", str(out_dir), "--force",
+           "--spec", json.dumps(asdict(spec))]
+    env = dict(os.environ, **PORTABLE_KERNELS)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail = []
+    for line in proc.stdout:
+        line = line.rstrip("\n")
+        tail = (tail + [line])[-40:]
+        log(line)
+    if proc.wait() != 0:
+        raise RuntimeError(f"tiny task build (seed {spec.seed}) failed in its child process:\n" + "\n".join(tail))
+    if not is_built(out_dir, spec):
+        raise RuntimeError(f"tiny task build (seed {spec.seed}) ended without a complete task in {out_dir}")
+    return paths(out_dir)
 
 
 def ensure_built(out_dir: str | None = None, spec: TinySpec = TinySpec(), log=print) -> dict[str, str]:
@@ -384,18 +452,19 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", default=None, help="default: POPO_TINY_DIR or ~/.cache/popo_verl/tiny (seed_S for seed S != 0)")
     b.add_argument("--force", action="store_true")
     b.add_argument("--print-reward-file", action="store_true", help="end with the path of popo_verl/reward.py")
+    b.add_argument("--spec", default=None, help=argparse.SUPPRESS)  # the whole TinySpec as JSON (the build's child)
     args = parser.parse_args(argv)
     if args.cmd == "build":
-        spec = TinySpec(seed=args.seed)
-        out = args.out or default_dir(args.seed)
+        spec = TinySpec(**json.loads(args.spec)) if args.spec else TinySpec(seed=args.seed)
+        out = args.out or default_dir(spec.seed)
+        # progress on stderr as it happens; stdout keeps only what a script captures (the reward file's path)
+        log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
         if args.force:
-            build(out, spec, force=True)
+            build(out, spec, force=True, log=log)
         else:
-            ensure_built(out, spec)
+            ensure_built(out, spec, log=log)
         if args.print_reward_file:
-            import popo_verl.reward as reward
-
-            print(reward.__file__)
+            print(Path(__file__).resolve().parents[1] / "reward.py")
     return 0
 
 

@@ -1,10 +1,24 @@
-"""Summarise a verl console log: steps, step time and held-out pass@1 start -> end (`python -m popo_verl.tiny.summary LOG`)."""
+"""Summarise a verl run from its console log (and validation dumps): what was trained, where the policy is, and
+held-out pass@1 start -> end. `python -m popo_verl.tiny.summary LOG [--validation-dir DIR] [--checkpoint-dir DIR]`
+
+The last line is `held-out pass@1: START -> END (N steps)`. Held-out pass@1 is the share of correct samples,
+where a sample is correct when the reward function reports `acc` >= 1 or, if it reports none, when its
+reward equals the verifier's correct score (1.0): a graded reward's partial credit never counts as correct.
+It is read from verl's validation dumps (`trainer.validation_data_dir`, one `<step>.jsonl` per validation);
+without them, from verl's logged `val-core/<source>/acc/mean@N`, which is the mean *reward* unless the reward
+function reports `acc`, and the summary says so. Stdlib only, so that it runs at once.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import re
 import sys
+from pathlib import Path
+
+CORRECT_SCORE = 1.0
 
 _STEP = re.compile(r"step:(\d+) - (.*)")
 _PAIR = re.compile(r"([\w/@\-\.]+):(?:np\.\w+\()?([-+0-9.eE]+|nan)\)?")
@@ -42,33 +56,130 @@ def held_out_best_of_n(steps) -> tuple[int, dict[int, float]] | None:
     return keys[key], {step: m[key] for step, m in steps if key in m}
 
 
+def is_correct(sample: dict) -> bool:
+    """A dumped validation sample is correct when its `acc` (else its reward) reaches the correct score."""
+    value = sample.get("acc", sample.get("score"))
+    try:
+        return float(value) >= CORRECT_SCORE
+    except (TypeError, ValueError):
+        return False
+
+
+def correctness_curves(validation_dir) -> tuple[dict[int, float], dict[int, float], int]:
+    """From verl's validation dumps: ({step: pass@1}, {step: pass@n}, n), n the samples per prompt."""
+    pass1, passn, n = {}, {}, 0
+    for path in sorted(Path(validation_dir).glob("*.jsonl"), key=lambda p: int(p.stem) if p.stem.isdigit() else -1):
+        if not path.stem.isdigit():
+            continue
+        by_prompt: dict[str, list[bool]] = {}
+        with open(path, errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    sample = json.loads(line)
+                    by_prompt.setdefault(sample.get("input", ""), []).append(is_correct(sample))
+        if not by_prompt:
+            continue
+        flags = [c for v in by_prompt.values() for c in v]
+        step = int(path.stem)
+        pass1[step] = sum(flags) / len(flags)
+        passn[step] = sum(map(any, by_prompt.values())) / len(by_prompt)
+        n = max(n, max(map(len, by_prompt.values())))
+    return pass1, passn, n
+
+
+def latest_policy(checkpoint_dir) -> tuple[int, Path] | None:
+    """(step, path) of the newest saved policy in HF format under a verl checkpoint directory."""
+    found = []
+    for d in Path(checkpoint_dir).glob("global_step_*/actor/huggingface"):
+        m = re.search(r"global_step_(\d+)", str(d))
+        if m and any(d.glob("*.safetensors")):
+            found.append((int(m.group(1)), d))
+    return max(found) if found else None
+
+
+def _tracked_step(checkpoint_dir) -> int | None:
+    """The step verl's `latest_checkpointed_iteration.txt` names (what `resume_mode=auto` resumes from)."""
+    try:
+        return int((Path(checkpoint_dir) / "latest_checkpointed_iteration.txt").read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _training_steps(steps) -> list[tuple[int, dict[str, float]]]:
+    return [(s, m) for s, m in steps if "training/global_step" in m]
+
+
+def report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, test_data=None) -> list[str]:
+    """The summary's lines (the last one is the held-out pass@1 line, or why there is none)."""
+    steps = parse_steps(text)
+    train = _training_steps(steps)
+    lines = [f"full log: {log_name}"]
+    if not train:
+        saved = _tracked_step(checkpoint_dir) if checkpoint_dir is not None else None
+        if saved is not None and not re.search(r"Traceback|Error\b", text):
+            lines.append(f"no step was trained in this run: {checkpoint_dir} already holds step {saved}, verl resumed "
+                         "there (trainer.resume_mode=auto) and found nothing left to train; raise "
+                         "trainer.total_training_steps, or start afresh with trainer.resume_mode=disable")
+        else:
+            lines.append("no training step was logged: see the errors above or in the full log")
+        return lines
+    first, last = min(s for s, _ in train), max(s for s, _ in train)
+    trained = len({s for s, _ in train})
+    where = f"resumed at step {first - 1}, trained {trained} steps in this run" if first > 1 else f"trained {trained} steps"
+    times = sorted(m["timing_s/step"] for _, m in train if math.isfinite(m.get("timing_s/step", math.nan)))
+    lines.append(where + (f"; median step {times[len(times) // 2]:.1f} s" if times else ""))
+    skipped = sum(1 for _, m in train if m.get("popo/skipped_step", 0.0) >= 1.0)
+    if skipped == trained:
+        lines.append(f"{trained} steps, all skipped: no positive rollout (POPO learns from correct responses only)")
+    elif skipped:
+        lines.append(f"{skipped} of {trained} steps skipped: no positive rollout")
+    if checkpoint_dir is not None:
+        policy = latest_policy(checkpoint_dir)
+        if policy is None:
+            lines.append(f"no policy saved under {checkpoint_dir} (trainer.save_freq > 0 saves one)")
+        else:
+            step, path = policy
+            data = f" --data {test_data}" if test_data else " --data <verl parquet>"
+            lines.append(f"policy at step {step}: {path}")
+            lines.append(f"evaluate it: python -m popo_verl.evaluate --model {path}{data}")
+
+    pass1, passn, n = correctness_curves(validation_dir) if validation_dir else ({}, {}, 0)
+    source = "correct samples"
+    if not pass1:
+        curve, best = held_out_curve(steps), held_out_best_of_n(steps)
+        if curve is None:
+            lines.append("held-out pass@1: not measured (set trainer.test_freq > 0)")
+            return lines
+        pass1 = curve[1]
+        n, passn = best if best else (0, {})
+        if curve[0].split("/")[-2] == "reward":
+            source = "verl's mean reward: the reward function reports no acc"
+    if passn:
+        a, b = min(passn), max(passn)
+        lines.append(f"held-out pass@{n}: {passn[a]:.3f} -> {passn[b]:.3f}")
+    a, b = min(pass1), max(pass1)
+    if source != "correct samples":
+        lines.append(f"(held-out pass@1 below is {source})")
+    lines.append(f"held-out pass@1: {pass1[a]:.3f} -> {pass1[b]:.3f} ({b - a} steps)")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m popo_verl.tiny.summary LOG", file=sys.stderr)
+    ap = argparse.ArgumentParser(prog="python -m popo_verl.tiny.summary", description=__doc__.splitlines()[0])
+    ap.add_argument("log", help="the run's full console log")
+    ap.add_argument("--validation-dir", default=None, help="verl's trainer.validation_data_dir of the run")
+    ap.add_argument("--checkpoint-dir", default=None, help="verl's trainer.default_local_dir of the run")
+    ap.add_argument("--test-data", default=None, help="held-out parquet, shown in the evaluate command")
+    args = ap.parse_args(argv)
+    try:
+        with open(args.log, errors="replace") as f:
+            text = f.read()
+    except OSError as e:
+        print(f"cannot read the log {args.log}: {e}", file=sys.stderr)
         return 2
-    with open(argv[0], errors="replace") as f:
-        steps = parse_steps(f.read())
-    if not steps:
-        print("no training step was logged")
-        return 1
-    last_step = max(s for s, _ in steps)
-    step_times = [m["timing_s/step"] for _, m in steps if not math.isnan(m.get("timing_s/step", math.nan))]
-    if step_times:
-        print(f"trained {last_step} steps; median step {sorted(step_times)[len(step_times) // 2]:.1f} s")
-    curve = held_out_curve(steps)
-    if curve is None:
-        print("held-out pass@1: not measured (set trainer.test_freq > 0)")
-        return 0
-    best = held_out_best_of_n(steps)
-    if best is not None:
-        n, values = best
-        first, last = min(values), max(values)
-        print(f"held-out pass@{n}: {values[first]:.3f} -> {values[last]:.3f}")
-    key, values = curve
-    first, last = min(values), max(values)
-    print(f"held-out pass@1: {values[first]:.3f} -> {values[last]:.3f} ({last - first} steps)")
-    return 0
+    lines = report(text, args.log, args.validation_dir, args.checkpoint_dir, args.test_data)
+    print("\n".join(lines))
+    return 0 if _training_steps(parse_steps(text)) else 1
 
 
 if __name__ == "__main__":

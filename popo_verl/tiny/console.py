@@ -1,0 +1,115 @@
+"""What a verl run shows on the console, and everything it prints kept in a log file.
+
+`cmd 2>&1 | python -m popo_verl.tiny.console --log FILE` writes every line to FILE as it comes and passes
+to the console all but the known noise: the config dump and the final-metrics dump (pretty-printed blocks
+of hundreds of lines, each shown as one line naming the log file), and warnings that say nothing to a user
+of this run (optional verl engines not installed, Ray's notices about its own internals). Errors,
+tracebacks, verl's `step:N - key:value - ...` metrics line and its progress bar pass unchanged.
+Stdlib only, so that it starts at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+# Ray prefixes worker output with "(ActorName pid=N) ", coloured on a terminal.
+_RAY_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)?\([^)]*pid=\d+[^)]*\)(?:\x1b\[[0-9;]*m)? ?")
+#: payloads dropped from the console (kept in the log file): each names what triggers it
+NOISE = [re.compile(p) for p in (
+    r"engine is not available",  # verl/workers/engine/__init__.py warns once per process per optional engine
+    r"Using blocking ray\.get inside async actor",  # Ray on verl's own actors
+    r"is_fx_tracing will return true",  # torch deprecation inside FSDP2
+    r"Token authentication is enabled|Generated new authentication token",  # Ray's start-up notice
+    r"^Loading weights:",  # transformers' bar for a 400 kB checkpoint
+    r"UserWarning: Disabled critic as algorithm\.adv_estimator",  # verl says GRPO/POPO need no critic
+    r"Failed to set NUMA affinity",  # no libnuma on a CPU box; verl carries on
+    r"^Generating (train|validation|test) split:",  # the datasets library's bar while verl reads a parquet
+    r"stateful_dataloader\.py:\d+: UserWarning",  # torchdata on torch's vital-signs API
+)]
+# A pretty-printed dict (verl's config dump) or tuple (its "Final validation metrics") starts a block whose
+# continuation lines are indented.
+_BLOCK_START = re.compile(r"""^(\{'|\(["'](Initial|Final) validation metrics)""")
+# Python prints a warning as "file:line: SomeWarning: message" and then the offending source line, indented
+_WARNING = re.compile(r"\w+Warning: ")
+_MIN_BLOCK = 5
+
+
+def payload(line: str) -> str:
+    """The line without Ray's "(Actor pid=N) " prefix and a progress bar's leading carriage return."""
+    return _RAY_PREFIX.sub("", line, count=1).lstrip("\r")
+
+
+def is_noise(line: str) -> bool:
+    text = payload(line)
+    return any(p.search(text) for p in NOISE)
+
+
+class _Console:
+    """The console side; a closed one (`| head`) stops the console view, never the run or its log."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def write(self, text: str) -> None:
+        if self.out is None:
+            return
+        try:
+            self.out.write(text)
+            self.out.flush()
+        except (BrokenPipeError, ValueError):
+            self.out = None
+
+
+def filter_stream(lines, log, out, log_name: str) -> None:
+    """Copy `lines` to `log`; write the console view to `out` (both flushed per line)."""
+    console = _Console(out)
+    block: list[str] = []
+
+    def flush_block():
+        if len(block) >= _MIN_BLOCK:
+            head = re.search(r"(Initial|Final) validation metrics", block[0])
+            what = head.group(0).lower() if head else "configuration"
+            console.write(f"[{what}: {len(block)} lines, in {log_name}]\n")
+        else:
+            console.write("".join(block))
+        block.clear()
+
+    source_line_of_dropped_warning = False
+    for line in lines:
+        log.write(line)
+        log.flush()
+        text = payload(line)
+        if source_line_of_dropped_warning:
+            source_line_of_dropped_warning = False
+            if text.startswith("  "):
+                continue
+        if block and text.startswith(" "):
+            block.append(line)
+            continue
+        if block:
+            flush_block()
+        if _BLOCK_START.match(text):
+            block.append(line)
+            continue
+        if is_noise(line):
+            source_line_of_dropped_warning = bool(_WARNING.search(text))
+        else:
+            console.write(line)
+    if block:
+        flush_block()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m popo_verl.tiny.console", description=__doc__.splitlines()[0])
+    ap.add_argument("--log", required=True, help="file that receives every line")
+    args = ap.parse_args(argv)
+    sys.stdin.reconfigure(errors="replace")  # a stray byte must not end the run it watches
+    with open(args.log, "a", errors="replace") as log:
+        filter_stream(sys.stdin, log, sys.stdout, args.log)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""What a user of the run scripts sees: the console view of verl's output, the run summary, early config errors."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from popo_verl.tiny import console, summary
+
+ROOT = Path(__file__).resolve().parents[1]
+RAY = "\x1b[36m(TaskRunnerV1 pid=2873)\x1b[0m "
+
+
+def _step(n: int, **metrics) -> str:
+    pairs = " - ".join(f"{k}:{v}" for k, v in {"training/global_step": n, "timing_s/step": 2.5, **metrics}.items())
+    return f"{RAY}step:{n} - {pairs}\n"
+
+
+# ------------------------------------------------------------------------------------------ console view
+def _view(lines: list[str]) -> tuple[str, str]:
+    log, out = io.StringIO(), io.StringIO()
+    console.filter_stream(lines, log, out, "/runs/x/train.log")
+    return log.getvalue(), out.getvalue()
+
+
+def test_console_collapses_the_config_dump_and_keeps_everything_in_the_log():
+    dump = [f"{RAY}{{'actor_rollout_ref': {{'actor': {{\n"] + [f"{RAY}                  'key_{i}': {i},\n" for i in range(40)]
+    lines = ["ray init kwargs: {...}\n", *dump, f"{RAY}INFO: actor and ref model engine initialized\n", _step(1)]
+    log, out = _view(lines)
+    assert log == "".join(lines)
+    assert out.splitlines() == ["ray init kwargs: {...}", "[configuration: 41 lines, in /runs/x/train.log]",
+                                f"{RAY}INFO: actor and ref model engine initialized", _step(1).rstrip("\n")]
+
+
+def test_console_drops_known_noise_with_its_source_line_but_never_errors():
+    noise = [
+        "(pid=7) /site-packages/verl/workers/engine/__init__.py:32: UserWarning: torchtitan engine is not available: "
+        "ModuleNotFoundError(\"No module named 'torchtitan'\")\n",
+        '(pid=7)   warnings.warn(f"torchtitan engine is not available: {e!r}", stacklevel=1)\n',
+        "/site-packages/verl/trainer/main_ppo.py:180: UserWarning: Disabled critic as algorithm.adv_estimator != gae.\n",
+        "  use_critic=need_critic(config),\n",
+        f"{RAY}\rLoading weights:   0%|          | 0/24\rLoading weights: 100%|\n",
+        "2026-12-02 05:43:51,861\tWARNING authentication_token_setup.py:85 -- Token authentication is enabled\n",
+    ]
+    kept = [
+        f"{RAY}Traceback (most recent call last):\n",
+        f'{RAY}  File "/x/trainer.py", line 3, in step\n',
+        f"{RAY}ValueError: algorithm.popo.reward_mode: a reward of 0.5 is not 0 or 1\n",
+        f"{RAY}/x/trainer.py:9: UserWarning: POPO step 3: no positive rollout in the batch; actor update skipped\n",
+        f"{RAY}  warnings.warn(msg, stacklevel=1)\n",
+        f"{RAY}Training Progress:  50%|█████     | 1/2 [00:09<00:09,  9.75s/it]\n",
+    ]
+    log, out = _view(noise + kept)
+    assert out == "".join(kept)
+    assert log == "".join(noise + kept)
+
+
+def test_console_collapses_validation_metric_dumps_and_survives_a_closed_console():
+    block = [f"{RAY}(\"Final validation metrics: {{'val-core/tiny_arith/acc/mean@8': \"\n"]
+    block += [f"{RAY} \"np.float64(0.5), 'val-aux/x/{i}': \"\n" for i in range(10)]
+    _, out = _view(block + ["done\n"])
+    assert out.splitlines() == ["[final validation metrics: 11 lines, in /runs/x/train.log]", "done"]
+
+    class Closed(io.StringIO):
+        def write(self, s):
+            raise BrokenPipeError
+
+    log = io.StringIO()
+    console.filter_stream([_step(1), _step(2)], log, Closed(), "x")  # `| head` closed the console: the log goes on
+    assert log.getvalue() == _step(1) + _step(2)
+
+
+# ------------------------------------------------------------------------------------------ summary
+def _dump(dirpath: Path, step: int, rows: list[tuple[str, float]] | list[tuple[str, float, float]]) -> None:
+    dirpath.mkdir(parents=True, exist_ok=True)
+    with open(dirpath / f"{step}.jsonl", "w") as f:
+        for row in rows:
+            sample = {"input": row[0], "output": "...", "score": row[1], "step": step}
+            if len(row) == 3:
+                sample["acc"] = row[2]
+            f.write(json.dumps(sample) + "\n")
+
+
+def test_summary_counts_correct_samples_not_partial_credit(tmp_path):
+    """A graded reward of 0.5 on a wrong answer raises verl's logged acc (the mean reward) but not pass@1."""
+    val = tmp_path / "validation"
+    _dump(val, 0, [("p1", 1.0), ("p1", 0.5), ("p2", 0.5), ("p2", 0.0)])  # 1 correct of 4; p1 solved
+    _dump(val, 20, [("p1", 1.0), ("p1", 1.0), ("p2", 1.0), ("p2", 0.5)])
+    log = "".join([f"{RAY}step:0 - val-core/tiny_arith/acc/mean@2:np.float64(0.5)\n"]
+                  + [_step(i) for i in range(1, 21)])
+    lines = summary.report(log, "train.log", validation_dir=val)
+    assert lines[-2:] == ["held-out pass@2: 0.500 -> 1.000", "held-out pass@1: 0.250 -> 0.750 (20 steps)"]
+    assert "trained 20 steps; median step 2.5 s" in lines
+    # a reward function that reports acc is believed over its score
+    _dump(val, 20, [("p1", 0.9, 1.0), ("p1", 0.9, 0.0), ("p2", 0.9, 0.0), ("p2", 0.9, 0.0)])
+    assert summary.report(log, "train.log", validation_dir=val)[-1] == "held-out pass@1: 0.250 -> 0.250 (20 steps)"
+
+
+def test_summary_says_resumed_skipped_and_where_the_policy_is(tmp_path):
+    log = "".join([_step(4, **{"popo/skipped_step": 1.0}), _step(5, **{"popo/skipped_step": 0.0}),
+                   _step(6, **{"popo/skipped_step": 1.0, "timing_s/step": "nan"})])
+    hf = tmp_path / "ckpt" / "global_step_6" / "actor" / "huggingface"
+    hf.mkdir(parents=True)
+    (hf / "model.safetensors").write_bytes(b"w")
+    lines = summary.report(log, "train.log", checkpoint_dir=tmp_path / "ckpt", test_data="/d/test.parquet")
+    assert lines[0] == "full log: train.log"
+    assert "resumed at step 3, trained 3 steps in this run; median step 2.5 s" in lines
+    assert "2 of 3 steps skipped: no positive rollout" in lines
+    assert f"evaluate it: python -m popo_verl.evaluate --model {hf} --data /d/test.parquet" in lines
+    assert lines[-1] == "held-out pass@1: not measured (set trainer.test_freq > 0)"
+    allskipped = summary.report("".join(_step(i, **{"popo/skipped_step": 1.0, "timing_s/step": "nan"}) for i in (1, 2, 3)), "l")
+    assert "3 steps, all skipped: no positive rollout (POPO learns from correct responses only)" in allskipped
+    assert not any("nan" in line for line in allskipped)
+
+
+def test_summary_without_dumps_says_when_the_logged_value_is_a_reward():
+    log = (f"{RAY}step:0 - val-core/tiny_arith/reward/mean@8:np.float64(0.6)\n" + _step(1)
+           + f"{RAY}step:1 - val-core/tiny_arith/reward/mean@8:np.float64(0.7)\n")
+    lines = summary.report(log, "l")
+    assert lines[-2:] == ["(held-out pass@1 below is verl's mean reward: the reward function reports no acc)",
+                          "held-out pass@1: 0.600 -> 0.700 (1 steps)"]
+
+
+def test_summary_cli_exit_status_and_no_steps(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text("Traceback (most recent call last):\nValueError: boom\n")
+    r = subprocess.run([sys.executable, "-m", "popo_verl.tiny.summary", str(log)], capture_output=True, text=True)
+    assert r.returncode == 1
+    assert r.stdout.splitlines() == [f"full log: {log}",
+                                     "no training step was logged: see the errors above or in the full log"]
+
+
+# ------------------------------------------------------------------------------------------ early errors
+def test_bad_popo_key_fails_in_the_driver_before_ray_starts(tmp_path):
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", "algorithm=popo", "algorithm.popo.tau=2"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    elapsed = time.time() - t0
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.rstrip().splitlines()[-1] == "popo-verl: invalid configuration: algorithm.popo.tau must lie in [0, 1], got 2.0"
+    assert "ray init" not in r.stdout + r.stderr, "the error must come before Ray starts"
+    print(f"bad key reported after {elapsed:.1f} s")
+
+
+def test_bad_popo_key_through_the_run_script(tmp_path):
+    env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), CKPT_DIR=str(tmp_path / "ckpt"))
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "run_tiny_cpu.sh"), "algorithm.popo.weight_mode=best"],
+                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+    assert r.returncode == 2
+    out = r.stdout + r.stderr
+    assert "popo-verl: invalid configuration: algorithm.popo.weight_mode must be one of" in out
+    assert "ray init" not in out
+    assert r.stdout.splitlines()[0] == f"full log: {tmp_path / 'run' / 'train.log'}"
+    assert r.stdout.rstrip().splitlines()[-1] == "no training step was logged: see the errors above or in the full log"
+
+
+# ------------------------------------------------------------------------------------------ the main job
+@pytest.mark.e2e
+def test_ctrl_c_saves_the_policy_and_the_summary_says_where(tmp_path):
+    """The run script's first Ctrl-C (SIGINT to its whole process group, as a terminal sends it) lets the trainer
+    finish its step, save a checkpoint with the HF policy and end normally; the summary names the policy."""
+    import signal
+
+    ckpt = tmp_path / "ckpt"
+    env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), CKPT_DIR=str(ckpt), TOTAL_STEPS="40", TEST_FREQ="-1")
+    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "run_tiny_cpu.sh"), "trainer.val_before_train=false",
+                             "trainer.resume_mode=disable"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    out = []
+    deadline = time.time() + 400
+    for line in proc.stdout:
+        out.append(line)
+        if line.lstrip().startswith("step:2 ") or "step:2 - " in line:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        assert time.time() < deadline, "".join(out[-40:])
+    out += proc.stdout.readlines()
+    assert proc.wait(timeout=300) == 0, "".join(out[-60:])
+    text = "".join(out)
+    stopped = [int(s) for s in __import__("re").findall(r"stop requested: checkpoint saved at step (\d+)", text)]
+    assert len(stopped) == 1 and 2 <= stopped[0] < 40, text[-3000:]
+    hf = ckpt / f"global_step_{stopped[0]}" / "actor" / "huggingface"
+    assert any(hf.glob("*.safetensors")), f"no HF policy in {hf}"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped[0])
+    lines = text.rstrip().splitlines()
+    assert f"policy at step {stopped[0]}: {hf}" in lines
+    assert any(line.startswith(f"evaluate it: python -m popo_verl.evaluate --model {hf}") for line in lines)
+
+
+def test_config_diff_lists_what_algorithm_popo_changes():
+    """`python -m popo_verl.config diff` composes through verl's own command line with and without algorithm=popo."""
+    from popo_verl.config import popo_defaults
+
+    r = subprocess.run([sys.executable, "-m", "popo_verl.config", "diff", "actor_rollout_ref.rollout.n=4"],
+                       capture_output=True, text=True, cwd="/", timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()[1:]}
+    assert rows["algorithm.adv_estimator"] == ["gae", "popo"]
+    assert rows["actor_rollout_ref.actor.policy_loss.loss_mode"] == ["vanilla", "popo"]
+    assert rows["trainer.v1.trainer_mode"] == ["sync", "popo"]
+    assert "actor_rollout_ref.rollout.n" not in rows, "an override given to both is no difference"
+    assert {f"algorithm.popo.{k}" for k in popo_defaults()} <= set(rows)
+    assert all(v[0] == "(absent)" for k, v in rows.items() if k.startswith("algorithm.popo."))
+
+
+def test_summary_of_a_rerun_with_nothing_left_to_train(tmp_path):
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("60")
+    log = f"{RAY}step:60 - val-core/tiny_arith/acc/mean@8:np.float64(0.5)\n"
+    lines = summary.report(log, "l", checkpoint_dir=tmp_path)
+    assert lines[-1].startswith(f"no step was trained in this run: {tmp_path} already holds step 60")
+    assert "trainer.resume_mode=disable" in lines[-1]
+    assert summary.report("Traceback (most recent call last):\n", "l", checkpoint_dir=tmp_path)[-1].startswith(
+        "no training step was logged")
