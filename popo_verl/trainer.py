@@ -93,9 +93,10 @@ class PopoTrainer(PPOTrainerSync):
     def __init__(self, config):
         validate_popo_config(config)
         self.popo = get_popo_config(config)
-        if config.actor_rollout_ref.actor.strategy not in ("fsdp", "fsdp2"):
+        if config.actor_rollout_ref.actor.strategy not in ("fsdp", "fsdp2", "megatron"):
             raise NotImplementedError(
-                f"POPO runs on the FSDP/FSDP2 engine for now; got strategy={config.actor_rollout_ref.actor.strategy}"
+                "POPO runs on verl's FSDP/FSDP2 and Megatron engines (strategy fsdp|fsdp2|megatron); "
+                f"got strategy={config.actor_rollout_ref.actor.strategy}"
             )
         with open_dict(config):
             # The workers only see actor_rollout_ref: hand them POPO's knobs there.

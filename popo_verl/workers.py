@@ -39,20 +39,33 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+def popo_engine_cls(engine) -> type:
+    """POPO's subclass of the stock engine verl built: FSDP/FSDP2, or Megatron (where megatron-core is installed)."""
+    if type(engine) is FSDPEngineWithLMHead:
+        return PopoFSDPEngine
+    try:
+        from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
+    except ImportError:  # no megatron-core: verl cannot have built a Megatron engine either
+        MegatronEngineWithLMHead = None
+    if MegatronEngineWithLMHead is not None and type(engine) is MegatronEngineWithLMHead:
+        from popo_verl.engines.megatron import PopoMegatronEngine
+
+        return PopoMegatronEngine
+    raise NotImplementedError(
+        f"POPO supports verl's FSDP/FSDP2 and Megatron engines (strategy fsdp|fsdp2|megatron); got {type(engine).__name__}"
+    )
+
+
 class PopoTrainingWorker(TrainingWorker):
-    """verl's TrainingWorker with POPO's engine in place of the stock FSDP engine."""
+    """verl's TrainingWorker with POPO's engine in place of the stock FSDP or Megatron engine."""
 
     #: predictor settings, set by the outer worker before the model is built
     popo_settings: dict = {}
 
     def __init__(self, config):
         super().__init__(config)
-        if type(self.engine) is not FSDPEngineWithLMHead:
-            raise NotImplementedError(
-                f"POPO supports the FSDP/FSDP2 engine (strategy fsdp|fsdp2); got {type(self.engine).__name__}"
-            )
         # Same constructor arguments verl's EngineRegistry.new passed (verl/workers/engine_workers.py).
-        self.engine = PopoFSDPEngine(
+        self.engine = popo_engine_cls(self.engine)(
             model_config=self.model_config,
             engine_config=self.engine_config,
             optimizer_config=self.optimizer_config,
@@ -109,6 +122,11 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         self.max_update_norm = 0.0
         self.last_lr = 0.0
         self.ema_seconds = 0.0
+        self.siamese = None  # Megatron: the fp32 shadow of verl's bf16 ref model (popo_verl/engines/megatron.py)
+        if type(self.actor.engine).__name__ == "PopoMegatronEngine":
+            from popo_verl.engines.megatron import MegatronSiamese
+
+            self.siamese = MegatronSiamese(self.actor.engine, self.ref.engine)
         self._check_siamese_layout()
         self.copy_actor_to_siamese()
         self.actor.engine.popo_after_optimizer_step = self._after_optimizer_step
@@ -119,9 +137,13 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
 
     # ------------------------------------------------------------------ siamese <-> actor
     def _actor_params(self) -> dict[str, torch.Tensor]:
+        if self.siamese is not None:
+            return self.siamese.actor_params()
         return {n: p for n, p in self.actor.engine.module.named_parameters() if not is_predictor_param(n)}
 
     def _siamese_params(self) -> dict[str, torch.Tensor]:
+        if self.siamese is not None:
+            return self.siamese.shadow
         return dict(self.ref.engine.module.named_parameters())
 
     def _paired_locals(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -130,6 +152,8 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         return [_local(siamese[n].data) for n in names], [_local(actor[n].data) for n in names]
 
     def _check_siamese_layout(self) -> None:
+        if self.siamese is not None:
+            return self.siamese.check_layout()
         actor, siamese = self._actor_params(), self._siamese_params()
         if set(actor) != set(siamese):
             missing = sorted(set(actor) ^ set(siamese))[:5]
@@ -148,14 +172,18 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
 
     @torch.no_grad()
     def copy_actor_to_siamese(self) -> None:
+        if self.siamese is not None:
+            return self.siamese.copy_from_actor()
         targets, onlines = self._paired_locals()
         for xi, theta in zip(targets, onlines, strict=True):
             xi.copy_(theta.to(device=xi.device, dtype=xi.dtype))
 
     def _after_optimizer_step(self, grad_norm: float) -> None:
         t0 = time.perf_counter()
-        targets, onlines = self._paired_locals()
-        core.ema_update_(targets, onlines, self.tau)
+        if self.siamese is not None:
+            self.siamese.ema(self.tau)
+        else:
+            core.ema_update_(*self._paired_locals(), self.tau)
         self.ema_seconds += time.perf_counter() - t0
         self.ema_steps += 1
         self.max_update_norm = max(self.max_update_norm, self._update_direction_norm(grad_norm))
@@ -169,32 +197,40 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         For Adam(W) u_t = m_hat / (sqrt(v_hat) + eps), read from the optimizer state (weight decay left
         out); for other optimizers the clipped gradient norm.
         """
-        opt = self.actor.engine.optimizer
-        predictor = {id(p) for n, p in self.actor.engine.module.named_parameters() if is_predictor_param(n)}
-        sq = torch.zeros((), dtype=torch.float64)
-        found = False
-        for group in opt.param_groups:
-            betas, eps = group.get("betas"), group.get("eps")
-            if betas is None or eps is None:
-                continue
-            for p in group["params"]:
-                st = opt.state.get(p, {})
-                if id(p) in predictor or "exp_avg" not in st:
+        engine = self.actor.engine
+        if self.siamese is not None:  # Megatron: the torch optimizers inside its (chained) optimizer, on main shards
+            optimizers = [o.optimizer for o in engine._sub_optimizers()]
+            predictor = set().union(*engine._popo_head_shards.values())
+        else:
+            optimizers = [engine.optimizer]
+            predictor = {id(p) for n, p in engine.module.named_parameters() if is_predictor_param(n)}
+        sq = torch.zeros(2, dtype=torch.float64)  # (sum of squares, parameters found)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                betas, eps = group.get("betas"), group.get("eps")
+                if betas is None or eps is None:
                     continue
-                step = float(st["step"])
-                m = _local(st["exp_avg"]).double() / (1 - betas[0] ** step)
-                v = _local(st["exp_avg_sq"]).double() / (1 - betas[1] ** step)
-                sq += (m / (v.sqrt() + eps)).pow(2).sum().cpu()
-                found = True
-        if not found:
-            clip = self.actor.engine.optimizer_config.clip_grad
+                for p in group["params"]:
+                    st = opt.state.get(p, {})
+                    if id(p) in predictor or "exp_avg" not in st:
+                        continue
+                    step = float(st["step"])
+                    m = _local(st["exp_avg"]).double() / (1 - betas[0] ** step)
+                    v = _local(st["exp_avg_sq"]).double() / (1 - betas[1] ** step)
+                    sq[0] += (m / (v.sqrt() + eps)).pow(2).sum().cpu()
+                    sq[1] += 1
+        if self.siamese is not None and dist.is_initialized():
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM)  # every rank: a Megatron rank may hold no optimizer shard
+        if not sq[1]:
+            clip = engine.optimizer_config.clip_grad
             return min(grad_norm, clip) if clip else grad_norm
-        if dist.is_initialized():
+        if self.siamese is None and dist.is_initialized():
             dist.all_reduce(sq, op=dist.ReduceOp.SUM)
-        return math.sqrt(float(sq))
+        return math.sqrt(float(sq[0]))
 
     def _global_distance(self) -> float:
-        targets, onlines = self._paired_locals()
+        # Megatron: each weight once (data-parallel replicas and tensor-parallel duplicates left out)
+        targets, onlines = self.siamese.counted_pairs() if self.siamese is not None else self._paired_locals()
         sq = torch.zeros((), dtype=torch.float64)
         for xi, theta in zip(targets, onlines, strict=True):
             sq += (theta.detach().double().cpu() - xi.detach().double().cpu()).pow(2).sum()
@@ -228,7 +264,12 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         def full(named):
             return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().float().cpu().clone() for n, p in named}
 
-        actor_named = list(self.actor.engine.module.named_parameters())
+        if self.siamese is not None:
+            from popo_verl.engines.megatron import named_local_params
+
+            actor_named = list(named_local_params(self.actor.engine, with_head=True).items())
+        else:
+            actor_named = list(self.actor.engine.module.named_parameters())
         return {
             "siamese": full(self._siamese_params().items()),
             "actor": full([(n, p) for n, p in actor_named if not is_predictor_param(n)]),
@@ -276,6 +317,8 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         with torch.no_grad():
             for n, p in params.items():
                 _local(p.data).copy_(state["siamese"][n].to(_local(p.data).device))
+        if self.siamese is not None:
+            self.siamese.write_to_model()
         self.ema_steps = int(state["ema_steps"])
         self.max_update_norm = float(state["max_update_norm"])
         self.last_lr = float(state["last_lr"])

@@ -128,13 +128,40 @@ DATA_ARGS=(
   reward.custom_reward_function.path="$REWARD_FILE"
   reward.custom_reward_function.name=compute_score
 )
+# ENGINE: fsdp2 (default) or megatron (verl's Megatron engine; pip install -e ".[megatron]"). Megatron's TP/PP
+# default to those of verl's own Megatron GRPO examples on 8 GPUs (examples/grpo_trainer/run_qwen2-7b_math_megatron.sh:
+# TP 2, PP 2 for 7B; 1.5B fits TP 1, PP 1). VANILLA_MBRIDGE=true (the default below Python 3.12) uses mbridge: verl's
+# default bridge, Megatron-Bridge 0.5.2, needs Python 3.12.
+ENGINE=${ENGINE:-fsdp2}
+case "$ENGINE" in
+  fsdp2)
+    ENGINE_ARGS=(actor_rollout_ref.actor.strategy=fsdp2 actor_rollout_ref.ref.strategy=fsdp2)
+    PRECISION_ARGS=(actor_rollout_ref.actor.fsdp_config.dtype=bfloat16
+                    actor_rollout_ref.actor.optim.lr_scheduler_type=cosine) ;;
+  megatron)
+    if [[ "$large" == true ]]; then MEGATRON_TP=${MEGATRON_TP:-2}; MEGATRON_PP=${MEGATRON_PP:-2}
+    else MEGATRON_TP=${MEGATRON_TP:-1}; MEGATRON_PP=${MEGATRON_PP:-1}; fi
+    if python -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then VANILLA_MBRIDGE=${VANILLA_MBRIDGE:-false}
+    else VANILLA_MBRIDGE=${VANILLA_MBRIDGE:-true}; fi
+    ENGINE_ARGS=(
+      model_engine=megatron
+      actor_rollout_ref.actor.megatron.tensor_model_parallel_size="$MEGATRON_TP"
+      actor_rollout_ref.actor.megatron.pipeline_model_parallel_size="$MEGATRON_PP"
+      actor_rollout_ref.ref.megatron.tensor_model_parallel_size="$MEGATRON_TP"   # the siamese: the actor's layout
+      actor_rollout_ref.ref.megatron.pipeline_model_parallel_size="$MEGATRON_PP"
+      actor_rollout_ref.actor.megatron.vanilla_mbridge="$VANILLA_MBRIDGE"
+      actor_rollout_ref.ref.megatron.vanilla_mbridge="$VANILLA_MBRIDGE"
+    )
+    PRECISION_ARGS=(actor_rollout_ref.actor.megatron.dtype=bfloat16
+                    actor_rollout_ref.actor.optim.lr_decay_style=cosine) ;;  # Megatron's name for the schedule
+  *) echo "unknown ENGINE '$ENGINE'; known: fsdp2 megatron" >&2; exit 2 ;;
+esac
 MODEL_ARGS=(
   actor_rollout_ref.model.path="$MODEL_PATH"
   "${TEMPLATE_ARGS[@]}"
   actor_rollout_ref.model.use_remove_padding=true
   actor_rollout_ref.model.enable_gradient_checkpointing=true
-  actor_rollout_ref.actor.strategy=fsdp2
-  actor_rollout_ref.ref.strategy=fsdp2
+  "${ENGINE_ARGS[@]}"
   actor_rollout_ref.actor.ppo_mini_batch_size="$PPO_MINI_BATCH"
   actor_rollout_ref.actor.use_dynamic_bsz=true
   actor_rollout_ref.actor.ppo_max_token_len_per_gpu=$(( (PROMPT_LENGTH + RESPONSE_LENGTH) * 4 ))
@@ -143,12 +170,11 @@ MODEL_ARGS=(
 )
 OPTIM_ARGS=(
   actor_rollout_ref.actor.optim.lr="$LR"
-  actor_rollout_ref.actor.optim.lr_scheduler_type=cosine   # REF configs/trainer/default.yaml, POPO.md
   actor_rollout_ref.actor.optim.lr_warmup_steps="$WARMUP_STEPS"
   actor_rollout_ref.actor.optim.lr_warmup_steps_ratio=0.1  # REF warmup_ratio, POPO.md (used when lr_warmup_steps < 0)
   actor_rollout_ref.actor.optim.weight_decay=0.01          # REF configs/trainer/default.yaml, POPO.md
   actor_rollout_ref.actor.optim.clip_grad=1.0              # REF max_grad_norm, POPO.md
-  actor_rollout_ref.actor.fsdp_config.dtype=bfloat16       # REF bf16, POPO.md
+  "${PRECISION_ARGS[@]}"                                   # REF bf16 and cosine schedule (configs/trainer/default.yaml), POPO.md
 )
 ROLLOUT_ARGS=(
   actor_rollout_ref.rollout.name=vllm

@@ -14,13 +14,21 @@ def _run(code: str, env_extra: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True, timeout=180)
 
 
+_FAKE_CPU_MACHINE = """
+    import torch, shutil
+    torch.cuda.is_available = lambda: False          # what a machine without a GPU answers, even where one is
+    _which = shutil.which
+    shutil.which = lambda cmd, *a, **k: None if cmd == "nvidia-smi" else _which(cmd, *a, **k)
+"""
+
+
 def test_cpu_platform_is_chosen_without_cuda():
     r = _run(
-        """
+        textwrap.dedent(_FAKE_CPU_MACHINE) + textwrap.dedent("""
         import os, verl
         from verl.utils.device import get_device_name, get_nccl_backend, get_resource_name
         print(get_device_name(), get_nccl_backend(), get_resource_name(), os.environ.get("VERL_ENGINE_DEVICE"))
-        """,
+        """),
         {},
     )
     assert r.returncode == 0, r.stderr[-2000:]
@@ -77,7 +85,8 @@ def test_force_env_overrides_cuda_detection(flag, device):
 
 
 def test_gloo_process_group_and_unpinned_offload():
-    """The patched verl initialiser gives a gloo group on a cpu device; FSDP2 offload does not pin."""
+    """The patched verl initialiser gives a gloo group on a cpu device; FSDP2 offload does not pin (the CPU
+    platform forced, so that a GPU machine tests the same thing)."""
     r = _run(
         """
         import os, socket
@@ -90,7 +99,7 @@ def test_gloo_process_group_and_unpinned_offload():
         from verl.utils.fsdp_utils import CPUOffloadPolicy
         print(CPUOffloadPolicy(pin_memory=True).pin_memory)
         """,
-        {},
+        {"POPO_VERL_CPU": "1"},
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[-2:] == ["gloo", "False"]
@@ -118,11 +127,17 @@ def test_device_module_answers_what_verl_asks():
     assert torch.zeros(2, device=m.current_device()).device.type == "cpu"
 
 
-@pytest.mark.parametrize("name", ["cpu"])
-def test_platform_registered_under_cpu(name):
-    import verl  # noqa: F401
-    from verl.plugin.platform import PlatformRegistry
-
-    from popo_verl.cpu.platform import PlatformCPU
-
-    assert PlatformRegistry.get(name) is PlatformCPU
+def test_platform_registered_under_cpu():
+    """Wherever the CPU platform is wanted (here: forced, so that a GPU machine checks the same), verl's registry
+    holds ours under "cpu"."""
+    r = _run(
+        """
+        import verl
+        from verl.plugin.platform import PlatformRegistry
+        from popo_verl.cpu.platform import PlatformCPU
+        print(PlatformRegistry.get("cpu") is PlatformCPU)
+        """,
+        {"POPO_VERL_CPU": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == "True"

@@ -138,15 +138,17 @@ def test_predictor_is_fp32_under_bf16_mixed_precision_and_trains(process_group, 
     with e.train_mode():
         # the log-prob term keeps the LM output in the graph, as popo_actor_loss does: FSDP2 unshards the
         # root for backward from a hook on the model's output
-        e.train_batch(data, loss_function=capture(got, lambda out: -F.cosine_similarity(out[PRED_KEY], target, dim=-1).mean()
-                                                  + 0.0 * out["log_probs"].values().sum()))
+        e.train_batch(data, loss_function=capture(got, lambda out: -F.cosine_similarity(
+            out[PRED_KEY], target.to(out[PRED_KEY].device), dim=-1).mean() + 0.0 * out["log_probs"].values().sum()))
     # the head ran in fp32 on the (bf16-model) pooled state: an fp32 replay matches; a bf16 head would be ~1e-2 off
+    # (compared on the CPU, where the replay head lives, whatever device verl ran the engine on)
+    pred, pooled = got[PRED_KEY].cpu(), got[POOLED_KEY].cpu()
     with torch.no_grad():
-        replay = replay_head(got[POOLED_KEY].float())
-    assert got[PRED_KEY].dtype == torch.float32
-    assert torch.allclose(got[PRED_KEY], replay, atol=1e-6), (got[PRED_KEY] - replay).abs().max()
+        replay = replay_head(pooled.float())
+    assert pred.dtype == torch.float32
+    assert torch.allclose(pred, replay, atol=1e-6), (pred - replay).abs().max()
     with torch.no_grad():
-        bf16 = replay_head.to(torch.bfloat16)(got[POOLED_KEY].to(torch.bfloat16)).float()
+        bf16 = replay_head.to(torch.bfloat16)(pooled.to(torch.bfloat16)).float()
     assert not torch.allclose(bf16, replay, atol=1e-6), "the check above could tell bf16 from fp32"
     # one optimizer step on the cosine loss: every head weight moved, in fp32; the EMA callback saw it
     assert len(steps) == 1 and steps[0] > 0
@@ -167,7 +169,8 @@ def test_grad_clip_covers_the_policy_alone_and_the_head_norm_is_logged(process_g
     e = build_engine(tiny_random_model, "fp32", clip_grad=1.0, predictor_clip_grad=predictor_clip)
     target = torch.randn(4, 32, generator=torch.Generator().manual_seed(3))
     data, _, _ = make_batch(seed=4)
-    loss = lambda out: 0.01 * out["log_probs"].values().sum() - 5.0 * F.cosine_similarity(out[PRED_KEY], target, dim=-1).sum()  # noqa: E731
+    loss = lambda out: 0.01 * out["log_probs"].values().sum() - 5.0 * F.cosine_similarity(  # noqa: E731
+        out[PRED_KEY], target.to(out[PRED_KEY].device), dim=-1).sum()
     policy = [p for n, p in e.module.named_parameters() if not is_predictor_param(n)]
     head = [p for n, p in e.module.named_parameters() if is_predictor_param(n)]
     before = [p.full_tensor().clone() for p in head]
@@ -245,11 +248,14 @@ def _sp_rank(rank: int, port: int, model_path: str, out_dir: str) -> None:
     dist.destroy_process_group()
 
 
-def test_pooling_under_ulysses_sequence_parallel(tiny_random_model, tmp_path):
+def test_pooling_under_ulysses_sequence_parallel(tiny_random_model, tmp_path, monkeypatch):
     """sp = 2 over gloo: each rank holds half of the packed hidden states (verl's own pad-and-slice); the
     pooled state, gathered with verl's gather, equals the pooling of the whole sequence on every rank, and
-    the gradient reaches each rank's slice. (The model's Ulysses attention needs flash-attn: GPU only.)"""
+    the gradient reaches each rank's slice. (The model's Ulysses attention needs flash-attn: GPU only.)
+    The two ranks run on the CPU platform even on a GPU machine: one GPU cannot host ranks 0 and 1."""
     import torch.multiprocessing as mp
+
+    monkeypatch.setenv("POPO_VERL_CPU", "1")  # the spawned ranks start fresh interpreters: they read it at import
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -305,7 +305,9 @@ def test_registration_inside_ray_worker(local_ray):
 
     both, device, pid = ray.get(probe.remote(), timeout=240)
     assert both is True
-    assert device == "cpu"
+    from verl.utils.device import get_device_name
+
+    assert device == get_device_name(), "the worker sees the driver's platform (cpu here, cuda on a GPU machine)"
     assert pid != os.getpid()  # it really ran in another process
 
 

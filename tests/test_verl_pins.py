@@ -103,3 +103,90 @@ def test_checkpoint_layout_and_resume_keys_popo_relies_on():
     assert 'local_path=os.path.join(global_step_folder, "actor")' in resume
     trainer_save = inspect.getsource(PPOTrainer._save_checkpoint)
     assert trainer_save.index("self.actor_rollout_wg.save_checkpoint(") < trainer_save.index('"latest_checkpointed_iteration.txt"')
+
+
+def test_agent_loops_are_built_directly_on_the_cpu_backend():
+    """verl builds one agent loop object per sample with `hydra.utils.instantiate({"_target_": cls}, **kwargs)`
+    (verl/experimental/agent_loop/agent_loop.py); the CPU backend calls the class directly for such configs and
+    leaves any other config to hydra. Fails if verl stops instantiating that way or changes the registry entries."""
+    from verl.experimental.agent_loop import agent_loop
+    from verl.experimental.agent_loop.single_turn_agent_loop import SingleTurnAgentLoop
+
+    from popo_verl.cpu import backend as cpu
+
+    assert "hydra.utils.instantiate(" in inspect.getsource(agent_loop.AgentLoopWorker._run_agent_loop)
+    entry = agent_loop._agent_loop_registry["single_turn_agent"]
+    assert entry == {"_target_": f"{SingleTurnAgentLoop.__module__}.{SingleTurnAgentLoop.__qualname__}"}
+    cpu._direct_agent_loop_instantiate()
+    cpu._direct_agent_loop_instantiate()  # idempotent
+    instantiate = agent_loop.hydra.utils.instantiate
+    built = []
+
+    class Probe:
+        def __init__(self, **kwargs):
+            built.append(kwargs)
+
+    probe = {"_target_": f"{__name__}.Probe"}
+    globals()["Probe"] = Probe
+    marker = object()  # hydra would wrap this kwarg into OmegaConf; the direct call hands it over as is
+    assert isinstance(instantiate(probe, tokenizer=marker), Probe) and built[-1]["tokenizer"] is marker
+    assert instantiate({"_target_": "builtins.dict", "a": 1}) == {"a": 1}, "other configs still go to hydra"
+
+
+def test_the_hooks_for_early_errors_and_ctrl_c_still_fit_verl():
+    """popo_verl/plugin.py wraps verl.utils.config.validate_config, which verl's main_ppo imports by name and calls
+    in the driver before ray.init; popo_verl/stop.py hooks PPOTrainerSync.on_step_end, which fit calls after the
+    step's checkpoint and before the loop's exit test."""
+    import verl.trainer.main_ppo as main_ppo
+    import verl.utils.config as verl_config
+    from verl.trainer.ppo.v1.trainer_base import PPOTrainer
+    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+    src = inspect.getsource(main_ppo)
+    assert "from verl.utils.config import validate_config" in src
+    main_src = inspect.getsource(main_ppo.main)
+    assert "validate_config(" in main_src and main_src.index("validate_config(") < main_src.index("run_ppo(")
+    assert "ray.init(" in inspect.getsource(main_ppo.run_ppo)
+    assert verl_config.validate_config._popo_checked and main_ppo.validate_config is verl_config.validate_config
+    fit = inspect.getsource(PPOTrainer.fit)
+    assert fit.index("self._save_checkpoint()") < fit.index("self.on_step_end()")
+    assert "self.global_steps <= self.total_training_steps" in fit
+    assert PPOTrainerSync.on_step_end._popo_stop
+
+
+def test_the_megatron_engine_hooks_still_fit_verl():
+    """popo_verl/engines/megatron.py subclasses verl's MegatronEngineWithLMHead
+    (verl/workers/engine/megatron/transformer_impl.py); read from verl's source, so it is checked without
+    megatron-core installed (tests/test_megatron_engine.py runs the engine where it is)."""
+    import importlib.util
+    import os
+
+    root = os.path.dirname(importlib.util.find_spec("verl").origin)
+    with open(os.path.join(root, "workers", "engine", "megatron", "transformer_impl.py")) as f:
+        impl = f.read()
+    with open(os.path.join(root, "utils", "megatron_utils.py")) as f:
+        utils = f.read()
+    with open(os.path.join(root, "utils", "checkpoint", "megatron_checkpoint_manager.py")) as f:
+        ckpt = f.read()
+    # the head joins the model through the bridge's model builder, before DDP (utils/megatron_utils.py)
+    assert "bridge.get_model(\n                post_model_creation_callbacks=post_model_creation_callbacks," in utils
+    assert "provider.register_pre_wrap_hook(callback)" in utils
+    # the engine methods we override or wrap, with the arguments we pass
+    for needle in ("def _build_megatron_module(self):", "def initialize(self):", "def optimizer_step(self):",
+                   "def forward_step(self, batch_iter, model, logits_processor_func, postprocess_micro_batch_func):",
+                   "def get_per_tensor_param(self, base_sync_done=False, **kwargs):", "def load_checkpoint(",
+                   "update_successful, grad_norm, num_zeros_in_grad = self.optimizer.step()",
+                   "self.bridge.load_weights(module, self.model_config.local_path)", "self.bridge.load_hf_weights(",
+                   "def _get_context_parallel_layout(unwrapped_model)", "return output, partial("):
+        assert needle in impl, needle
+    # the pooled states are unpacked with the helpers verl's forward applies to the log-probs
+    with open(os.path.join(root, "models", "mcore", "model_forward.py")) as f:
+        forward = f.read()
+    assert "postprocess_thd_engine(" in forward and "preprocess_bshd_engine(" in forward
+    # HF names go through the bridge's eager load/save with the model list first; export stays lazy
+    for needle in ("self.bridge.save_weights(self.model, hf_ckpt_path", "self.bridge.save_hf_weights(self.model, hf_ckpt_path",
+                   "self.bridge.load_weights(self.model, hf_model_path)", "self.bridge.load_hf_weights(self.model, hf_model_path)"):
+        assert needle in ckpt, needle
+    from popo_verl.engines.fsdp import PREDICTOR_ATTR
+
+    assert PREDICTOR_ATTR == "popo_predictor"

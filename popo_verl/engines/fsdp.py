@@ -74,8 +74,9 @@ def is_predictor_param(name: str) -> bool:
     return name.startswith(PREDICTOR_PREFIX) or f".{PREDICTOR_PREFIX}" in name
 
 
-class PopoFSDPEngine(FSDPEngineWithLMHead):
-    """FSDP engine that also returns POPO's pooled representation (and predictor output)."""
+class PopoStepReporting:
+    """What POPO's FSDP and Megatron engines share: the predictor settings, and after each optimizer step the
+    siamese EMA callback and the head's gradient norm metric."""
 
     popo_predictor_hidden: int = 1024
     popo_predictor_layers: int = 2
@@ -86,6 +87,36 @@ class PopoFSDPEngine(FSDPEngineWithLMHead):
         self.popo_predictor_layers = int(predictor_layers)
         self.popo_predictor_seed = int(seed)
         self.popo_predictor_clip_grad = float(predictor_clip_grad)
+
+    #: the predictor head's own max grad norm (0 = no clip); set by configure_popo
+    popo_predictor_clip_grad: float = 0.0
+
+    #: called as fn(grad_norm) after every optimizer step that updated the weights (the siamese EMA)
+    popo_after_optimizer_step = None
+    #: the head's gradient norm at the last optimizer step (before its clip), for popo/predictor_grad_norm
+    popo_predictor_grad_norm: float | None = None
+
+    def _after_step(self, grad_norm):
+        callback = self.popo_after_optimizer_step
+        if callback is not None and grad_norm is not None:
+            gn = float(grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm)
+            if gn == gn and gn not in (float("inf"), float("-inf")):  # verl skips non-finite steps
+                callback(gn)
+        return grad_norm
+
+    def train_batch(self, data, loss_function):
+        self.popo_predictor_grad_norm = None
+        outputs = super().train_batch(data, loss_function)
+        if self.popo_predictor_grad_norm is not None and self.is_mp_src_rank_with_outputs():
+            from verl.utils.metric import AggregationType, Metric
+
+            # the norm is global (same on every rank); verl averages Metrics over ranks, then over mini-batches
+            outputs["metrics"]["popo/predictor_grad_norm"] = Metric(AggregationType.MEAN, self.popo_predictor_grad_norm)
+        return outputs
+
+
+class PopoFSDPEngine(PopoStepReporting, FSDPEngineWithLMHead):
+    """FSDP engine that also returns POPO's pooled representation (and predictor output)."""
 
     # ------------------------------------------------------------------ model construction
     def _build_module(self):
@@ -199,12 +230,6 @@ class PopoFSDPEngine(FSDPEngineWithLMHead):
         return model_output
 
     # ------------------------------------------------------------------ optimizer step
-    #: called as fn(grad_norm) after every optimizer step that updated the weights (the siamese EMA)
-    popo_after_optimizer_step = None
-    #: the predictor head's own max grad norm (0 = no clip); set by configure_popo's caller
-    popo_predictor_clip_grad: float = 0.0
-    #: the head's gradient norm at the last optimizer step (before its clip), for popo/predictor_grad_norm
-    popo_predictor_grad_norm: float | None = None
 
     def _separable_head_params(self) -> list[torch.nn.Parameter]:
         """The head's parameters when they are tensors of their own (FSDP2, or no FSDP); [] under FSDP1, whose
@@ -244,24 +269,6 @@ class PopoFSDPEngine(FSDPEngineWithLMHead):
         for p, g in zip(policy, policy_grads, strict=True):
             p.grad = g
         return self._after_step(grad_norm)
-
-    def _after_step(self, grad_norm):
-        callback = self.popo_after_optimizer_step
-        if callback is not None:
-            gn = float(grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm)
-            if gn == gn and gn not in (float("inf"), float("-inf")):  # verl skips non-finite steps
-                callback(gn)
-        return grad_norm
-
-    def train_batch(self, data, loss_function):
-        self.popo_predictor_grad_norm = None
-        outputs = super().train_batch(data, loss_function)
-        if self.popo_predictor_grad_norm is not None and self.is_mp_src_rank_with_outputs():
-            from verl.utils.metric import AggregationType, Metric
-
-            # the norm is global (same on every rank); verl averages Metrics over ranks, then over mini-batches
-            outputs["metrics"]["popo/predictor_grad_norm"] = Metric(AggregationType.MEAN, self.popo_predictor_grad_norm)
-        return outputs
 
     # ------------------------------------------------------------------ weight export
     def get_per_tensor_param(self, *args, **kwargs):

@@ -1,0 +1,167 @@
+"""megatron-core on the CPU: a stand-in for the GPU and for Transformer Engine, for tests and CPU demos only.
+
+megatron-core 0.16.1 (the newest for Python 3.11) with mbridge 0.15.1 (verl's `vanilla_mbridge` path; verl's
+default, Megatron-Bridge 0.5.2, needs Python 3.12) does not run on a CPU torch as shipped. The first failing
+call, building verl 0.9.1's MegatronEngineWithLMHead on one gloo rank:
+
+    verl/workers/engine/megatron/utils.py:38 set_random_seed -> tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    megatron/core/tensor_parallel/random.py:235 CudaRNGStatesTracker.add: orig_rng_state = torch.cuda.get_rng_state()
+    AssertionError: Torch not compiled with CUDA enabled
+
+`install()` replaces what only exists with a GPU, each item below the next failure met after the one before:
+1. the CUDA RNG tracker keeps CPU generator states (megatron/core/tensor_parallel/random.py);
+2. `torch.cuda.current_device/synchronize/get_rng_state/manual_seed` and `Tensor.cuda/Module.cuda` act on the
+   CPU (mbridge/core/util.py `get_model`: `.cuda(torch.cuda.current_device())`; p2p_communication.py);
+3. a torch-function mode maps `device="cuda"` to the CPU and reports CPU tensors' `type()` as `torch.cuda.*`
+   (megatron/core/optimizer/optimizer.py: `torch.tensor(..., device='cuda')`; distrib_optimizer.py accepts
+   only `torch.cuda.*Tensor` parameters);
+4. mbridge builds Transformer Engine layer specs only (mbridge/core/llm_bridge.py `_get_transformer_layer_spec`,
+   TENorm: NameError): use megatron's local spec, with
+   - a core attention on torch SDPA that takes packed THD micro-batches (`cu_seqlens_q_padded`) and verl's
+     (B, S) padding mask (megatron's local DotProductAttention takes neither; context parallelism unsupported),
+   - RMSNorm that allows sequence parallelism (its weight marked `sequence_parallel`, as TE's norm does),
+   - mbridge's weight names for the local spec's separate norms (TE fuses them into the linear layers).
+What runs for real: verl's engine, megatron-core's parallel layers, DDP, distributed optimizer, pipeline
+schedules (p2p over gloo), dist checkpointing, mbridge's weight loading and export.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+_INSTALLED = False
+
+
+def _cpu(device):
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(device, int) and not isinstance(device, bool):
+        return "cpu"
+    return device
+
+
+class CudaToCpu(TorchFunctionMode):
+    """device='cuda' -> CPU; a CPU tensor's type() reads torch.cuda.* (megatron's optimizers check it)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if "device" in kwargs:
+            kwargs["device"] = _cpu(kwargs["device"])
+        if getattr(func, "__name__", "") == "to" and len(args) > 1:
+            args = (args[0], _cpu(args[1]), *args[2:])
+        out = func(*args, **kwargs)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(out, str) \
+                and out.startswith("torch.") and not out.startswith("torch.cuda."):
+            out = "torch.cuda." + out[len("torch."):]
+        return out
+
+
+def _patch_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda clone=False, graph_safe=False: torch.get_rng_state()
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    torch.cuda.manual_seed = lambda seed: None
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda device=None: None
+    torch.nn.Module.cuda = lambda self, device=None: self
+    torch.Tensor.cuda = lambda self, device=None, non_blocking=False, memory_format=None: self
+
+
+def _sdpa_core_attention():
+    from megatron.core.transformer.module import MegatronModule
+
+    class SDPACoreAttention(MegatronModule):
+        """Causal attention with torch SDPA, GQA by repeating K/V heads, for THD and BSHD micro-batches."""
+
+        def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
+                     softmax_scale=None, cp_comm_type=None, pg_collection=None, **kwargs):
+            super().__init__(config=config)
+            if config.context_parallel_size != 1:
+                raise NotImplementedError("popo_verl.engines.mcore_cpu: no context parallelism on the CPU")
+            self.scale = softmax_scale
+
+        def _attend(self, q, k, v, key_mask=None):  # (B, S, heads, d)
+            q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            s = q.shape[2]
+            mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
+            if key_mask is not None:  # padding keys masked; a padding query attends to itself (no NaN)
+                mask = (mask.unsqueeze(0) & key_mask[:, None, :].bool()) | torch.eye(s, dtype=torch.bool, device=q.device)
+                mask = mask.unsqueeze(1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(1, 2)
+
+        def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                    packed_seq_params=None):
+            if packed_seq_params is not None:  # THD: (t, heads, d), sequences back to back (padded slots)
+                cu = packed_seq_params.cu_seqlens_q_padded.tolist()
+                out = torch.empty_like(query)
+                for a, b in zip(cu[:-1], cu[1:]):
+                    out[a:b] = self._attend(query[a:b][None], key[a:b][None], value[a:b][None])[0]
+                return out
+            q, k, v = (x.transpose(0, 1) for x in (query, key, value))  # (s, b, ...) -> (b, s, ...)
+            key_mask = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
+            out = self._attend(q, k, v, key_mask)
+            return out.transpose(0, 1).reshape(out.shape[1], out.shape[0], -1)
+
+    return SDPACoreAttention
+
+
+def _patch_layer_spec() -> None:
+    from mbridge.core import llm_bridge
+    from mbridge.models.qwen2 import Qwen2Bridge
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+    from megatron.core.transformer import torch_norm
+
+    core_attention = _sdpa_core_attention()
+
+    def local_spec(self, vp_stage=None):
+        extra = {"vp_stage": vp_stage} if "vp_stage" in inspect.signature(get_gpt_decoder_block_spec).parameters else {}
+        spec = get_gpt_decoder_block_spec(self.config, use_transformer_engine=False, normalization="RMSNorm", **extra)
+        for layer in spec.layer_specs:
+            layer.submodules.self_attention.submodules.core_attention = core_attention
+        return spec
+
+    llm_bridge.LLMBridge._get_transformer_layer_spec = local_spec
+
+    def norm(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False, zero_centered_gamma=False,
+             normalization="LayerNorm"):
+        module = torch.nn.RMSNorm(normalized_shape=hidden_size, eps=eps)
+        if config.sequence_parallel:
+            module.weight.sequence_parallel = True  # its gradient is summed over TP ranks, as TE's norm
+        return module
+
+    torch_norm.WrappedTorchNorm.__new__ = norm
+    Qwen2Bridge._OTHER_MAPPING = {
+        **getattr(Qwen2Bridge, "_OTHER_MAPPING", {}),
+        "input_layernorm.weight": ["model.layers.{layer_number}.input_layernorm.weight"],
+    }
+    Qwen2Bridge._MLP_MAPPING = {
+        **Qwen2Bridge._MLP_MAPPING,
+        "pre_mlp_layernorm.weight": ["model.layers.{layer_number}.post_attention_layernorm.weight"],
+    }
+
+
+#: the engine overrides megatron needs on the CPU: local attention, CPU initialisation
+ENGINE_OVERRIDES = {"attention_backend": "local", "use_cpu_initialization": True}
+
+
+def install() -> None:
+    """Make megatron-core, mbridge and verl's Megatron engine run on the CPU in this process (idempotent)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("popo_verl.engines.mcore_cpu is for machines without a GPU")
+    _patch_rng()
+    _patch_layer_spec()
+    CudaToCpu().__enter__()
+    _INSTALLED = True

@@ -1,0 +1,410 @@
+"""POPO's Megatron engine: pooled final-norm hidden states, the predictor head, the siamese's fp32 shadow.
+
+Subclass of verl 0.9.1's `MegatronEngineWithLMHead` (verl/workers/engine/megatron/transformer_impl.py); needs
+megatron-core (`pip install -e ".[megatron]"`): importing this module without it raises ImportError, and
+popo_verl.workers imports it only when verl's engine is the Megatron one.
+- `_build_megatron_module` hands the model builder one more post-creation callback (mbridge's
+  `post_model_creation_callbacks`, Megatron-Bridge's pre-wrap hook): on the last pipeline stage it attaches
+  `core.PredictorHead` as `popo_predictor` to the GPTModel *before* DDP wraps it, so the head is in Megatron's
+  DDP buffers, its distributed optimizer and its sharded state dict. The head refuses dtype casts
+  (`Float16Module` casts the whole model to bf16): it is stored and computed in fp32. Forward-only engines (the
+  siamese) get no head: the BYOL asymmetry.
+- A forward hook on the final norm (`decoder.final_layernorm`, last stage) pools the post-norm hidden states
+  over the response tokens (first response token through EOS, the FSDP engine's window): under sequence
+  parallelism the tensor-parallel ranks' slices are gathered first (backward: each rank keeps its slice's
+  gradient, the pooled computation being replicated over TP); packed (THD) and padded (BSHD) micro-batches, and
+  their context-parallel shards, are unpacked with verl's own helpers (verl/models/mcore/util.py
+  `postprocess_thd_engine` / `postprocess_bshd_engine`, as verl does for the log-probs). The head runs on the
+  pooled state in fp32; both join verl's model output (`popo_pooled`, `popo_pred`).
+- `optimizer_step` keeps the head's gradient out of the policy's clip norm (the FSDP engine's rule): while
+  Megatron's optimizer steps, its sub-optimizers list the policy's parameters only for the norm and the clip,
+  and the head's main-gradient shards are clipped on their own (`predictor_clip_grad`, 0 = none) just before
+  the update.
+- The head is hidden from the bridge's HF weight names: from the weights sent to the rollout engine
+  (`get_per_tensor_param`), from HF weight loading and from the HF export of verl's checkpoints; it stays in
+  the dist checkpoint and in the optimizer's state.
+- `MegatronSiamese`: the siamese in the ref role keeps verl's bf16 forward-only Megatron model (verl allows no
+  fp32 Megatron model: `McoreEngineConfig.dtype`) plus an fp32 shadow of each of its local shards (same TP/PP
+  layout as the actor's); the EMA runs on the shadow, which is then written into the model.
+tests/test_megatron_engine.py builds these on megatron-core on the CPU (popo_verl/engines/mcore_cpu.py) and
+pins what they rely on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from megatron.core import parallel_state as mpu
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
+from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+from verl.models.mcore.util import (
+    postprocess_bshd_engine,
+    postprocess_thd_engine,
+    preprocess_bshd_engine,
+    preprocess_thd_engine,
+)
+from verl.utils import tensordict_utils as tu
+from verl.utils.megatron_utils import unwrap_model
+from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
+
+from popo_verl import core
+from popo_verl.engines.fsdp import (
+    POOLED_KEY,
+    PRED_KEY,
+    PREDICTOR_ATTR,
+    PopoStepReporting,
+    is_predictor_param,
+    response_states,
+)
+
+
+class Fp32PredictorHead(core.PredictorHead):
+    """The predictor head, pinned to fp32: a cast of the whole model (Megatron's `Float16Module` calls
+    `module.bfloat16()`) leaves it fp32; moves between devices still apply."""
+
+    def _apply(self, fn, recurse=True):
+        probe = fn(torch.zeros(1))
+        if probe.dtype != torch.float32:  # a dtype cast: keep fp32, follow the device only
+            return super()._apply(lambda t: t.to(device=probe.device), recurse)
+        return super()._apply(fn, recurse)
+
+
+def last_stage_chunks(module) -> list[torch.nn.Module]:
+    """The unwrapped GPTModel chunks of this rank that hold the final norm and the LM head (post_process)."""
+    return [m for m in unwrap_model(list(module)) if getattr(m, "post_process", False)]
+
+
+def counted_once(param: torch.Tensor) -> bool:
+    """Whether this rank's copy of a local model parameter counts in a global sum over all ranks: data- and
+    context-parallel replicas and tensor-parallel duplicates (replicated weights such as norms) count once."""
+    if mpu.get_data_parallel_rank(with_context_parallel=True) != 0:
+        return False
+    return bool(param_is_not_tensor_parallel_duplicate(param))
+
+
+@contextlib.contextmanager
+def head_detached(models):
+    """Take the predictor head out of each model chunk (DDP/Float16Module unwrapped) and put it back after."""
+    chunks = unwrap_model(list(models) if isinstance(models, (list, tuple)) else [models])
+    detached = [(m, m._modules.pop(PREDICTOR_ATTR)) for m in chunks if PREDICTOR_ATTR in m._modules]
+    try:
+        yield
+    finally:
+        for m, head in detached:
+            m._modules[PREDICTOR_ATTR] = head
+
+
+class PopoMegatronEngine(PopoStepReporting, MegatronEngineWithLMHead):
+    """Megatron engine that also returns POPO's pooled representation (and predictor output)."""
+
+    @property
+    def _popo_has_head(self) -> bool:
+        return not self.engine_config.forward_only and self.popo_predictor_layers > 0
+
+    # ------------------------------------------------------------------ model construction
+    def _popo_attach_head(self, model, *args, post_process=None, **kwargs):
+        """Post-creation callback (mbridge) / pre-wrap hook (Megatron-Bridge): the head on the last stage."""
+        chunks = model if isinstance(model, list) else [model]
+        for chunk in chunks:
+            last = post_process if post_process is not None else getattr(chunk, "post_process", False)
+            if not last:
+                continue
+            hidden = chunk.config.hidden_size
+            # Same seed on every rank: the head's replicas over TP/DP start equal.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.popo_predictor_seed)
+                head = Fp32PredictorHead(hidden, self.popo_predictor_hidden, self.popo_predictor_layers)
+            setattr(chunk, PREDICTOR_ATTR, head.float())
+        return model
+
+    #: the bridges' eager methods that map every model weight to an HF name (which the head has none of):
+    #: HF weight loading at build and resume, HF saving in checkpoints (mbridge: load_weights/save_weights,
+    #: Megatron-Bridge: load_hf_weights/save_hf_weights; verl/workers/engine/megatron/transformer_impl.py and
+    #: verl/utils/checkpoint/megatron_checkpoint_manager.py call them with the model list first)
+    BRIDGE_HF_METHODS = ("load_weights", "save_weights", "load_hf_weights", "save_hf_weights")
+
+    def _build_megatron_module(self):
+        if self._popo_has_head:
+            if self.provider is not None:  # Megatron-Bridge: hooks run before DDP wrapping
+                self.provider.register_pre_wrap_hook(self._popo_attach_head)
+            else:  # mbridge: its get_model calls each callback on every model it builds, before DDP
+                build = self.bridge.get_model
+
+                def get_model(*args, post_model_creation_callbacks=(), **kwargs):
+                    callbacks = [*post_model_creation_callbacks, self._popo_attach_head]
+                    return build(*args, post_model_creation_callbacks=callbacks, **kwargs)
+
+                self.bridge.get_model = get_model
+            for name in self.BRIDGE_HF_METHODS:
+                if hasattr(self.bridge, name):
+                    setattr(self.bridge, name, self._without_head(getattr(self.bridge, name)))
+        try:
+            module = super()._build_megatron_module()
+        finally:
+            self.bridge.__dict__.pop("get_model", None)
+        self._popo_hooks = [m.decoder.final_layernorm.register_forward_hook(self._popo_norm_hook)
+                            for m in last_stage_chunks(module)]
+        return module
+
+    @staticmethod
+    def _without_head(bridge_method):
+        def run(models, *args, **kwargs):
+            with head_detached(models):
+                return bridge_method(models, *args, **kwargs)
+
+        return run
+
+    def initialize(self):
+        super().initialize()
+        self._popo_head_shards = self._find_head_shards()
+
+    def popo_heads(self) -> list[torch.nn.Module]:
+        return [h for h in (getattr(m, PREDICTOR_ATTR, None) for m in unwrap_model(list(self.module))) if h is not None]
+
+    def popo_head_detached(self):
+        """The model without the head (for the bridges' HF name mapping, which knows no such weight)."""
+        return head_detached(self.module)
+
+    # ------------------------------------------------------------------ forward
+    def forward_step(self, batch_iter, model, logits_processor_func, postprocess_micro_batch_func):
+        batch = next(batch_iter)
+        self._popo_micro_batch = batch.to(self._popo_device())
+        self._popo_model = unwrap_model(model)
+        self._popo_captured = None
+        try:
+            output, post = super().forward_step(iter([batch]), model, logits_processor_func, postprocess_micro_batch_func)
+            captured = self._popo_captured
+        finally:
+            self._popo_micro_batch = self._popo_captured = self._popo_model = None
+        if captured is not None:  # the last stage: its output is verl's dict of per-token outputs
+            if not isinstance(output, dict):
+                raise RuntimeError(f"POPO: expected the last stage's output dict, got {type(output).__name__}")
+            output.update(captured)
+        elif self._popo_model_is_last(model):
+            raise RuntimeError("POPO: the final-norm hook did not run during the forward pass")
+        return output, post
+
+    @staticmethod
+    def _popo_model_is_last(model) -> bool:
+        return bool(getattr(unwrap_model(model), "post_process", False))
+
+    def _popo_device(self):
+        from verl.utils.device import get_device_id
+
+        return get_device_id()
+
+    def _popo_norm_hook(self, norm_module, inputs, output):
+        mb = getattr(self, "_popo_micro_batch", None)
+        if mb is None:
+            return None
+        hidden = output[0] if isinstance(output, tuple) else output  # (s_local, b, H): THD has b = 1
+        if self._popo_model.config.sequence_parallel:
+            # slices of the sequence over TP ranks; the pooled state and the head are computed on every TP rank
+            # alike, so backward keeps each rank's slice of the gradient (no reduction)
+            hidden = gather_from_sequence_parallel_region(hidden, tensor_parallel_output_grad=False)
+        rows = self._popo_rows(hidden.transpose(0, 1), mb)  # nested (B, j, H): each row's tokens in order
+        per_token = response_states(rows.values(), mb)  # (B, R, H): the states *at* the response tokens
+        mask = mb["response_mask"]
+        mask = mask.to_padded_tensor(0) if mask.is_nested else mask
+        pooled = core.masked_mean_pool(per_token.float(), mask[:, : per_token.shape[1]].to(per_token.device))
+        captured = {POOLED_KEY: pooled}
+        head = getattr(self._popo_model, PREDICTOR_ATTR, None)
+        if head is not None and torch.is_grad_enabled():
+            with torch.autocast(device_type=pooled.device.type, enabled=False):
+                captured[PRED_KEY] = head(pooled.float()).float()
+        elif self.popo_predictor_layers == 0 and not self.engine_config.forward_only and torch.is_grad_enabled():
+            captured[PRED_KEY] = pooled.float()  # identity head (predictor_layers=0)
+        self._popo_captured = captured
+        return None
+
+    def _popo_rows(self, hidden: torch.Tensor, mb) -> torch.Tensor:
+        """(b, s, H) as the model saw the micro-batch -> nested (B, j, H), every token of each row in order, with
+        verl's own unpacking (the one verl applies to the log-probs, context-parallel gather included)."""
+        ids = mb["input_ids"]
+        cp_layout = self._get_context_parallel_layout(self._popo_model)
+        local_cp_size = tu.get_non_tensor_data(data=mb, key="local_cp_size", default=None)
+        if self.engine_config.use_remove_padding:
+            bucket = self.engine_config.pad_to_length_bucket if self.engine_config.pad_to_length else None
+            _, packed, _ = preprocess_thd_engine(ids, pre_process=False, local_cp_size=local_cp_size,
+                                                 pad_to_length_bucket=bucket, cp_layout=cp_layout)
+            return postprocess_thd_engine(hidden, packed, ids, ids.shape[0], post_process=True,
+                                          local_cp_size=local_cp_size, cp_layout=cp_layout)
+        forced = tu.get_non_tensor_data(data=mb, key="forced_max_seqlen", default=None)
+        _, attention_mask, _ = preprocess_bshd_engine(ids, pre_process=True, forced_max_seqlen=forced)
+        return postprocess_bshd_engine(hidden, attention_mask, post_process=True)
+
+    # ------------------------------------------------------------------ optimizer step
+    def _sub_optimizers(self) -> list:
+        return list(getattr(self.optimizer, "chained_optimizers", None) or [self.optimizer])
+
+    def _find_head_shards(self) -> dict[int, set[int]]:
+        """Per sub-optimizer, the ids of the optimizer's parameters that are (shards of) the head's weights.
+
+        Megatron's optimizers step on main parameters: for the distributed optimizer, fp32 shards paired with
+        each model parameter (`model_fp32_groups`/`shard_fp32_groups`, `model_float16_groups`/
+        `shard_fp32_from_float16_groups`, megatron/core/optimizer/distrib_optimizer.py); otherwise the model
+        parameters (or their fp32 copies, same pairing) themselves."""
+        head = {id(p) for h in self.popo_heads() for p in h.parameters()}
+        found = {}
+        for i, opt in enumerate(self._sub_optimizers() if self.optimizer is not None else []):
+            ids = set()
+            for model_groups, main_groups in (("model_fp32_groups", "shard_fp32_groups"),
+                                              ("model_float16_groups", "shard_fp32_from_float16_groups"),
+                                              ("float16_groups", "fp32_from_float16_groups")):
+                for mg, sg in zip(getattr(opt, model_groups, []) or [], getattr(opt, main_groups, []) or []):
+                    ids |= {id(s) for m, s in zip(mg, sg, strict=True) if id(m) in head and s is not None}
+            ids |= {id(p) for p in opt.get_parameters() if id(p) in head}
+            found[i] = ids
+        return found
+
+    @contextlib.contextmanager
+    def _head_out_of_policy_clip(self):
+        """During Megatron's step (megatron/core/optimizer/optimizer.py ChainedOptimizer.step: prepare_grads, grad
+        norm and clip over each sub-optimizer's `get_parameters()`, then `step_with_ready_grads`), list the policy's
+        parameters only, and clip the head's main gradients by their own norm before the update."""
+        subs = self._sub_optimizers()
+        norms = []
+        for i, opt in enumerate(subs):
+            head_ids = self._popo_head_shards.get(i, set())
+            listed = opt.get_parameters
+            step_ready = opt.step_with_ready_grads
+
+            def policy_parameters(listed=listed, head_ids=head_ids):
+                return [p for p in listed() if id(p) not in head_ids]
+
+            def step_with_head_clip(step_ready=step_ready, opt=opt, head_ids=head_ids, listed=listed):
+                head = [p for p in listed() if id(p) in head_ids]
+                grads = [p.grad for p in head if p.grad is not None and param_is_not_tensor_parallel_duplicate(p)]
+                # collective over the optimizer's grad-stats group: every rank calls it, with or without a head
+                norm = get_grad_norm_fp32(grads, grad_stats_parallel_group=opt.get_grad_stats_parallel_group())
+                norms.append(float(norm))
+                clip = float(self.popo_predictor_clip_grad)
+                if clip > 0 and head:
+                    clip_grad_by_total_norm_fp32([p for p in head if p.grad is not None], clip, norm)
+                return step_ready()
+
+            opt.get_parameters = policy_parameters
+            opt.step_with_ready_grads = step_with_head_clip
+        try:
+            yield norms
+        finally:
+            for opt in subs:
+                opt.__dict__.pop("get_parameters", None)
+                opt.__dict__.pop("step_with_ready_grads", None)
+
+    def optimizer_step(self):
+        if not self._popo_has_head:  # (the same answer on every rank: the head's norm below is collective)
+            return self._after_step(super().optimizer_step())
+        with self._head_out_of_policy_clip() as norms:
+            grad_norm = super().optimizer_step()
+        if norms:
+            self.popo_predictor_grad_norm = float(torch.tensor(norms).square().sum().sqrt())
+        return self._after_step(grad_norm)
+
+    # ------------------------------------------------------------------ checkpoints
+    def load_checkpoint(self, *args, **kwargs):
+        """verl's load, without autograd: the head is an fp32 parameter of a bf16 model, and Megatron's distributed
+        optimizer steps fp32 parameters in place through views of them (distrib_optimizer.py "fp32 params"), which
+        its state load then writes (`_set_main_param_and_optimizer_states`: copy_ into a view of a leaf that requires
+        grad raises outside no_grad)."""
+        with torch.no_grad():
+            return super().load_checkpoint(*args, **kwargs)
+
+    # ------------------------------------------------------------------ weight export
+    def get_per_tensor_param(self, *args, **kwargs):
+        """verl's export (a lazy generator over the bridge's HF-named weights) run on the model without the head,
+        which is re-attached once the generator is exhausted or closed."""
+        detach = self.popo_head_detached()
+        detach.__enter__()
+        try:
+            params, peft_config = super().get_per_tensor_param(*args, **kwargs)
+        except BaseException:
+            detach.__exit__(None, None, None)
+            raise
+
+        def without_head():
+            try:
+                for name, tensor in params:
+                    if not is_predictor_param(name):
+                        yield name, tensor
+            finally:
+                detach.__exit__(None, None, None)
+
+        return without_head(), peft_config
+
+
+# ---------------------------------------------------------------------------------------------- the siamese
+def named_local_params(engine, with_head: bool = False) -> dict[str, torch.nn.Parameter]:
+    """This rank's model parameters, keyed `<chunk>.<name in the unwrapped GPTModel>` (DDP and Float16Module
+    unwrapped, as verl's `unwrap_model` does): the same keys for the actor and the forward-only ref."""
+    out = {}
+    for i, chunk in enumerate(unwrap_model(list(engine.module))):
+        for name, p in chunk.named_parameters():
+            if with_head or not is_predictor_param(name):
+                out[f"{i}.{name}"] = p
+    return out
+
+
+class MegatronSiamese:
+    """The siamese's fp32 shadow next to verl's bf16 forward-only Megatron model in the ref role.
+
+    `shadow[k]` is the fp32 EMA of the actor's local shard k (same TP/PP layout: the ref engine is built with
+    the actor's parallel config); after every change it is written into the ref model, which the siamese forward
+    uses. Local and elementwise: no communication."""
+
+    def __init__(self, actor_engine, ref_engine):
+        self.actor_engine, self.ref_engine = actor_engine, ref_engine
+        ref = named_local_params(ref_engine)
+        self.shadow = {k: p.detach().float().clone() for k, p in ref.items()}
+        self.check_layout()
+
+    def actor_params(self) -> dict[str, torch.Tensor]:
+        return named_local_params(self.actor_engine)
+
+    def check_layout(self) -> None:
+        actor, ref = self.actor_params(), named_local_params(self.ref_engine)
+        if set(actor) != set(ref):
+            raise RuntimeError(f"POPO siamese and actor differ in parameters: {sorted(set(actor) ^ set(ref))[:5]}")
+        for k, p in ref.items():
+            if p.shape != actor[k].shape:
+                raise RuntimeError(f"POPO siamese shard of {k} {tuple(p.shape)} does not match the actor's "
+                                   f"{tuple(actor[k].shape)}: ref and actor need the same TP/PP/CP layout")
+
+    def pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        actor = self.actor_params()
+        names = sorted(self.shadow)
+        return [self.shadow[n] for n in names], [actor[n].data for n in names]
+
+    @torch.no_grad()
+    def write_to_model(self) -> None:
+        for k, p in named_local_params(self.ref_engine).items():
+            p.data.copy_(self.shadow[k].to(device=p.device, dtype=p.dtype))
+
+    @torch.no_grad()
+    def copy_from_actor(self) -> None:
+        for xi, theta in zip(*self.pairs(), strict=True):
+            xi.copy_(theta.to(device=xi.device, dtype=xi.dtype))
+        self.write_to_model()
+
+    @torch.no_grad()
+    def ema(self, tau: float) -> None:
+        core.ema_update_(*self.pairs(), tau)
+        self.write_to_model()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().clone() for k, v in self.shadow.items()}
+
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        for k, v in self.shadow.items():
+            v.copy_(state[k].to(v.device))
+        self.write_to_model()
+
+    def counted_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The pairs whose global sum counts each weight once (for ||theta - xi||)."""
+        actor = self.actor_params()
+        names = [n for n in sorted(self.shadow) if counted_once(actor[n])]
+        return [self.shadow[n] for n in names], [actor[n].data for n in names]
+

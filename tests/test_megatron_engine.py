@@ -1,0 +1,141 @@
+"""PopoMegatronEngine on verl 0.9.1's real Megatron engine, megatron-core on the CPU over gloo.
+
+Runs where megatron-core and mbridge are installed (`pip install -e ".[megatron-cpu]"`; not in the `test` extra:
+installing megatron-core makes every verl process import its Megatron engine, which changes the environment the
+CPU runs and benchmarks are measured in). Without them every test here is skipped with that reason, loudly (see
+the README's engine section). megatron-core does not run on a CPU torch as shipped: popo_verl/engines/mcore_cpu.py
+stands in for the GPU and Transformer Engine (its docstring has the first failing call and each stand-in).
+
+Each layout runs tests/megatron_worker.py on 1 or 2 gloo ranks: TP = PP = 1 (packed THD and padded BSHD),
+TP = 2 with sequence parallelism (THD), PP = 2 (THD, two micro-batches through the pipeline schedule).
+Pins what popo_verl/engines/megatron.py relies on in verl/workers/engine/megatron/transformer_impl.py
+(`_build_megatron_module`, `forward_step`, `optimizer_step`, `get_per_tensor_param`, `load_checkpoint`), in
+mbridge (`get_model(post_model_creation_callbacks=...)`, `load_weights`/`save_weights`) and in megatron-core's
+ChainedOptimizer.step (`get_parameters`, `step_with_ready_grads`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("megatron.core", reason="megatron-core not installed: pip install -e '.[megatron-cpu]' (README, engine support)")
+pytest.importorskip("mbridge", reason="mbridge not installed: pip install -e '.[megatron-cpu]' (README, engine support)")
+
+from popo_verl.engines.fsdp import is_predictor_param  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(__file__), "megatron_worker.py")
+LAYOUTS = {"tp1_thd": (1, 1, 1, 1), "tp1_bshd": (1, 1, 1, 0), "tp2_sp_thd": (2, 2, 1, 1), "pp2_thd": (2, 1, 2, 1)}
+
+
+def run_layout(name, model_path, out_dir):
+    world, tp, pp, rmpad = LAYOUTS[name]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+           "TP": str(tp), "PP": str(pp), "RMPAD": str(rmpad), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    procs = [subprocess.Popen([sys.executable, WORKER, model_path, str(out_dir)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-6000:]
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def layout(request, tiny_random_model, tmp_path_factory):
+    return request.param, run_layout(request.param, tiny_random_model, tmp_path_factory.mktemp(request.param))
+
+
+def test_pooled_state_equals_the_response_mean_of_the_final_norm(layout):
+    """On the last stage (every TP rank), the pooled state equals the FSDP engine's definition (tests/test_engine.py
+    checks the FSDP engine against the same HF fp32 pooling) on the same weights and inputs."""
+    name, ranks = layout
+    last = [r for r in ranks if r["last_stage"]]
+    assert len(last) == (2 if name.startswith("tp2") else 1)
+    for r in last:
+        assert r["pooled"].shape == r["expected"].shape == (4, 32)
+        assert torch.allclose(r["pooled"], r["expected"], atol=2e-5), (r["pooled"] - r["expected"]).abs().max()
+
+
+def test_predictor_lives_on_the_last_stage_in_fp32_and_trains(layout):
+    _, ranks = layout
+    for r in ranks:
+        if r["last_stage"]:
+            assert r["head_dtypes"] == ["torch.float32"] and r["head_moved"] and all(r["head_moved"])
+        else:
+            assert r["head_dtypes"] == [] and r["head_moved"] == []
+    assert all(r["ref_heads"] == 0 for r in ranks), "the forward-only (siamese) engine has no head"
+    assert all(r["ref_outputs"] == ["popo_pooled"] for r in ranks if r["last_stage"])
+
+
+def test_grad_clip_covers_the_policy_alone(layout):
+    """clip_grad = 1: `grad_norm` is the policy's norm before the clip, the policy steps with its main gradient
+    clipped to 1, the head's gradient is left out of that norm and clipped on its own (predictor_clip_grad 0.5 on
+    one rank; 0 = unclipped on two, where the main-gradient shards are split over TP/PP ranks)."""
+    name, ranks = layout
+    if len(ranks) == 1:
+        r = ranks[0]
+        first = r["seen"][0]
+        assert r["grad_norm"] == pytest.approx(first["pre_policy"], rel=1e-5)
+        assert first["pre_policy"] > 1 and first["pre_head"] > 0.5
+        assert first["applied_policy"] == pytest.approx(1.0, rel=1e-4)
+        assert first["applied_head"] == pytest.approx(0.5, rel=1e-4)
+        assert r["head_norm_metric"] == pytest.approx(first["pre_head"], rel=1e-5)
+    else:
+        total = sum(r["seen"][0]["pre_policy"] ** 2 for r in ranks) ** 0.5
+        grad_norm = next(r["grad_norm"] for r in ranks if r["grad_norm"] is not None)
+        assert grad_norm > 1
+        scale = sum(r["seen"][0]["applied_policy"] ** 2 for r in ranks) ** 0.5 / total
+        assert scale == pytest.approx(1.0 / grad_norm, rel=1e-3), "the policy is clipped by its own norm"
+        head = [r["seen"][0] for r in ranks if r["last_stage"]]
+        assert all(h["applied_head"] == pytest.approx(h["pre_head"], rel=1e-5) for h in head), "head unclipped"
+    assert all(len(r["ema_callbacks"]) == 2 for r in ranks)
+
+
+def test_siamese_is_the_ema_of_the_actor_in_fp32(layout):
+    _, ranks = layout
+    for r in ranks:
+        assert r["copy_exact"] and r["ref_is_shadow"]
+        assert r["ema_moved"] > 1e-4 and r["ema_err"] < 1e-6, (r["ema_moved"], r["ema_err"])
+
+
+def test_checkpoint_round_trips_weights_and_head_and_exports_leave_it_out(layout):
+    _, ranks = layout
+    for r in ranks:
+        assert r["restored"] and all(r["restored"].values()), [k for k, ok in r["restored"].items() if not ok]
+        assert any(is_predictor_param(k) for k in r["restored"]) == r["last_stage"]
+        assert r["heads_back_after_export"] == int(r["last_stage"])
+        assert r["export_names"] and not any(is_predictor_param(n) for n in r["export_names"])
+    hf = ranks[0]["hf_keys"]
+    assert hf and not any(is_predictor_param(k) for k in hf)
+    assert "model.norm.weight" in hf and "model.embed_tokens.weight" in hf  # the model's own HF names
+
+
+def test_head_is_fp32_under_a_bf16_model(layout):
+    """verl's Megatron models are bf16 (McoreEngineConfig.dtype); the head stays fp32 (not cast by Float16Module)
+    and computes in fp32: an fp32 replay of it on the pooled state matches, a bf16 one would not."""
+    _, ranks = layout
+    last = [r for r in ranks if r["last_stage"]]
+    assert last and all("bf16_pred" in r for r in last)
+    for r in last:
+        _check_fp32_head(r)
+
+
+def _check_fp32_head(r):
+    from popo_verl import core
+
+    assert r["bf16_head_dtypes"] == ["torch.float32"] and r["bf16_policy_dtypes"] == ["torch.bfloat16"]
+    head = core.PredictorHead(32, 16, 2)
+    head.load_state_dict(r["bf16_head_state"])
+    with torch.no_grad():
+        replay = head(r["bf16_pooled"])
+        bf16 = head.to(torch.bfloat16)(r["bf16_pooled"].to(torch.bfloat16)).float()
+    assert torch.allclose(r["bf16_pred"], replay, atol=1e-6), (r["bf16_pred"] - replay).abs().max()
+    assert not torch.allclose(bf16, replay, atol=1e-6), "the check above could tell bf16 from fp32"
