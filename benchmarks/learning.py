@@ -293,7 +293,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--steps", type=int, default=0, help="training steps (default: run_tiny_cpu.sh's)")
     ap.add_argument("--test-freq", type=int, default=None,
-                    help="held-out validation every N steps (default 20; --quick 30: validation costs ~16 s each)")
+                    help="held-out validation every N steps (default 20; --quick 50: validation costs ~16 s each)")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in learning.json with the same settings")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("overrides", nargs="*", help="hydra overrides passed to every run")
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
     if args.quick:
         args.variants, args.seeds = list(MAIN), [0, 1, 2]
     if args.test_freq is None:
-        args.test_freq = 30 if args.quick else 20
+        args.test_freq = 50 if args.quick else 20
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
