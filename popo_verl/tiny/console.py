@@ -27,6 +27,10 @@ NOISE = [re.compile(p) for p in (
     r"Failed to set NUMA affinity",  # no libnuma on a CPU box; verl carries on
     r"^Generating (train|validation|test) split:",  # the datasets library's bar while verl reads a parquet
     r"stateful_dataloader\.py:\d+: UserWarning",  # torchdata on torch's vital-signs API
+    r"Platform override from VERL_PLATFORM: cpu",  # every process, once: the CPU backend sets it (POPO_VERL_CPU=1)
+    r"Timeout is disabled as (parsing_timeout|timeout_seconds) is None",  # math-verify, run in verl's reward threads
+    r"`torch_dtype` is deprecated! Use `dtype` instead!",  # transformers, inside verl's HF export
+    r"^Writing model shards:",  # transformers' bar for a one-shard save
 )]
 # A pretty-printed dict (verl's config dump) or tuple (its "Final validation metrics") starts a block whose
 # continuation lines are indented.
