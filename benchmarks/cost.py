@@ -1,7 +1,8 @@
 """Cost of a training step, POPO vs GRPO, measured side by side through verl.
 
 Both run through `scripts/run_tiny_cpu.sh` (verl's real trainer on the CPU backend, tiny task; `--gpu`
-passes vLLM / GPU settings instead) on the same prompts and seed, alternating POPO, GRPO, POPO, ...
+overrides its CPU settings: CUDA, bf16 actor and reference, `--rollout hf|vllm`) on the same prompts and seed,
+alternating POPO, GRPO, POPO, ...
 Per phase (verl's timing_s/*: gen, old_log_prob, ref = siamese forward for POPO, adv, update_actor,
 update_weights, and POPO's EMA update) it prints the median over the measured steps (the first step of
 each run is warm-up and dropped), the per-step totals, the POPO/GRPO ratios, each process's peak memory
@@ -11,6 +12,18 @@ and the EMA update's share of the step. It ends with the line
 
     python benchmarks/cost.py --quick          # < 15 min on 2 cores
     python benchmarks/cost.py --rounds 3 --steps 8
+    python benchmarks/cost.py --gpu --model-size 0.5b --positive-fraction 0.25     # where compute dominates
+
+`--model-size tiny|0.5b|1.5b` trains a randomly initialised Qwen3 of that size with the tiny task's tokenizer
+(popo_verl/sized_models.py, nothing downloaded) instead of the tiny task's model, and `--positive-fraction p`
+scores with a synthetic verifier that marks round(p * n) of every group of n correct, the same samples for POPO
+and GRPO (popo_verl/synthetic_reward.py), so that a random model still has positives. Both work on the CPU too.
+With any of `--gpu`, `--model-size`, `--positive-fraction`, `--response-length`, `--micro-batch` the report adds
+the setup (the GPU named), peak memory per role (verl's `actor/perf/max_memory_allocated_gb`: the trainer worker's
+process, actor and siamese/reference together; the siamese's fp32 share, computed from the parameter count; on the
+GPU each process's memory as nvidia-smi reports it), tokens/s and issue 16's targets, and is written to
+`cost_<device>_<model>[_<rollout>][_p<P>][_r<N>][_mb<M>].{md,json,png}`, leaving `cost.md` to the default CPU run
+(whose options, output and files are as they were). scripts/gpu_check.sh is the quick check to run on a GPU first.
 """
 
 from __future__ import annotations
@@ -29,20 +42,43 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from popo_verl.gpu_check import gpu_names as gpu_name, gpu_overrides  # noqa: E402
 from popo_verl.tiny.summary import parse_steps  # noqa: E402
 
 PHASES = ["gen", "old_log_prob", "ref", "adv", "update_actor", "ema_update", "update_weights", "step"]
+#: per-step metrics the extended report reads besides the phases (verl's names)
+MEMORY_KEYS = ["actor/perf/max_memory_allocated_gb", "actor/perf/max_memory_reserved_gb"]
+THROUGHPUT_KEYS = ["perf/throughput", "response_length/mean"]
+#: defaults where compute should dominate (sizes 0.5b and 1.5b on the GPU)
+LARGE_RESPONSE_LENGTH = 256
+LARGE_MICRO_BATCH = 16
+
+
+def parse_gpu_apps(text: str) -> dict[int, float]:
+    """pid -> GB from `nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits`."""
+    out: dict[int, float] = {}
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) >= 2 and parts[0].isdigit():
+            try:
+                out[int(parts[0])] = out.get(int(parts[0]), 0.0) + float(parts[1]) / 1024
+            except ValueError:
+                continue  # "[N/A]" where the driver does not report per-process memory
+    return out
 
 
 class MemorySampler:
-    """Peak RSS per process kind (Ray actor name or command) of a process tree, sampled every 0.5 s."""
+    """Peak RSS per process kind (Ray actor name or command) of a process tree, sampled every 0.5 s; with
+    `gpu`, also each process's GPU memory as nvidia-smi reports it (CUDA context and cache included)."""
 
-    def __init__(self, root_pid: int):
+    def __init__(self, root_pid: int, gpu: bool = False):
         import psutil
 
         self.psutil = psutil
         self.root = psutil.Process(root_pid)
+        self.gpu = gpu
         self.peak: dict[str, float] = defaultdict(float)
+        self.gpu_peak: dict[str, float] = defaultdict(float)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -72,7 +108,21 @@ class MemorySampler:
                     continue
                 kind = self._kind(p)
                 self.peak[kind] = max(self.peak[kind], rss)
+            if self.gpu:
+                self._sample_gpu(procs)
             self._stop.wait(0.5)
+
+    def _sample_gpu(self, procs) -> None:
+        try:
+            r = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return
+        used = parse_gpu_apps(r.stdout)
+        for p in procs:
+            if p.pid in used:
+                kind = self._kind(p)
+                self.gpu_peak[kind] = max(self.gpu_peak[kind], used[p.pid])
 
     def __enter__(self):
         self._thread.start()
@@ -83,22 +133,105 @@ class MemorySampler:
         self._thread.join(timeout=2)
 
 
-def run_once(algo: str, steps: int, workdir: Path, seed: int, gpu: bool, extra: list[str]) -> dict:
+def vllm_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("vllm") is not None
+
+
+def model_params(model_dir: str) -> int:
+    """Parameters stored in a Hugging Face model directory (safetensors headers only; tied weights stored once)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                n = 1
+                for d in st.get_slice(key).get_shape():
+                    n *= d
+                total += n
+    return total
+
+
+def setup(args) -> tuple[dict[str, str], list[str], dict]:
+    """(env, hydra overrides, facts for the report) for the options beyond the default CPU run, which gets
+    ({}, [], {...}) and so runs exactly as it always did."""
+    env: dict[str, str] = {}
+    overrides: list[str] = []
+    info: dict = {"device": "gpu" if args.gpu else "cpu", "rollout": "hf", "model_size": args.model_size,
+                  "positive_fraction_requested": args.positive_fraction}
+    large = args.model_size in ("0.5b", "1.5b")
+    if args.gpu:
+        env["POPO_VERL_CPU"] = "0"
+        info["rollout"] = args.rollout or ("vllm" if vllm_installed() else "hf")
+        overrides += gpu_overrides(info["rollout"])
+        info["gpu"] = gpu_name()
+    elif args.rollout == "vllm":
+        raise SystemExit("--rollout vllm needs --gpu: on the CPU the rollout is hf")
+    if args.model_size:
+        from popo_verl.sized_models import build
+
+        model_dir = build(args.model_size)
+        overrides.append(f"actor_rollout_ref.model.path={model_dir}")
+    else:
+        from popo_verl.tiny import ensure_built
+
+        model_dir = ensure_built()["model"]
+    info["n_params"] = model_params(model_dir)
+    if args.positive_fraction is not None:
+        from popo_verl.synthetic_reward import verl_overrides
+
+        overrides += verl_overrides(args.positive_fraction)
+    response = args.response_length or (LARGE_RESPONSE_LENGTH if args.gpu and large else None)
+    if response:
+        overrides.append(f"data.max_response_length={response}")
+    micro = args.micro_batch or (LARGE_MICRO_BATCH if args.gpu and large else None)
+    if micro:
+        env["MICRO"] = str(micro)
+    # the script's defaults, unless the environment sets them for both runs
+    info["rows_per_step"] = int(os.environ.get("TRAIN_BATCH", 16)) * int(os.environ.get("ROLLOUT_N", 8))
+    info["ranks"] = int(os.environ.get("NNODES", 1)) * int(os.environ.get("N_GPUS_PER_NODE", 1))
+    info["response_length"] = response
+    return env, overrides, info
+
+
+def extended(args) -> bool:
+    """Whether the run is anything but the default CPU benchmark (whose output and files stay as they were)."""
+    return bool(args.gpu or args.model_size or args.positive_fraction is not None or args.response_length
+                or args.micro_batch)
+
+
+def result_stem(args, info: dict) -> str:
+    """`cost` for the default CPU run (its results stay where they were); a name of its own for any other."""
+    if not extended(args):
+        return "cost"
+    parts = ["cost", info["device"], args.model_size or "tinytask"]
+    if args.gpu:
+        parts.append(info["rollout"])
+    if args.positive_fraction is not None:
+        parts.append(f"p{args.positive_fraction:g}")
+    if args.response_length:
+        parts.append(f"r{args.response_length}")
+    if args.micro_batch:
+        parts.append(f"mb{args.micro_batch}")
+    return "_".join(parts)
+
+
+def run_once(algo: str, steps: int, workdir: Path, seed: int, gpu: bool, extra: list[str], env_extra: dict | None = None) -> dict:
     log = workdir / f"{algo}_{int(time.time())}.log"
     env = dict(os.environ, ALGO=algo, TOTAL_STEPS=str(steps), TEST_FREQ="-1", SAVE_FREQ="-1", SEED=str(seed),
-               LOG_FILE=str(log), CKPT_DIR=str(workdir / f"ckpt_{algo}_{time.time_ns()}"))
+               LOG_FILE=str(log), CKPT_DIR=str(workdir / f"ckpt_{algo}_{time.time_ns()}"), **(env_extra or {}))
     cmd = ["bash", str(ROOT / "scripts" / "run_tiny_cpu.sh"), "trainer.val_before_train=false", "trainer.resume_mode=disable"]
-    if gpu:
-        env["POPO_VERL_CPU"] = "0"
-        cmd += ["actor_rollout_ref.rollout.name=vllm", "trainer.device=cuda"]
     cmd += extra
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=str(workdir), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    with MemorySampler(proc.pid) as mem:
+    with MemorySampler(proc.pid, gpu=gpu) as mem:
         out, _ = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"{algo} run failed (rc {proc.returncode}):\n{out[-4000:]}")
-    return {"algo": algo, "steps": dict(parse_steps(out)), "wall_s": time.time() - t0, "peak_rss_gb": dict(mem.peak)}
+    return {"algo": algo, "steps": dict(parse_steps(out)), "wall_s": time.time() - t0, "peak_rss_gb": dict(mem.peak),
+            "peak_gpu_gb": dict(mem.gpu_peak)}
 
 
 def phase_table(runs: list[dict]) -> dict[str, dict[str, list[float]]]:
@@ -121,7 +254,82 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
-def report(runs: list[dict], out_dir: Path) -> dict:
+def step_metric(runs: list[dict], algo: str, key: str, how=max) -> float:
+    """`how` (max or median) of a per-step metric over one algorithm's measured steps (warm-up step 1 dropped)."""
+    vals = [m[key] for r in runs if r["algo"] == algo for step, m in r["steps"].items() if step != 1 and key in m]
+    return how(vals) if vals else float("nan")
+
+
+def _is_nan(x) -> bool:
+    return x is None or x != x
+
+
+def targets(update_ratio: float, step_ratio: float, pos: float, popo_mem_gb: float, grpo_mem_gb: float,
+            siamese_gb: float) -> list[dict]:
+    """Issue 16's targets where compute dominates: update_actor POPO/GRPO <= P + 0.10, whole step POPO/GRPO <= 1.0,
+    POPO's peak memory <= GRPO's + the fp32 siamese's share. `met` is None where a figure is missing."""
+    rows = [
+        ("update_actor POPO/GRPO <= positive fraction + 0.10", update_ratio, pos + 0.10),
+        ("step POPO/GRPO <= 1.0", step_ratio, 1.0),
+        ("POPO peak memory <= GRPO's + fp32 siamese share (GB)", popo_mem_gb, grpo_mem_gb + siamese_gb),
+    ]
+    return [{"target": name, "value": v, "limit": lim, "met": None if _is_nan(v) or _is_nan(lim) else bool(v <= lim)}
+            for name, v, lim in rows]
+
+
+def extended_section(runs: list[dict], info: dict, rows: list[dict], pos: float) -> tuple[list[str], dict]:
+    """The report's lines and figures beyond the default CPU run's: memory per role, tokens/s, targets."""
+    mem_key = MEMORY_KEYS[0]
+    mem = {a: {k: step_metric(runs, a, k) for k in MEMORY_KEYS} for a in ("popo", "grpo")}
+    # POPO's siamese: an fp32 copy of the policy in the trainer worker's process, sharded over the ranks
+    siamese_gb = info.get("n_params", 0) * 4 / 2**30 / max(1, info.get("ranks", 1))
+    gpu_mem: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in runs:
+        for kind, gb in r.get("peak_gpu_gb", {}).items():
+            gpu_mem[r["algo"]][kind] = max(gpu_mem[r["algo"]].get(kind, 0.0), gb)
+    tput = {a: step_metric(runs, a, "perf/throughput", how=median) for a in ("popo", "grpo")}
+    gen_tps = {}
+    for a in ("popo", "grpo"):
+        resp, gen = step_metric(runs, a, "response_length/mean", how=median), step_metric(runs, a, "timing_s/gen", how=median)
+        gen_tps[a] = info.get("rows_per_step", 0) * resp / gen if gen and not _is_nan(gen) and not _is_nan(resp) else float("nan")
+    ratio = {r["phase"]: r["ratio"] for r in rows}
+    tgt = targets(ratio["update_actor"], ratio["step"], pos, mem["popo"][mem_key], mem["grpo"][mem_key], siamese_gb)
+    where = info.get("gpu", "CPU") if info.get("device") == "gpu" else "CPU"
+    lines = [
+        "",
+        f"Setup: {where}; model {info.get('model_size') or 'the tiny task'} ({info.get('n_params', 0):,} parameters); "
+        f"rollout {info.get('rollout')}; {info.get('rows_per_step')} rows per step over {info.get('ranks')} rank(s)"
+        + (f"; synthetic verifier at positive fraction {info['positive_fraction_requested']:g}"
+           if info.get("positive_fraction_requested") is not None else "")
+        + (f"; max response length {info['response_length']}" if info.get("response_length") else ""),
+        "",
+        "| memory per role (GB) | POPO | GRPO |",
+        "|---|---|---|",
+    ]
+    for k in MEMORY_KEYS:
+        lines.append(f"| trainer worker `{k}` (actor + siamese/reference) | {mem['popo'][k]:.2f} | {mem['grpo'][k]:.2f} |")
+    lines.append(f"| POPO's fp32 siamese share (parameters x 4 B / ranks, computed) | {siamese_gb:.2f} | - |")
+    for kind in sorted(set(gpu_mem["popo"]) | set(gpu_mem["grpo"])):
+        lines.append(f"| GPU, nvidia-smi, `{kind}` | {gpu_mem['popo'].get(kind, 0):.2f} | {gpu_mem['grpo'].get(kind, 0):.2f} |")
+    lines += [
+        "",
+        f"Tokens/s (median per step): verl's perf/throughput POPO {tput['popo']:.0f}, GRPO {tput['grpo']:.0f}; "
+        f"generated tokens / gen time POPO {gen_tps['popo']:.0f}, GRPO {gen_tps['grpo']:.0f}",
+        "",
+        "| target | value | limit | met |",
+        "|---|---|---|---|",
+    ]
+    for t in tgt:
+        met = "n/a" if t["met"] is None else ("yes" if t["met"] else "no")
+        lines.append(f"| {t['target']} | {t['value']:.3f} | {t['limit']:.3f} | {met} |")
+    figures = {"setup": info, "memory_gb": mem, "siamese_fp32_share_gb": siamese_gb, "gpu_memory_gb": gpu_mem,
+               "throughput": tput, "gen_tokens_per_s": gen_tps, "targets": tgt}
+    return lines, figures
+
+
+def report(runs: list[dict], out_dir: Path, info: dict | None = None, stem: str = "cost") -> dict:
+    """The per-phase table, peak memory and the ratio line; with `info` (any run but the default CPU one) also
+    memory per role, tokens/s and the targets. Written to `<stem>.{md,json,png}` in out_dir."""
     table = phase_table(runs)
     popo, grpo = table["popo"], table["grpo"]
     rows = []
@@ -153,17 +361,24 @@ def report(runs: list[dict], out_dir: Path) -> dict:
         if kind.startswith("ray::") or kind == "driver":
             lines.append(f"| {kind} | {mem['popo'].get(kind, 0):.2f} | {mem['grpo'].get(kind, 0):.2f} |")
     lines += ["", f"POPO positive fraction: {pos:.3f}; EMA update share of the POPO step: {100 * ema_share:.2f} %"]
+    title = "Step phases, tiny task on CPU"
+    if info is not None:
+        more, figures = extended_section(runs, info, rows, pos)
+        lines += more
+        result.update(figures)
+        where = info.get("gpu", "GPU") if info.get("device") == "gpu" else "CPU"
+        title = f"Step phases, {info.get('model_size') or 'tiny task'} on {where}"
     text = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "cost.md").write_text(text + "\n")
-    (out_dir / "cost.json").write_text(json.dumps(result, indent=2, default=float))
-    plot(rows, out_dir / "cost.png", pos)
+    (out_dir / f"{stem}.md").write_text(text + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2, default=float))
+    plot(rows, out_dir / f"{stem}.png", pos, title)
     print(text)
     print(f"update_actor POPO/GRPO = {update_ratio:.3f} at positive fraction {pos:.3f}")
     return result
 
 
-def plot(rows, path: Path, pos: float) -> None:
+def plot(rows, path: Path, pos: float, title: str = "Step phases, tiny task on CPU") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,38 +391,60 @@ def plot(rows, path: Path, pos: float) -> None:
     ax.bar([i + 0.2 for i in x], [r["popo_s"] if r["popo_s"] == r["popo_s"] else 0 for r in shown], 0.4, label="POPO")
     ax.set_xticks(list(x), [r["phase"] for r in shown], rotation=20)
     ax.set_ylabel("median seconds per step")
-    ax.set_title(f"Step phases, tiny task on CPU (POPO positive fraction {pos:.2f})")
+    ax.set_title(f"{title} (POPO positive fraction {pos:.2f})")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 rounds x 4 steps (< 15 min on 2 cores)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--gpu", action="store_true", help="vLLM rollout on a GPU machine")
+    ap.add_argument("--gpu", action="store_true",
+                    help="on a GPU machine: CUDA, bf16 actor and reference, the rollout of --rollout")
+    ap.add_argument("--rollout", choices=("hf", "vllm"), default=None,
+                    help="with --gpu: hf (popo_verl/gpu_rollout.py) or vllm (default: vllm where installed, else hf)")
+    ap.add_argument("--model-size", choices=("tiny", "0.5b", "1.5b"), default=None,
+                    help="a randomly initialised Qwen3 of this size with the tiny task's tokenizer "
+                         "(popo_verl/sized_models.py) instead of the tiny task's model")
+    ap.add_argument("--positive-fraction", type=float, default=None, metavar="P",
+                    help="score with the synthetic verifier marking round(P * n) of every group of n correct "
+                         "(popo_verl/synthetic_reward.py)")
+    ap.add_argument("--response-length", type=int, default=None,
+                    help=f"data.max_response_length (default: the script's; {LARGE_RESPONSE_LENGTH} with --gpu at 0.5b/1.5b)")
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help=f"rows per micro-batch (default: the script's; {LARGE_MICRO_BATCH} with --gpu at 0.5b/1.5b)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--workdir", default=None)
     ap.add_argument("overrides", nargs="*", help="hydra overrides for both algorithms")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.positive_fraction is not None:
+        from popo_verl.synthetic_reward import check_fraction
+
+        check_fraction(args.positive_fraction)  # before any model is built or run started
     rounds, steps = (2, 4) if args.quick else (args.rounds, args.steps)
     workdir = Path(args.workdir or os.path.join("/tmp", f"popo_cost_{os.getpid()}"))
     workdir.mkdir(parents=True, exist_ok=True)
     from popo_verl.tiny import ensure_built
 
     ensure_built()
+    env, overrides, info = setup(args)
     runs = []
     order = [a for _ in range(rounds) for a in ("popo", "grpo")]
     for i, algo in enumerate(order, 1):
         print(f"[{i}/{len(order)}] {algo}: {steps} steps ...", flush=True)
-        r = run_once(algo, steps, workdir, args.seed, args.gpu, args.overrides)
+        r = run_once(algo, steps, workdir, args.seed, args.gpu, overrides + args.overrides, env)
         print(f"[{i}/{len(order)}] {algo}: done in {r['wall_s']:.0f} s", flush=True)
         runs.append(r)
-    report(runs, Path(args.out))
+    report(runs, Path(args.out), info if extended(args) else None, result_stem(args, info))
     return 0
 
 

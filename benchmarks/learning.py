@@ -13,8 +13,12 @@ what it measured; `--resume` skips the runs already there). At the end it writes
 mean ± std, POPO - GRPO paired by seed with a 95 % interval, each ablation against POPO, Theorem 3.1) and
 learning.png (curves), and prints the last line `held-out pass@1 gain: POPO=A GRPO=B (N seeds)`.
 
-    python benchmarks/learning.py --quick      # POPO and GRPO, 3 seeds (54.5 min on 2 cores, measured)
+    python benchmarks/learning.py --quick      # POPO and GRPO, 3 seeds (about 50 min on 2 cores: 6 runs of 7-9 min)
     python benchmarks/learning.py --resume     # every variant, 5 seeds (about 7 h on 2 cores)
+    python benchmarks/learning.py --report     # the tables and plot from learning.json; runs nothing
+
+A seed's runs all come from one build of its task (the build is deterministic per machine, not across
+machines): `--resume` keeps another machine's POPO/GRPO pair of a seed, and pairs runs only within a build.
 """
 
 from __future__ import annotations
@@ -162,9 +166,14 @@ def gain(run: dict, metric: str = "pass@1") -> float:
 
 
 def paired(results_a: list[dict], results_b: list[dict]) -> list[float]:
-    """Gain of a minus gain of b on the seeds both have, in seed order."""
-    by_seed = {r["seed"]: r for r in results_b}
-    return [gain(r) - gain(by_seed[r["seed"]]) for r in sorted(results_a, key=lambda r: r["seed"]) if r["seed"] in by_seed]
+    """Gain of a minus gain of b on the (seed, warm start) pairs both have, in seed order."""
+    by_key = {_key(r): r for r in results_b}
+    return [gain(r) - gain(by_key[_key(r)]) for r in sorted(results_a, key=_key) if _key(r) in by_key]
+
+
+def _key(run: dict) -> tuple[int, str]:
+    """Runs pair when they share the seed *and* the warm start: one seed built on two machines is two tasks."""
+    return run["seed"], run.get("warm_start", "")
 
 
 def _direction(lo: float, hi: float) -> str:
@@ -193,6 +202,12 @@ def summarise(results: list[dict], out_dir: Path) -> str:
             f"{_mean_sd([start_end(r)[1] for r in runs])} | {_mean_sd(gains)} | {min(gains):+.3f} | "
             f"{_mean_sd([start_end(r, kn)[1] for r in runs if _curve(r, kn)] or [float('nan')])} | "
             f"{statistics.mean(r['wall_s'] for r in runs):.0f} |")
+    lines.append("")
+    lines += ["Each seed is one build of the tiny task, named by a hash of its warm-start weights (the build is "
+              "deterministic on one machine, not across machines); runs pair only within one build.", ""]
+    for key in sorted({_key(r) for r in results}):
+        names = [r["variant"] for r in results if _key(r) == key]
+        lines.append(f"- seed {key[0]}, warm start `{key[1]}`: {', '.join(names)}")
     lines.append("")
     if "grpo" in by:
         g = [gain(r) for r in by["grpo"]]
@@ -296,6 +311,8 @@ def main(argv=None) -> int:
                     help="held-out validation every N steps (default 20; --quick 50: validation costs ~16 s each)")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in learning.json with the same settings")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--report", action="store_true",
+                    help="run nothing: tables and plot from the runs of the asked variants and seeds in learning.json")
     ap.add_argument("overrides", nargs="*", help="hydra overrides passed to every run")
     args = ap.parse_args(argv)
     if args.quick:
@@ -310,32 +327,55 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = out_dir / "learning.json"
-    stored: list[dict] = json.loads(store.read_text()) if args.resume and store.exists() else []
+    stored: list[dict] = json.loads(store.read_text()) if (args.resume or args.report) and store.exists() else []
+    if args.report:
+        results = [r for r in stored if r["variant"] in args.variants and r["seed"] in args.seeds]
+        if not results:
+            ap.error(f"--report: no run of {args.variants} on seeds {args.seeds} in {store}")
+        print(summarise(results, out_dir))
+        _print_gain(results)
+        return 0
 
     starts: dict[int, str] = {}
 
-    def same(r, v, s):
-        if (r["variant"], r["seed"]) != (v, s) or r["overrides"] != VARIANTS[v][1] + list(args.overrides):
-            return False
-        if args.steps and r["steps"] != args.steps:
-            return False
-        if s not in starts:
-            starts[s] = warm_start_id(s)
-        return r.get("warm_start") == starts[s]  # measured from this machine's build of the task
+    def settings_match(r):
+        return (r["variant"] in VARIANTS and r["overrides"] == VARIANTS[r["variant"]][1] + list(args.overrides)
+                and (not args.steps or r["steps"] == args.steps))
 
     def asked(r):
         return r["variant"] in args.variants and r["seed"] in args.seeds
 
-    # runs asked for again are kept when measured the same way (else rerun); the others stay as they are
+    # Each seed's runs come from one build of its task. This machine's build, unless another machine's build
+    # already has the whole POPO/GRPO pair of that seed and this one has nothing: then those runs are kept (they
+    # pair among themselves) and the seed's other variants, which would need that build, are not run here.
+    builds: dict[int, str] = {}
+    for s in args.seeds:
+        starts[s] = warm_start_id(s)
+        kept = [r for r in stored if r["seed"] == s and asked(r) and settings_match(r)]
+        builds[s] = starts[s]
+        if not any(r["warm_start"] == starts[s] for r in kept):
+            for w in dict.fromkeys(r["warm_start"] for r in kept):
+                if all(any(r["variant"] == m and r["warm_start"] == w for r in kept) for m in MAIN if m in args.variants):
+                    builds[s] = w
+                    break
+
+    def same(r, v, s):
+        return (r["variant"], r["seed"]) == (v, s) and settings_match(r) and r.get("warm_start") == builds[s]
+
+    # runs asked for again are kept when measured the same way on the seed's build (else rerun); the others stay
     results = [r for r in stored if asked(r) and same(r, r["variant"], r["seed"])]
     others = [r for r in stored if r["variant"] in VARIANTS and not asked(r)]
+    for s in args.seeds:
+        if builds[s] != starts[s]:
+            print(f"seed {s}: kept the POPO/GRPO runs of another machine's build (warm start {builds[s]}; this "
+                  f"machine builds {starts[s]}); its other variants need that build and are not run here")
     workdir = Path("/tmp") / f"popo_learning_{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)
     # POPO and GRPO on every seed first, then the ablations seed by seed: a cut-short benchmark still
     # answers the main question
     jobs = [(v, s) for s in args.seeds for v in args.variants if v in MAIN]
     jobs += [(v, s) for s in args.seeds for v in args.variants if v not in MAIN]
-    jobs = [(v, s) for v, s in jobs if not any(same(r, v, s) for r in results)]
+    jobs = [(v, s) for v, s in jobs if builds[s] == starts[s] and not any(same(r, v, s) for r in results)]
     t0 = time.time()
     # one run at a time: two at once on 2 cores ran 2.4x slower each (measured), no gain
     for v, s in (bar := tqdm(jobs, desc="learning runs", file=sys.stdout)):
@@ -348,13 +388,17 @@ def main(argv=None) -> int:
     print(summarise(results, out_dir))
     print(f"results: {out_dir / 'learning.md'}, {out_dir / 'learning.json'}, {out_dir / 'learning.png'} "
           f"({time.time() - t0:.0f} s)")
+    _print_gain(results)
+    return 0
+
+
+def _print_gain(results: list[dict]) -> None:
     by = {v: [r for r in results if r["variant"] == v] for v in MAIN}
     if by["popo"] and by["grpo"]:
-        seeds = sorted({r["seed"] for r in by["popo"]} & {r["seed"] for r in by["grpo"]})
-        p = statistics.mean(gain(r) for r in by["popo"] if r["seed"] in seeds)
-        g = statistics.mean(gain(r) for r in by["grpo"] if r["seed"] in seeds)
+        seeds = {_key(r) for r in by["popo"]} & {_key(r) for r in by["grpo"]}
+        p = statistics.mean(gain(r) for r in by["popo"] if _key(r) in seeds)
+        g = statistics.mean(gain(r) for r in by["grpo"] if _key(r) in seeds)
         print(f"held-out pass@1 gain: POPO={p:.3f} GRPO={g:.3f} ({len(seeds)} seeds)")
-    return 0
 
 
 if __name__ == "__main__":

@@ -119,3 +119,47 @@ def test_summary_without_grpo_says_no_baseline_comparison(learning, tmp_path):
     runs = [_run("popo", s, 0.3, 0.5) for s in (0, 1)] + [_run("popo_nll_sequence", s, 0.3, 0.52) for s in (0, 1)]
     text = learning.summarise(runs, tmp_path)
     assert "GRPO was not run in this set" in text and "POPO - GRPO" not in text
+
+
+def test_a_whole_pair_from_another_build_is_kept_and_its_ablations_not_run_here(learning, tmp_path, monkeypatch, capsys):
+    """Seed 0's POPO/GRPO pair came from another machine's build: kept (it pairs with itself), and its ablation,
+    which would need that build, is not run; seed 1 had only POPO there, so it is redone here, pair first."""
+    theirs = [{**_run(v, 0, 0.3, 0.5), "warm_start": "theirs"} for v in ("popo", "grpo")]
+    half = {**_run("popo", 1, 0.3, 0.5), "warm_start": "theirs"}
+    (tmp_path / "learning.json").write_text(json.dumps(theirs + [half]))
+    ran = []
+
+    def fake_run(name, seed, args, workdir):
+        ran.append((name, seed))
+        return _run(name, seed, 0.30, 0.40)
+
+    monkeypatch.setattr(learning, "run_variant", fake_run)
+    monkeypatch.setattr(learning, "warm_start_id", lambda seed: "w")
+    learning.main(["--variants", "popo", "grpo", "popo_alpha0", "--seeds", "0", "1", "--out", str(tmp_path), "--resume"])
+    assert ran == [("popo", 1), ("grpo", 1), ("popo_alpha0", 1)]
+    out = capsys.readouterr().out
+    assert "seed 0: kept the POPO/GRPO runs of another machine's build (warm start theirs" in out
+    stored = {(r["variant"], r["seed"], r["warm_start"]) for r in json.loads((tmp_path / "learning.json").read_text())}
+    assert stored == {("popo", 0, "theirs"), ("grpo", 0, "theirs"), ("popo", 1, "w"), ("grpo", 1, "w"),
+                      ("popo_alpha0", 1, "w")}
+    assert out.rstrip().splitlines()[-1] == "held-out pass@1 gain: POPO=0.150 GRPO=0.150 (2 seeds)"
+
+
+def test_runs_pair_only_within_one_build_of_a_seed(learning):
+    popo = [_run("popo", 0, 0.3, 0.5)]
+    assert learning.paired(popo, [_run("grpo", 0, 0.3, 0.4)]) == [pytest.approx(0.1)]
+    assert learning.paired(popo, [{**_run("grpo", 0, 0.3, 0.4), "warm_start": "elsewhere"}]) == []
+
+
+def test_report_summarises_the_stored_runs_and_runs_nothing(learning, tmp_path, monkeypatch, capsys):
+    runs = [_run("popo", 0, 0.3, 0.5), _run("grpo", 0, 0.3, 0.45), _run("popo_alpha0", 0, 0.3, 0.35)]
+    (tmp_path / "learning.json").write_text(json.dumps(runs))
+    monkeypatch.setattr(learning, "run_variant", lambda *a: pytest.fail("--report must not run anything"))
+    monkeypatch.setattr(learning, "warm_start_id", lambda seed: pytest.fail("--report must not build anything"))
+    assert learning.main(["--report", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| popo_alpha0 | 1 | -0.150 |" in out and "- seed 0, warm start `w`: popo, grpo, popo_alpha0" in out
+    assert out.rstrip().splitlines()[-1] == "held-out pass@1 gain: POPO=0.200 GRPO=0.150 (1 seeds)"
+    assert (tmp_path / "learning.md").exists()
+    with pytest.raises(SystemExit):
+        learning.main(["--report", "--variants", "popo_tau0.9", "--out", str(tmp_path)])

@@ -115,10 +115,10 @@ def test_default_dir_per_seed(monkeypatch, tmp_path):
     assert tiny.default_dir() == str(tmp_path) and tiny.default_dir(3) == str(tmp_path / "seed_3")
 
 
-def test_build_pins_the_float_kernels_so_every_avx2_machine_builds_the_same_model(built, tmp_path):
+def test_build_pins_the_float_kernels_whatever_the_callers_settings(built, tmp_path):
     """The warm start runs in a child process with ATen's AVX2 kernels, MKL's AVX2 reproducibility branch and 2
-    threads, whatever the machine's own: a parent that forces another kernel set (as another CPU would pick)
-    still gets the same weights, byte for byte."""
+    threads, whatever the caller's own: a parent that forces another kernel set and thread count still gets the
+    same weights, byte for byte (on one machine: another CPU may build other weights)."""
     import hashlib
     import os
     import subprocess

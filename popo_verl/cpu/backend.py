@@ -119,13 +119,33 @@ def _direct_agent_loop_instantiate() -> None:
     agent_loop.hydra = shim
 
 
+#: where the `hf` rollout server runs: cpu, cuda, or auto (the default: the GPU wherever verl itself runs on CUDA)
+HF_ROLLOUT_DEVICE_ENV = "POPO_VERL_HF_ROLLOUT_DEVICE"
+
+
+def hf_rollout_on_gpu() -> bool:
+    choice = os.environ.get(HF_ROLLOUT_DEVICE_ENV, "").strip().lower()
+    if choice in ("", "auto"):
+        return not cpu_platform_wanted()
+    if choice not in ("cpu", "cuda"):
+        raise ValueError(f"{HF_ROLLOUT_DEVICE_ENV} must be cpu, cuda or auto, got {choice!r}")
+    return choice == "cuda"
+
+
 def _register_hf_rollout() -> None:
     from verl.workers.rollout import base as rollout_base
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-    rollout_base._ROLLOUT_REGISTRY[(HF_ROLLOUT, "async")] = "popo_verl.cpu.rollout.HFServerAdapter"
+    gpu = hf_rollout_on_gpu()  # the same answer in every process of a run: the env and the machine decide
+    rollout_base._ROLLOUT_REGISTRY[(HF_ROLLOUT, "async")] = (
+        "popo_verl.gpu_rollout.HFGPUServerAdapter" if gpu else "popo_verl.cpu.rollout.HFServerAdapter"
+    )
 
     def _load_hf():
+        if gpu:
+            from popo_verl.gpu_rollout import HFGPUReplica
+
+            return HFGPUReplica
         from popo_verl.cpu.rollout import HFReplica
 
         return HFReplica

@@ -8,6 +8,10 @@ Three pieces, mirroring verl 0.9.1's vLLM rollout (verl/workers/rollout/vllm_rol
 - `HFServerAdapter`: the `BaseRollout` living in the trainer's worker process (hybrid engine). On each
   weight sync it drains the weight generator on every rank (the FSDP gather is collective) and ships
   the full tensors of its replica to the server.
+
+This is the CPU server (fp32, on the CPU). popo_verl/gpu_rollout.py subclasses it for a GPU: it overrides the
+hooks below (`device`, `_load_model`, `_sample`, `_forward_kwargs`, `_server_placement`), which on the CPU do
+exactly what this module always did.
 """
 
 from __future__ import annotations
@@ -71,6 +75,11 @@ def _filter_top_k_top_p(probs: torch.Tensor, top_k: int, top_p: float) -> torch.
 class HFRolloutServer:
     """Serves verl's `generate(prompt_ids, sampling_params, request_id)` with batched HF generation."""
 
+    #: where the model, the batch and the KV cache live (the GPU server sets its own)
+    device = torch.device("cpu")
+    #: extra keyword arguments of every model forward (none on the CPU)
+    _forward_kwargs: dict = {}
+
     def __init__(
         self,
         config,
@@ -84,8 +93,6 @@ class HFRolloutServer:
         cuda_visible_devices: str = "",
         **kwargs,
     ):
-        from transformers import AutoModelForCausalLM
-
         self.config = config
         self.model_config = model_config
         self.rollout_mode = rollout_mode
@@ -97,12 +104,7 @@ class HFRolloutServer:
         if threads > 0:
             torch.set_num_threads(threads)
         path = getattr(model_config, "local_path", None) or model_config.path
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=torch.float32,
-            attn_implementation="sdpa",
-            trust_remote_code=bool(getattr(model_config, "trust_remote_code", False)),
-        )
+        self.model = self._load_model(path)
         self.model.eval()
         gen_cfg = self.model.generation_config
         eos = gen_cfg.eos_token_id if gen_cfg.eos_token_id is not None else self.model.config.eos_token_id
@@ -117,6 +119,16 @@ class HFRolloutServer:
         self._seen_step: int | None = None
         self._seen: dict = {}
         self.num_generated = 0
+
+    def _load_model(self, path: str, dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            path,
+            dtype=dtype,
+            attn_implementation="sdpa",
+            trust_remote_code=bool(getattr(self.model_config, "trust_remote_code", False)),
+        )
 
     # ------------------------------------------------------------------ server surface used by verl
     def get_master_address(self):
@@ -226,12 +238,14 @@ class HFRolloutServer:
             input_ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p) :] = 1
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        eos = torch.tensor(self.eos_ids if not ignore_eos else [], dtype=torch.long)
-        finished = torch.zeros(bsz, dtype=torch.bool)
+        input_ids, mask, position_ids = (t.to(self.device) for t in (input_ids, mask, position_ids))
+        eos = torch.tensor(self.eos_ids if not ignore_eos else [], dtype=torch.long, device=self.device)
+        finished = torch.zeros(bsz, dtype=torch.bool, device=self.device)
         tokens, logps = [], []
         past, cur_ids, cur_pos = None, input_ids, position_ids
         for _ in range(max_tokens):
-            out = self.model(input_ids=cur_ids, attention_mask=mask, position_ids=cur_pos, past_key_values=past, use_cache=True)
+            out = self.model(input_ids=cur_ids, attention_mask=mask, position_ids=cur_pos, past_key_values=past, use_cache=True,
+                             **self._forward_kwargs)
             past = out.past_key_values
             logits = out.logits[:, -1, :].float()
             if greedy:
@@ -241,7 +255,7 @@ class HFRolloutServer:
                 # log-probs of the temperature-scaled model distribution, as the actor computes them
                 logp = torch.log_softmax(logits / temperature, dim=-1)
                 probs = _filter_top_k_top_p(logp.exp(), top_k, top_p)
-                tok = torch.stack([torch.multinomial(probs[i], 1, generator=gens[i])[0] for i in range(bsz)])
+                tok = self._sample(probs, gens)
             tok = torch.where(finished, torch.full_like(tok, self.pad_id), tok)
             tokens.append(tok)
             logps.append(logp.gather(-1, tok.unsqueeze(-1)).squeeze(-1))
@@ -251,9 +265,9 @@ class HFRolloutServer:
                 break
             cur_ids = tok.unsqueeze(-1)
             cur_pos = cur_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype)], dim=-1)
-        toks = torch.stack(tokens, dim=1)
-        lps = torch.stack(logps, dim=1)
+            mask = torch.cat([mask, torch.ones((bsz, 1), dtype=mask.dtype, device=self.device)], dim=-1)
+        toks = torch.stack(tokens, dim=1).cpu()
+        lps = torch.stack(logps, dim=1).cpu()
         results = []
         eos_set = set(eos.tolist())
         for i in range(bsz):
@@ -266,6 +280,11 @@ class HFRolloutServer:
             results.append((row[:n], lps[i, :n].tolist()))
         self.num_generated += bsz
         return results
+
+    @staticmethod
+    def _sample(probs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
+        """One token per row, drawn from that row's request generator."""
+        return torch.stack([torch.multinomial(probs[i], 1, generator=gens[i])[0] for i in range(len(gens))])
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor], global_steps: Optional[int] = None) -> int:
         """Load the trainer's weights; returns how many tensors were loaded."""
@@ -344,10 +363,16 @@ class HFReplica(RolloutReplica):
     def rollout_worker_use_gpu(self) -> bool:
         return False
 
-    async def launch_servers(self):
+    async def _server_placement(self) -> tuple[str, dict, dict]:
+        """(node id, extra Ray actor options, extra server arguments): the node of the replica's first trainer
+        worker, no CPU reserved (the server works while the trainer waits for it)."""
         node_id = ray.get_runtime_context().get_node_id()
         if self.workers:
             node_id = await self.workers[0].__ray_call__.remote(lambda self: ray.get_runtime_context().get_node_id())
+        return node_id, {"num_cpus": 0}, {}
+
+    async def launch_servers(self):
+        node_id, options, server_kwargs = await self._server_placement()
         name = _server_name(self.replica_rank)
         if self.is_reward_model:
             name = f"{SERVER_NAME_PREFIX}server_reward_{self.replica_rank}_0{self.name_suffix}"
@@ -357,12 +382,13 @@ class HFReplica(RolloutReplica):
             scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
             name=name,
             max_concurrency=self.max_concurrency,
-            num_cpus=0,
+            **options,
         ).remote(
             config=self.config,
             model_config=self.model_config,
             rollout_mode=self.rollout_mode,
             replica_rank=self.replica_rank,
+            **server_kwargs,
         )
         self.servers = [server]
         address, port = await server.get_server_address.remote()

@@ -19,14 +19,16 @@ pass@8 about 0.9 (seeds 0-2: 0.28-0.30 and 0.88-0.93) -- the regime where reward
 has something to sharpen, on problems it has never seen. `--seed` draws another split of the problems and another initialisation and label
 noise, so a task built with another seed is a fresh held-out check.
 
-Identical on every x86-64 machine with AVX2 (for one torch build): the warm start is 800 chaotic Adam
-steps, so a different float kernel anywhere (AVX-512 against AVX2 paths, MKL's per-CPU code branches, the
-thread count) used to give another model on another machine (seeds 0-2 started at held-out pass@1
-0.287/0.297/0.279 on one machine, 0.301/0.260/0.334 on another). The build now runs in a child process with
-the kernels pinned (`PORTABLE_KERNELS`: ATen's AVX2 kernels, MKL's AVX2 conditional-numerical-reproducibility
-branch, 2 threads), which every such CPU executes the same way; elsewhere (aarch64, no AVX2) it builds with
-the native kernels and the manifest says so. benchmarks/learning.py still checks a hash of the weights before
-it reuses a stored run.
+Deterministic on one machine, not across machines: the warm start is 800 chaotic Adam steps, so a
+different float kernel anywhere (AVX-512 against AVX2 paths, MKL's per-CPU code branches, the thread count)
+gives another model. The build runs in a child process with the kernels pinned (`PORTABLE_KERNELS`: ATen's
+AVX2 kernels, MKL's AVX2 conditional-numerical-reproducibility branch, 2 threads), so the caller's own
+settings (threads, ISA overrides) never change the model. That was meant to make every AVX2 machine agree;
+measured, it does not: seed 0's weights hash to 74900010c89f9970 on the machine of 2026-12-01 and to
+f126a6850b9676ae on an AMD EPYC (2026-12-02); seeds 0-3 start at held-out pass@1 0.318/0.323/0.334/0.290
+on the first and 0.317/0.261/0.307/0.280 on the second, all in the band. Where AVX2 is missing
+(aarch64) it builds with the native kernels and the manifest says so. benchmarks/learning.py pairs runs only
+within one build (a hash of the weights).
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-BUILD_VERSION = "3"  # 3: kernels pinned, the same model on every AVX2 machine
+BUILD_VERSION = "3"  # 3: kernels pinned: the caller's thread and ISA settings no longer change the model
 DATA_SOURCE = "tiny_arith"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
