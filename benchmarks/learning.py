@@ -240,7 +240,10 @@ def summarise(results: list[dict], out_dir: Path) -> str:
             reading = {"helps (interval above 0)": "the ablation learns more: the component does not help here",
                        "hurts (interval below 0)": "the ablation learns less: the component helps here"}.get(
                 _direction(lo, hi), "no clear effect on this task")
-            lines.append(f"| {v} | {len(d)} | {m:+.3f} | [{lo:+.3f}, {hi:+.3f}] | {reading} |")
+            interval = f"[{lo:+.3f}, {hi:+.3f}]" if len(d) > 1 else "none (one seed)"
+            if len(d) == 1:
+                reading = "one seed: no verdict (the sampling noise of pass@1 alone is about 0.015)"
+            lines.append(f"| {v} | {len(d)} | {m:+.3f} | {interval} | {reading} |")
         lines.append("")
     if "popo" in by and any(_curve(r, "neg_delta") for r in by["popo"]):
         neg = [x for r in by["popo"] for x in _curve(r, "neg_delta").values()]
@@ -278,7 +281,9 @@ def _plot(by: dict[str, list[dict]], order: list[str], path: Path) -> None:
             if metric == "reward" and len(ys) > 5:  # a 5-step running mean: one step's 128 rollouts are noisy
                 ys = [statistics.mean(ys[max(0, i - 4) : i + 1]) for i in range(len(ys))]
             if steps:
-                ax.plot(steps, ys, marker="o" if metric != "reward" else None, markersize=3, label=v,
+                n = len(by[v])
+                ax.plot(steps, ys, marker="o" if metric != "reward" else None, markersize=3,
+                        label=f"{v} ({n} seed{'s' if n > 1 else ''})",
                         linewidth=2.5 if v in MAIN else 1, color={"popo": "C0", "grpo": "C3"}.get(v))
         ax.set_xlabel("training step")
         ax.set_ylabel(label)

@@ -23,7 +23,8 @@ N_GPUS_PER_NODE=${N_GPUS_PER_NODE:-1}          # FSDP2 ranks; each is a CPU proc
 #   1e-3 the policy kept oscillating (GRPO's held-out pass@1 0.477 at step 60, 0.433 at step 80), 2e-3 with a
 #   10 % warm-up dipped to 0.22 at step 20 (GRPO), and in a pure-torch replica 3e-3 and 1e-2 collapsed both.
 # - 100 steps: GRPO gained only +0.14..+0.18 in 60 (constant or cosine lr, 2 optimizer steps per batch, or 32
-#   prompts for 40 steps); with the cosine over 100 steps it gained +0.249, POPO +0.222.
+#   prompts for 40 steps); with the cosine over 100 steps it gained +0.249, POPO +0.222. Over seeds 0-4: GRPO
+#   +0.227..+0.288, POPO +0.222..+0.276; one run takes 7-11 min on 2 cores (start-up, 100 steps, 6 validations).
 # - 16 prompts x 8 rollouts: in the replica, 16 prompts learned faster per step than 8 at the same lr; 32 did not
 #   help through verl. Temperature 1 for rollouts and validation: the regime the task is built for.
 # - held-out validation every 20 steps (~16 s each with VAL_N=8 over 128 prompts).

@@ -185,7 +185,12 @@ def test_ctrl_c_saves_the_policy_and_the_summary_says_where(tmp_path):
     assert proc.wait(timeout=300) == 0, "".join(out[-60:])
     text = "".join(out)
     stopped = [int(s) for s in __import__("re").findall(r"stop requested: checkpoint saved at step (\d+)", text)]
-    assert len(stopped) == 1 and 2 <= stopped[0] < 40, text[-3000:]
+    # seen once under heavy load (the suite niced beside a benchmark), never alone: the run went to step 40 and no
+    # stop file was made; say whether the script took the Ctrl-C, to tell a lost signal from a missed stop
+    took = "Ctrl-C: stopping after this step" in text
+    assert len(stopped) == 1 and 2 <= stopped[0] < 40, (
+        f"script acknowledged the Ctrl-C: {took}; stop file present: {(tmp_path / 'run' / 'stop_requested').exists()}"
+        f"\n{text[-3000:]}")
     hf = ckpt / f"global_step_{stopped[0]}" / "actor" / "huggingface"
     assert any(hf.glob("*.safetensors")), f"no HF policy in {hf}"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped[0])
