@@ -40,6 +40,19 @@ def _run(variant, seed, start, end, neg=-0.01):
                        "reward": {"1": 0.3, "2": 0.4}, "neg_delta": {"1": neg, "2": neg}, "pos_delta": {"1": 0.02}}}
 
 
+def _fake_runs(learning, monkeypatch) -> list:
+    """Every run ends 0.30 -> 0.40 on this machine's build "w"; returns the list of (variant, seed) run."""
+    ran = []
+
+    def fake_run(name, seed, args, workdir):  # the training run itself is what tests/test_learning.py covers
+        ran.append((name, seed))
+        return _run(name, seed, 0.30, 0.40)
+
+    monkeypatch.setattr(learning, "run_variant", fake_run)
+    monkeypatch.setattr(learning, "warm_start_id", lambda seed: "w")
+    return ran
+
+
 def test_mean_ci_is_the_t_interval(learning):
     m, lo, hi = learning.mean_ci([0.1, 0.2, 0.3])
     assert m == pytest.approx(0.2) and hi - m == pytest.approx(4.303 * 0.1 / 3 ** 0.5)
@@ -88,14 +101,7 @@ def test_resume_reruns_what_was_measured_from_another_build_of_the_task(learning
     stale = {**_run("grpo", 0, 0.29, 0.45), "warm_start": "other-machine"}
     fresh = _run("popo", 0, 0.30, 0.47)
     (tmp_path / "learning.json").write_text(json.dumps([stale, fresh, {**_run("grpo", 5, 0.2, 0.3), "warm_start": "x"}]))
-    ran = []
-
-    def fake_run(name, seed, args, workdir):
-        ran.append((name, seed))
-        return _run(name, seed, 0.30, 0.40)
-
-    monkeypatch.setattr(learning, "run_variant", fake_run)
-    monkeypatch.setattr(learning, "warm_start_id", lambda seed: "w")
+    ran = _fake_runs(learning, monkeypatch)
     learning.main(["--variants", "popo", "grpo", "--seeds", "0", "--out", str(tmp_path), "--resume"])
     assert ran == [("grpo", 0)]
     stored = json.loads((tmp_path / "learning.json").read_text())
@@ -127,14 +133,7 @@ def test_a_whole_pair_from_another_build_is_kept_and_its_ablations_not_run_here(
     theirs = [{**_run(v, 0, 0.3, 0.5), "warm_start": "theirs"} for v in ("popo", "grpo")]
     half = {**_run("popo", 1, 0.3, 0.5), "warm_start": "theirs"}
     (tmp_path / "learning.json").write_text(json.dumps(theirs + [half]))
-    ran = []
-
-    def fake_run(name, seed, args, workdir):
-        ran.append((name, seed))
-        return _run(name, seed, 0.30, 0.40)
-
-    monkeypatch.setattr(learning, "run_variant", fake_run)
-    monkeypatch.setattr(learning, "warm_start_id", lambda seed: "w")
+    ran = _fake_runs(learning, monkeypatch)
     learning.main(["--variants", "popo", "grpo", "popo_alpha0", "--seeds", "0", "1", "--out", str(tmp_path), "--resume"])
     assert ran == [("popo", 1), ("grpo", 1), ("popo_alpha0", 1)]
     out = capsys.readouterr().out
