@@ -16,7 +16,8 @@ from the first run), nor a tracker that reached the disk before the shards (no f
 `resume_from_path` naming an unfinished one. Such a checkpoint is refused, not skipped: the trainer has already
 set its step counter and dataloader from the directory it chose before the worker loads it, so only the user
 can pick another one; the error names the file and prints the override that resumes from the previous
-complete checkpoint.
+complete checkpoint. The driver makes the same check before Ray starts (`resume_problem`, called where
+popo_verl/plugin.py checks POPO's config), so the refusal comes in seconds, not after the workers' start-up.
 """
 
 from __future__ import annotations
@@ -144,6 +145,49 @@ def refusal(actor_dir: str, rank: int, world: int, reason: str) -> str:
         todo = (f"no earlier complete checkpoint in {os.path.dirname(step_dir)}: start fresh with the override\n"
                 "  trainer.resume_mode=disable")
     return f"POPO: cannot resume from checkpoint {step_dir}: {reason}.\nTo go on, {todo}"
+
+
+def resume_step_dir(trainer_config, cwd: str | None = None) -> str | None:
+    """The global_step_N directory the trainer will resume from, found as verl's trainer finds it
+    (verl/trainer/ppo/v1/trainer_base.py `_load_checkpoint`: resume_mode auto reads the tracker file under
+    default_local_dir, resume_path takes resume_from_path; relative paths are under the working directory)."""
+    cwd = cwd or os.getcwd()
+    mode = trainer_config.get("resume_mode", "auto")
+    if mode == "auto":
+        root = trainer_config.get("default_local_dir")
+        if not root:
+            return None
+        root = os.path.join(cwd, root)
+        tracker = os.path.join(root, "latest_checkpointed_iteration.txt")
+        try:
+            with open(tracker) as f:
+                step = int(f.read().strip())
+        except (OSError, ValueError):
+            return None
+        path = os.path.join(root, f"global_step_{step}")
+    elif mode == "resume_path":
+        path = trainer_config.get("resume_from_path")
+        if not isinstance(path, str):
+            return None
+        path = os.path.join(cwd, path)
+    else:
+        return None
+    return path if os.path.isdir(path) else None
+
+
+def resume_problem(trainer_config, cwd: str | None = None) -> str | None:
+    """The refusal every rank's load would raise for the checkpoint this run resumes from, or None; ranks are
+    the trainer's nnodes x n_gpus_per_node (the actor's world in verl's hybrid engine)."""
+    step_dir = resume_step_dir(trainer_config, cwd)
+    if step_dir is None:
+        return None
+    actor_dir = os.path.join(step_dir, "actor")
+    world = int(trainer_config.get("nnodes", 1)) * int(trainer_config.get("n_gpus_per_node", 1))
+    for rank in range(world):
+        reason = problem(actor_dir, rank, world)
+        if reason:
+            return refusal(actor_dir, rank, world, reason)
+    return None
 
 
 def _first_on_any_rank(message: str | None) -> str | None:

@@ -44,7 +44,8 @@ def _validate_popo_in_driver() -> None:
     """verl's entry (verl/trainer/main_ppo.py `main`) checks the config with `verl.utils.config.validate_config` in
     the driver, before Ray starts; POPO's own checks would otherwise run only in the trainer, inside a Ray actor,
     after ~40 s of start-up and under a Ray traceback. Wrap that function (main_ppo imports it by name after the
-    plugins load) so a bad POPO setting ends the run at once: one line naming the key, exit status 2."""
+    plugins load) so a bad POPO setting ends the run at once: one line naming the key, exit status 2. A checkpoint
+    to resume from that the workers would refuse (popo_verl/checkpoint.py) is refused here the same way."""
     import verl.utils.config as verl_config
 
     if getattr(verl_config.validate_config, "_popo_checked", False):
@@ -61,6 +62,12 @@ def _validate_popo_in_driver() -> None:
             except ValueError as e:
                 print(f"popo-verl: invalid configuration: {e}", file=sys.stderr, flush=True)
                 raise SystemExit(2) from None
+            from popo_verl.checkpoint import resume_problem
+
+            refused = resume_problem(config.trainer)
+            if refused:
+                print(refused, file=sys.stderr, flush=True)
+                raise SystemExit(2)
         return verl_validate(config, *args, **kwargs)
 
     validate_config._popo_checked = True

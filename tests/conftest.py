@@ -1,5 +1,8 @@
-"""Shared fixtures: a tiny random Qwen3 model built locally (no download), and verl's nested micro-batch as the
-actor's loss receives it (tests/test_losses.py, tests/test_plugin.py)."""
+"""Shared fixtures: a tiny random Qwen3 model built locally (no download), verl's nested micro-batch as the
+actor's loss receives it (tests/test_losses.py, tests/test_plugin.py), and the benchmark scripts as modules."""
+
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +22,26 @@ def tiny_random_model(tmp_path_factory):
     torch.manual_seed(0)
     Qwen3ForCausalLM(cfg).save_pretrained(path)
     return str(path)
+
+
+def _load_benchmark(name: str):
+    """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def learning():
+    """benchmarks/learning.py"""
+    return _load_benchmark("learning")
+
+
+@pytest.fixture(scope="session")
+def cost():
+    """benchmarks/cost.py"""
+    return _load_benchmark("cost")
 
 
 # ------------------------------------------------------------------------------------------------ micro-batches

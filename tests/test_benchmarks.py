@@ -1,20 +1,12 @@
 """benchmarks/learning.py's bookkeeping: curves read from verl's console log, the summary table and verdict."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def learning():
-    spec = importlib.util.spec_from_file_location("learning", ROOT / "benchmarks" / "learning.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def _log(vals):

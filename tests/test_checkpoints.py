@@ -138,6 +138,30 @@ def test_a_save_that_did_not_finish_is_refused(engine, two_checkpoints):
     assert resume_override(two_checkpoints, 1) in str(err.value)
 
 
+def test_the_driver_finds_the_checkpoint_to_resume_as_verls_trainer_does(two_checkpoints, tmp_path):
+    """resume_problem: the refusal the workers would raise, before Ray starts, for the checkpoint verl's trainer
+    would pick (the tracker file under default_local_dir for auto, resume_from_path, relative to the cwd)."""
+    from omegaconf import OmegaConf
+
+    def trainer(**kw):
+        return OmegaConf.create({"resume_mode": "auto", "default_local_dir": "ckpt", "resume_from_path": None,
+                                 "nnodes": 1, "n_gpus_per_node": 1, **kw})
+
+    (two_checkpoints / "latest_checkpointed_iteration.txt").write_text("2")
+    assert checkpoint.resume_problem(trainer(), cwd=str(tmp_path)) is None, "both checkpoints are complete"
+    truncate(two_checkpoints / "global_step_2" / "actor" / SIAMESE)
+    msg = checkpoint.resume_problem(trainer(), cwd=str(tmp_path))
+    assert msg and f"{SIAMESE} is truncated" in msg and msg.rstrip().endswith(resume_override(two_checkpoints, 1))
+    assert checkpoint.resume_problem(trainer(resume_mode="disable"), cwd=str(tmp_path)) is None
+    by_path = trainer(resume_mode="resume_path", resume_from_path="ckpt/global_step_1")
+    assert checkpoint.resume_problem(by_path, cwd=str(tmp_path)) is None
+    # two ranks: rank 0's manifest is there, rank 1's is not (a checkpoint of a 1-rank run, resumed on 2)
+    two_ranks = trainer(resume_mode="resume_path", resume_from_path=str(two_checkpoints / "global_step_1"), n_gpus_per_node=2)
+    assert "manifest_rank_0_of_2.json is missing" in checkpoint.resume_problem(two_ranks)
+    (two_checkpoints / "latest_checkpointed_iteration.txt").write_text("7")  # a tracker naming no directory
+    assert checkpoint.resume_problem(trainer(), cwd=str(tmp_path)) is None, "verl trains from scratch then"
+
+
 def test_saving_again_into_a_complete_checkpoint_withdraws_its_manifest_first(engine, two_checkpoints):
     """A resumed run saves global_step_2 again while the tracker still names it: until the new save commits, the
     old manifest must not vouch for a mix of new and old files (same sizes, so a size check alone would pass)."""
@@ -178,8 +202,9 @@ def test_run_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path, 
     verl's VERL_USE_EXTERNAL_MODULES, makes the worker os._exit at that point (a timed SIGKILL would land anywhere,
     or after the save). Then:
     - verl's tracker still names step 1 (it is written after every rank's save returned);
-    - resuming from the unfinished global_step_2 by path is refused, naming the missing manifest and printing the
-      override for global_step_1 (before: a warning, and the run went on with the siamese reset to the actor);
+    - resuming from the unfinished global_step_2 by path is refused by the driver before Ray starts, naming the
+      missing manifest and printing the override for global_step_1 (before: a warning, and the run went on with
+      the siamese reset to the actor);
     - that override resumes with the siamese state of step 1 (EMA step count 1 + 1) and saves a complete step 2.
     A truncated file behind the same refusal (resume_mode=auto picking it) is the unit tests' part: same load path.
     Three runs of 2 steps with 4 responses per prompt: start-up is most of each run's time."""
@@ -195,7 +220,8 @@ def test_run_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path, 
 
     refused = run_tiny(tmp_path, tiny_dir, "popo", *resume_override(ckpt, 2).split(), steps=2, ckpt=ckpt,
                        expect_ok=False, env_extra=small)
-    assert refused["rc"] != 0, "an unfinished checkpoint must not be resumed from"
+    assert refused["rc"] == 2, "an unfinished checkpoint must not be resumed from"
+    assert "Started a local Ray instance" not in refused["log"], "refused by the driver, before Ray starts"
     assert f"cannot resume from checkpoint {ckpt / 'global_step_2'}: {step2}/popo_siamese/manifest_rank_0_of_1.json " \
            "is missing" in refused["log"], refused["log"][-4000:]
     override = re.search(r"^\s*(trainer\.resume_mode=resume_path trainer\.resume_from_path=\S+)$", refused["log"], re.M)

@@ -71,14 +71,16 @@ def initial_state(tiny_dir: str) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------------------------ GRPO
 @pytest.fixture(scope="module")
-def grpo_1rank(tmp_path_factory, tiny_dir):
-    tmp = tmp_path_factory.mktemp("grpo1")
-    # packed micro-batches here (the script's default is padded): the 1-rank runs cover that layout
-    return run_tiny(tmp, tiny_dir, "grpo", "actor_rollout_ref.model.use_remove_padding=true", steps=3, save_freq=3, test_freq=3)
+def grpo_run(tmp_path_factory, tiny_dir):
+    """verl's GRPO on 2 FSDP2 ranks (gloo), validated and checkpointed: one run, start-up is most of its time.
+    Packed micro-batches here (the script's default is padded; the 2-rank POPO run covers that layout)."""
+    tmp = tmp_path_factory.mktemp("grpo")
+    return run_tiny(tmp, tiny_dir, "grpo", "actor_rollout_ref.model.use_remove_padding=true", ranks=2, steps=3,
+                    save_freq=3, test_freq=3)
 
 
-def test_grpo_trains_validates_and_checkpoints(grpo_1rank, tiny_dir):
-    steps = grpo_1rank["steps"]
+def test_grpo_trains_validates_and_checkpoints_on_two_ranks(grpo_run, tiny_dir):
+    steps = grpo_run["steps"]
     assert sorted(steps) == [1, 2, 3]
     for s in (1, 2, 3):
         m = steps[s]
@@ -87,21 +89,12 @@ def test_grpo_trains_validates_and_checkpoints(grpo_1rank, tiny_dir):
         # the rollout generated with the weights synced after the previous update (fp32 on both sides)
         assert m["training/rollout_probs_diff_max"] < 1e-4, m["training/rollout_probs_diff_max"]
     assert any(k.startswith("val-core/tiny_arith/") for k in steps[3]), "validation after the last step"
-    step3 = grpo_1rank["ckpt"] / "global_step_3"
-    assert (step3 / "actor").is_dir()
+    step3 = grpo_run["ckpt"] / "global_step_3"
+    assert len(list((step3 / "actor").glob("model_world_size_2_rank_*.pt"))) == 2
     before, after = initial_state(tiny_dir), model_state(step3)
     changed = [k for k in before if not torch.allclose(before[k], after[k])]
     assert len(changed) >= len(before) // 2, "the actor's weights must have been trained"
-    assert grpo_1rank["stdout"].rstrip().splitlines()[-1].startswith("held-out pass@1: ")  # the script's last line
-
-
-def test_grpo_with_two_fsdp2_ranks(tmp_path_factory, tiny_dir):
-    tmp = tmp_path_factory.mktemp("grpo2")
-    out = run_tiny(tmp, tiny_dir, "grpo", ranks=2, steps=2, save_freq=2)
-    assert sorted(out["steps"]) == [1, 2]
-    assert all(out["steps"][s]["training/rollout_probs_diff_max"] < 1e-4 for s in (1, 2))
-    before, after = initial_state(tiny_dir), model_state(out["ckpt"] / "global_step_2")
-    assert sum(not torch.allclose(before[k], after[k]) for k in before) >= len(before) // 2
+    assert grpo_run["stdout"].rstrip().splitlines()[-1].startswith("held-out pass@1: ")  # the script's last line
 
 
 # ------------------------------------------------------------------------------------------------ POPO
@@ -210,22 +203,6 @@ def test_resume_without_siamese_warns_and_restarts_it_from_the_actor(popo_1rank,
     assert sorted(out["steps"]) == [2]
 
 
-def test_a_step_without_positives_completes(tmp_path_factory, tiny_dir):
-    """(f) all rewards 0: no crash, no NaN, a warning, the step logged as skipped; the LR schedule still advances
-    once per training step (a 4-step linear warm-up: lr/4 after step 1, lr/2 after step 2)."""
-    tmp = tmp_path_factory.mktemp("popo_nopos")
-    zero = tmp / "zero_reward.py"
-    zero.write_text("def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw):\n    return 0.0\n")
-    out = run_tiny(tmp, tiny_dir, "popo", "actor_rollout_ref.actor.optim.lr_warmup_steps=4", steps=2,
-                   env_extra={"REWARD_FILE": str(zero)})
-    for s in (1, 2):
-        m = out["steps"][s]
-        assert m["popo/positive_ratio"] == 0 and m["popo/skipped_step"] == 1 and m["popo/rows_updated"] == 0
-        assert m["actor/lr"] == pytest.approx(1e-3 * s / 4, rel=1e-6), m["actor/lr"]
-        assert all(v == v for v in m.values()), "no NaN in the logged metrics"
-    assert "no positive rollout" in out["log"]
-
-
 def test_hf_export_drops_the_predictor(popo_1rank, tmp_path):
     """verl's model merger, through popo_verl.model_merger: an HF model without the predictor head."""
     import sys
@@ -250,16 +227,48 @@ def test_hf_export_drops_the_predictor(popo_1rank, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- the ablations' options
-def test_kl_anchor_and_identity_predictor_train_and_log_the_implicit_negative_deltas(tmp_path, tiny_dir):
-    """anchor=kl (k3 KL to the siamese instead of L_sim), predictor_layers=0 (no head) and the Theorem 3.1
-    metrics, together through verl's trainer."""
-    out = run_tiny(tmp_path, tiny_dir, "popo", "algorithm.popo.anchor=kl", "algorithm.popo.predictor_layers=0",
-                   "algorithm.popo.implicit_negative_interval=1", steps=2, save_freq=2)
-    for s, m in out["steps"].items():
-        assert m["popo/kl_loss"] >= 0 and "popo/sim_loss" not in m, s
-        # one step's sign is noise here (tests/test_learning.py checks the averages over a learning run)
-        assert abs(m["popo/pos_logprob_delta"]) < 1 and abs(m["popo/neg_logprob_delta"]) < 1
-    # no predictor head anywhere in the actor's weights
-    state = model_state(out["ckpt"] / "global_step_2")
+FIRST_BATCH_ZERO = """\
+import fcntl
+
+from popo_verl.reward import compute_score as tiny_reward
+
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
+    # 0 for the first {n} calls (step 1's rollouts: validation is off), the tiny task's reward after; the count
+    # is kept in a file, whatever process or thread verl's reward loop calls from
+    with open({counter!r}, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write("x")
+        f.flush()
+        calls = f.tell()
+    return 0.0 if calls <= {n} else tiny_reward(data_source, solution_str, ground_truth, extra_info, **kwargs)
+"""
+
+
+def test_a_step_without_positives_then_the_kl_anchor_without_predictor(tmp_path, tiny_dir):
+    """Two steps of one run (start-up is most of a run's time):
+    (f) step 1's rewards are all 0: no crash, no NaN, a warning, the step logged as skipped, and the LR schedule
+    still advances once per training step (a 4-step linear warm-up: lr/4 after step 1, lr/2 after step 2);
+    then step 2 trains with anchor=kl (k3 KL to the siamese instead of L_sim) and predictor_layers=0 (no head),
+    logging the Theorem 3.1 metrics."""
+    reward = tmp_path / "first_batch_zero.py"
+    reward.write_text(FIRST_BATCH_ZERO.format(n=ROWS_PER_STEP, counter=str(tmp_path / "reward_calls")))
+    out = run_tiny(tmp_path, tiny_dir, "popo", "actor_rollout_ref.actor.optim.lr_warmup_steps=4", "algorithm.popo.anchor=kl",
+                   "algorithm.popo.predictor_layers=0", "algorithm.popo.implicit_negative_interval=1", steps=2,
+                   save_freq=2, env_extra={"REWARD_FILE": str(reward)})
+    steps = out["steps"]
+    assert sorted(steps) == [1, 2]
+    for s, m in steps.items():
+        assert m["actor/lr"] == pytest.approx(1e-3 * s / 4, rel=1e-6), m["actor/lr"]
+        assert all(v == v for v in m.values()), f"NaN in step {s}'s metrics"
+    first, second = steps[1], steps[2]
+    assert first["popo/positive_ratio"] == 0 and first["popo/skipped_step"] == 1 and first["popo/rows_updated"] == 0
+    assert "no positive rollout" in out["log"]
+    assert second["popo/positive_ratio"] > 0 and second["popo/skipped_step"] == 0
+    assert second["popo/kl_loss"] >= 0 and "popo/sim_loss" not in second
+    # one step's sign is noise here (tests/test_learning.py checks the averages over a learning run)
+    assert abs(second["popo/pos_logprob_delta"]) < 1 and abs(second["popo/neg_logprob_delta"]) < 1
+    # no predictor head anywhere in the actor's weights, and the actor trained
+    state, initial = model_state(out["ckpt"] / "global_step_2"), initial_state(tiny_dir)
     assert not [k for k in state if "popo_predictor" in k]
-    assert any(not torch.equal(v, initial_state(tiny_dir)[k]) for k, v in state.items() if k in initial_state(tiny_dir))
+    assert any(not torch.equal(v, initial[k]) for k, v in state.items() if k in initial)

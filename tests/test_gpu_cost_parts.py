@@ -22,14 +22,6 @@ from popo_verl.synthetic_reward import compute_score, is_positive, positives_per
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def cost():
-    spec = importlib.util.spec_from_file_location("cost_benchmark", ROOT / "benchmarks" / "cost.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 # ================================================================================================ sized models
 def _closed_form_params(spec, vocab: int) -> int:
     """Qwen3 parameter count from its shapes: tied embedding, per layer q/k/v/o projections, q/k norms (head_dim),

@@ -39,6 +39,28 @@ def test_console_collapses_the_config_dump_and_keeps_everything_in_the_log():
                                 f"{RAY}INFO: actor and ref model engine initialized", _step(1).rstrip("\n")]
 
 
+def test_console_keeps_a_dump_that_ray_cut_mid_line_collapsed():
+    """Ray's log monitor cuts a pretty-printed line where it read the worker's unbuffered stdout mid-line: the
+    pieces come unindented (`'nsys': {...`, `: `, `'popo_tiny_cpu',`, `300,`), as in this excerpt of a real run,
+    and another process's line may come in between. Before: each piece ended the block, the rest of the dump
+    reached the console."""
+    worker = "\x1b[36m(WorkerDict pid=22230)\x1b[0m "
+    dump = [f"{RAY}{{'actor_rollout_ref': {{'actor': {{\n"] + [f"{RAY}                  'key_{i}': {i},\n" for i in range(8)]
+    dump += [f"{RAY}                      'global_tool_config': {{\n",
+             f"{RAY}'nsys': {{'_target_': 'verl.utils.profiler.config.NsightToolConfig',\n",
+             f"{RAY}                                'discrete': False,\n",
+             f"{RAY} 'model_engine': 'dp',\n", f"{RAY} 'reward': \n",
+             f"{RAY}{{'_target_': 'verl.workers.config.RewardConfig',\n",
+             f"{RAY}              'project_name'\n", f"{RAY}: \n", f"{RAY}'popo_tiny_cpu',\n", f"{RAY}              \n",
+             f"{RAY}'ray_wait_register_center_timeout': \n", f"{RAY}300,\n", f"{RAY}False}}}}\n"]
+    other = f"{worker}Qwen3ForCausalLM contains 105.28K parameters\n"
+    lines = [*dump[:12], other, *dump[12:], f"{RAY}Using dataset class: RLHFDataset\n", f"{RAY}2026-12-02 INFO x\n"]
+    log, out = _view(lines)
+    assert log == "".join(lines)
+    assert out.splitlines() == [other.rstrip("\n"), f"[configuration: {len(dump)} lines, in /runs/x/train.log]",
+                                f"{RAY}Using dataset class: RLHFDataset", f"{RAY}2026-12-02 INFO x"]
+
+
 def test_console_drops_known_noise_with_its_source_line_but_never_errors():
     noise = [
         "(pid=7) /site-packages/verl/workers/engine/__init__.py:32: UserWarning: torchtitan engine is not available: "
@@ -65,8 +87,8 @@ def test_console_drops_known_noise_with_its_source_line_but_never_errors():
 def test_console_collapses_validation_metric_dumps_and_survives_a_closed_console():
     block = [f"{RAY}(\"Final validation metrics: {{'val-core/tiny_arith/acc/mean@8': \"\n"]
     block += [f"{RAY} \"np.float64(0.5), 'val-aux/x/{i}': \"\n" for i in range(10)]
-    _, out = _view(block + ["done\n"])
-    assert out.splitlines() == ["[final validation metrics: 11 lines, in /runs/x/train.log]", "done"]
+    _, out = _view(block + [f"{RAY}done\n"])
+    assert out.splitlines() == ["[final validation metrics: 11 lines, in /runs/x/train.log]", f"{RAY}done"]
 
     class Closed(io.StringIO):
         def write(self, s):

@@ -6,6 +6,12 @@ of hundreds of lines, each shown as one line naming the log file), and warnings 
 of this run (optional verl engines not installed, Ray's notices about its own internals). Errors,
 tracebacks, verl's `step:N - key:value - ...` metrics line and its progress bar pass unchanged.
 Stdlib only, so that it starts at once.
+
+A dump arrives through Ray's log monitor, which cuts a line wherever the worker's unbuffered stdout was read
+mid-line: a fragment such as `'nsys': {...`, `: ` or `'popo_tiny_cpu',` then comes as a line of its own, not
+indented. Inside a dump such a fragment (it starts with a space, quote, bracket, colon or comma, or is a bare
+number, None, True or False) continues the block, and lines of other processes interleaved with the dump are shown without
+ending it.
 """
 
 from __future__ import annotations
@@ -38,11 +44,19 @@ _BLOCK_START = re.compile(r"""^(\{'|\(["'](Initial|Final) validation metrics)"""
 # Python prints a warning as "file:line: SomeWarning: message" and then the offending source line, indented
 _WARNING = re.compile(r"\w+Warning: ")
 _MIN_BLOCK = 5
+# the rest of a pretty-printed line that Ray's log monitor cut in two (never the start of a message of verl's)
+_FRAGMENT = re.compile(r"""^([\s'"{}\[\]():,]|(None|True|False|-?[\d.]+(e[+-]?\d+)?)[,}\])\s]*$)""")
 
 
 def payload(line: str) -> str:
     """The line without Ray's "(Actor pid=N) " prefix and a progress bar's leading carriage return."""
     return _RAY_PREFIX.sub("", line, count=1).lstrip("\r")
+
+
+def source(line: str) -> str:
+    """Ray's "(Actor pid=N)" prefix of the line, "" for the driver's own output."""
+    m = _RAY_PREFIX.match(line)
+    return m.group(0).strip() if m else ""
 
 
 def is_noise(line: str) -> bool:
@@ -70,6 +84,7 @@ def filter_stream(lines, log, out, log_name: str) -> None:
     """Copy `lines` to `log`; write the console view to `out` (both flushed per line)."""
     console = _Console(out)
     block: list[str] = []
+    block_source = ""
 
     def flush_block():
         if len(block) >= _MIN_BLOCK:
@@ -89,13 +104,14 @@ def filter_stream(lines, log, out, log_name: str) -> None:
             source_line_of_dropped_warning = False
             if text.startswith("  "):
                 continue
-        if block and text.startswith(" "):
+        if block and source(line) == block_source and _FRAGMENT.match(text):
             block.append(line)
             continue
-        if block:
+        if block and (source(line) == block_source or _BLOCK_START.match(text)):
             flush_block()
         if _BLOCK_START.match(text):
             block.append(line)
+            block_source = source(line)
             continue
         if is_noise(line):
             source_line_of_dropped_warning = bool(_WARNING.search(text))
