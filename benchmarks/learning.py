@@ -13,9 +13,14 @@ what it measured; `--resume` skips the runs already there). At the end it writes
 mean ± std, POPO - GRPO paired by seed with a 95 % interval, each ablation against POPO, Theorem 3.1) and
 learning.png (curves), and prints the last line `held-out pass@1 gain: POPO=A GRPO=B (N seeds)`.
 
-    python benchmarks/learning.py --quick      # POPO and GRPO, 3 seeds (about 50 min on 2 cores: 6 runs of 7-9 min)
+    python benchmarks/learning.py --quick      # POPO and GRPO, 3 seeds, 25 steps at constant lr (results/quick/)
     python benchmarks/learning.py --resume     # every variant, 5 seeds (about 7 h on 2 cores)
     python benchmarks/learning.py --report     # the tables and plot from learning.json; runs nothing
+
+`--quick` is a check that both methods learn, not the comparison: 25 steps at the constant lr 1e-3 (a cosine
+over 25 steps would spend half of them at low lr), validation before and after, 6 runs of 3-4 min on 2 cores.
+Its results go to benchmarks/results/quick/, never over the full benchmark's. A run without `--resume` redoes
+the variants and seeds it is asked for and keeps every other run in learning.json.
 
 A seed's runs all come from one build of its task (the build is deterministic per machine, not across
 machines): `--resume` keeps another machine's POPO/GRPO pair of a seed, and pairs runs only within a build.
@@ -51,6 +56,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "popo_nll_sequence": ("popo", ["algorithm.popo.nll_norm=sequence"]),  # the nll_norm option (default token)
 }
 MAIN = ("popo", "grpo")
+QUICK_STEPS = 25
+QUICK_OVERRIDES = ["actor_rollout_ref.actor.optim.lr_scheduler_type=constant"]
 #: measured on request only (`--variants popo_nll_sequence`): not one of the paper's ablations
 EXTRA = ("popo_nll_sequence",)
 DATA_SOURCE = "tiny_arith"
@@ -308,22 +315,27 @@ def _plot(by: dict[str, list[dict]], order: list[str], path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="POPO and GRPO on seeds 0 1 2")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"POPO and GRPO on seeds 0 1 2, {QUICK_STEPS} steps at constant lr, into results/quick/")
     ap.add_argument("--variants", nargs="*", default=[v for v in VARIANTS if v not in EXTRA])
     ap.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2, 3, 4])
     ap.add_argument("--steps", type=int, default=0, help="training steps (default: run_tiny_cpu.sh's)")
     ap.add_argument("--test-freq", type=int, default=None,
-                    help="held-out validation every N steps (default 20; --quick 50: validation costs ~16 s each)")
+                    help="held-out validation every N steps (default 20; --quick: at the end only; ~16 s each)")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in learning.json with the same settings")
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results (--quick: benchmarks/results/quick)")
     ap.add_argument("--report", action="store_true",
                     help="run nothing: tables and plot from the runs of the asked variants and seeds in learning.json")
     ap.add_argument("overrides", nargs="*", help="hydra overrides passed to every run")
     args = ap.parse_args(argv)
     if args.quick:
         args.variants, args.seeds = list(MAIN), [0, 1, 2]
+        args.steps = args.steps or QUICK_STEPS
+        args.overrides = QUICK_OVERRIDES + list(args.overrides)
     if args.test_freq is None:
-        args.test_freq = 50 if args.quick else 20
+        args.test_freq = args.steps if args.quick else 20
+    if args.out is None:
+        args.out = str(ROOT / "benchmarks" / "results" / ("quick" if args.quick else ""))
     unknown = set(args.variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; known: {sorted(VARIANTS)}")
@@ -332,7 +344,7 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = out_dir / "learning.json"
-    stored: list[dict] = json.loads(store.read_text()) if (args.resume or args.report) and store.exists() else []
+    stored: list[dict] = json.loads(store.read_text()) if store.exists() else []
     if args.report:
         results = [r for r in stored if r["variant"] in args.variants and r["seed"] in args.seeds]
         if not results:
@@ -356,7 +368,7 @@ def main(argv=None) -> int:
     builds: dict[int, str] = {}
     for s in args.seeds:
         starts[s] = warm_start_id(s)
-        kept = [r for r in stored if r["seed"] == s and asked(r) and settings_match(r)]
+        kept = [r for r in stored if args.resume and r["seed"] == s and asked(r) and settings_match(r)]
         builds[s] = starts[s]
         if not any(r["warm_start"] == starts[s] for r in kept):
             for w in dict.fromkeys(r["warm_start"] for r in kept):
@@ -367,8 +379,9 @@ def main(argv=None) -> int:
     def same(r, v, s):
         return (r["variant"], r["seed"]) == (v, s) and settings_match(r) and r.get("warm_start") == builds[s]
 
-    # runs asked for again are kept when measured the same way on the seed's build (else rerun); the others stay
-    results = [r for r in stored if asked(r) and same(r, r["variant"], r["seed"])]
+    # with --resume, runs asked for again are kept when measured the same way on the seed's build (else rerun);
+    # runs not asked for always stay in learning.json
+    results = [r for r in stored if args.resume and asked(r) and same(r, r["variant"], r["seed"])]
     others = [r for r in stored if r["variant"] in VARIANTS and not asked(r)]
     for s in args.seeds:
         if builds[s] != starts[s]:

@@ -41,10 +41,18 @@ TOKEN_SCALE_KEY = "popo_token_scale"
 
 
 def row_keys(data) -> list[int]:
-    """A 64-bit hash of each row's token ids (prompt + response): the key of its feature noise."""
+    """A 64-bit hash of each row's token ids (prompt + response): the key of its feature noise.
+
+    The ids come to the host in one copy (a copy per row is a device sync per row on a GPU)."""
     ids = data["input_ids"]
-    rows = ids.unbind() if getattr(ids, "is_nested", False) else list(ids)
-    return [int.from_bytes(hashlib.blake2b(r.cpu().numpy().tobytes(), digest_size=8).digest(), "little") for r in rows]
+    if getattr(ids, "is_nested", False) and ids.lengths() is None:  # contiguous rows, one after another
+        flat, offsets = ids.values().cpu().numpy(), ids.offsets().cpu().tolist()
+        rows = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
+    elif getattr(ids, "is_nested", False):  # a view with gaps (torch.nested.narrow)
+        rows = [r.cpu().numpy() for r in ids.unbind()]
+    else:
+        rows = list(ids.cpu().numpy())
+    return [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little") for r in rows]
 
 
 def popo_actor_loss(

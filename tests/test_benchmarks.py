@@ -69,22 +69,46 @@ def test_summary_tables_paired_difference_and_verdicts(learning, tmp_path):
 
 
 def test_resume_keeps_finished_runs_and_skips_them(learning, tmp_path, monkeypatch, capsys):
-    done = _run("popo", 1, 0.2, 0.4)
+    done = _run("popo", 1, 0.3, 0.5)
     other = _run("grpo", 7, 0.2, 0.3)
     (tmp_path / "learning.json").write_text(json.dumps([done, other]))
-    ran = []
-
-    def fake_run(name, seed, args, workdir):  # the training run itself is what tests/test_learning.py covers
-        ran.append((name, seed))
-        return _run(name, seed, 0.2, 0.35)
-
-    monkeypatch.setattr(learning, "run_variant", fake_run)
-    monkeypatch.setattr(learning, "warm_start_id", lambda seed: "w")
+    ran = _fake_runs(learning, monkeypatch)
     learning.main(["--variants", "popo", "grpo", "--seeds", "1", "--out", str(tmp_path), "--resume"])
     assert ran == [("grpo", 1)], "popo seed 1 was already measured with these settings"
     stored = json.loads((tmp_path / "learning.json").read_text())
     assert {(r["variant"], r["seed"]) for r in stored} == {("popo", 1), ("grpo", 1), ("grpo", 7)}, "nothing lost"
-    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "held-out pass@1 gain: POPO=0.200 GRPO=0.150 (1 seeds)"
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "held-out pass@1 gain: POPO=0.200 GRPO=0.100 (1 seeds)"
+
+
+def test_without_resume_the_asked_runs_are_redone_and_the_others_kept(learning, tmp_path, monkeypatch):
+    """Before: a run without --resume wrote learning.json with its own runs only, losing every other one."""
+    (tmp_path / "learning.json").write_text(json.dumps([_run("popo", 1, 0.2, 0.25), _run("grpo", 7, 0.2, 0.3)]))
+    ran = _fake_runs(learning, monkeypatch)
+    learning.main(["--variants", "popo", "--seeds", "1", "--out", str(tmp_path)])
+    assert ran == [("popo", 1)]
+    stored = {(r["variant"], r["seed"]): r for r in json.loads((tmp_path / "learning.json").read_text())}
+    assert set(stored) == {("popo", 1), ("grpo", 7)} and stored[("popo", 1)]["curves"]["pass@1"]["20"] == 0.40
+
+
+def test_quick_is_25_steps_at_constant_lr_kept_apart_from_the_full_benchmark(learning, tmp_path, monkeypatch, capsys):
+    full = tmp_path / "benchmarks" / "results"
+    full.mkdir(parents=True)
+    (full / "learning.json").write_text(json.dumps([_run("popo", 0, 0.3, 0.55)]))
+    monkeypatch.setattr(learning, "ROOT", tmp_path)
+    seen = []
+
+    def fake_run(name, seed, args, workdir):
+        seen.append((name, seed, args.steps, args.test_freq, list(args.overrides)))
+        return _run(name, seed, 0.3, 0.4)
+
+    monkeypatch.setattr(learning, "run_variant", fake_run)
+    monkeypatch.setattr(learning, "warm_start_id", lambda seed: "w")
+    learning.main(["--quick"])
+    constant = ["actor_rollout_ref.actor.optim.lr_scheduler_type=constant"]
+    assert seen == [(v, s, 25, 25, constant) for s in (0, 1, 2) for v in ("popo", "grpo")]
+    assert json.loads((full / "learning.json").read_text()) == [_run("popo", 0, 0.3, 0.55)], "the full results untouched"
+    assert len(json.loads((full / "quick" / "learning.json").read_text())) == 6
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "held-out pass@1 gain: POPO=0.100 GRPO=0.100 (3 seeds)"
 
 
 def test_resume_reruns_what_was_measured_from_another_build_of_the_task(learning, tmp_path, monkeypatch):

@@ -79,6 +79,28 @@ def test_feature_noise_follows_the_row_not_its_position(micro_batch):
     assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-9)
 
 
+def test_row_keys_hash_each_rows_own_token_bytes(micro_batch):
+    """The noise keys of every run so far: blake2b-64 of each row's int64 ids, whether the batch is nested (the
+    engine's layout), a narrowed nested view (its offsets do not start at 0) or a padded tensor. The ids reach
+    the host in one copy; a change of the key would change every run's feature noise."""
+    import hashlib
+
+    def key(row):
+        return int.from_bytes(hashlib.blake2b(row.numpy().tobytes(), digest_size=8).digest(), "little")
+
+    data, _, _ = micro_batch(seed=5)
+    rows = list(data["input_ids"].unbind())
+    assert row_keys(data) == [key(r) for r in rows]
+    assert len(set(row_keys(data))) == len(rows)
+    lengths = torch.tensor([len(r) for r in rows])
+    flat = torch.cat(rows).expand(len(rows), -1).contiguous()  # row i of the view: its own slice of every row
+    view = torch.nested.narrow(flat, 1, lengths.cumsum(0) - lengths, lengths, layout=torch.jagged)
+    assert view.lengths() is not None
+    assert row_keys({"input_ids": view}) == [key(r) for r in rows]
+    padded = torch.stack([torch.arange(5), torch.arange(5) + 1])
+    assert row_keys({"input_ids": padded}) == [key(padded[0]), key(padded[1])]
+
+
 def test_negatives_get_no_gradient_and_an_all_negative_batch_is_finite(micro_batch):
     data, out, ref = micro_batch(seed=2)
     loss, _ = popo_actor_loss(_config(), out, data, alpha=0.1, beta=0.0)
