@@ -13,12 +13,14 @@ what it measured; `--resume` skips the runs already there). At the end it writes
 mean ± std, POPO - GRPO paired by seed with a 95 % interval, each ablation against POPO, Theorem 3.1) and
 learning.png (curves), and prints the last line `held-out pass@1 gain: POPO=A GRPO=B (N seeds)`.
 
-    python benchmarks/learning.py --quick      # POPO and GRPO, 3 seeds, 25 steps at constant lr (results/quick/)
+    python benchmarks/learning.py --quick      # POPO and GRPO, 3 seeds, 20 steps at constant lr (results/quick/)
     python benchmarks/learning.py --resume     # every variant, 5 seeds (about 7 h on 2 cores)
     python benchmarks/learning.py --report     # the tables and plot from learning.json; runs nothing
 
-`--quick` is a check that both methods learn, not the comparison: 25 steps at the constant lr 1e-3 (a cosine
-over 25 steps would spend half of them at low lr), validation before and after, 6 runs of 3-4 min on 2 cores.
+`--quick` is a check that both methods learn, not the comparison: 20 steps at the constant lr 1e-3 (a cosine
+over 20 steps would spend half of them at low lr; tests/test_learning.py's budget), validation before and
+after: 22 min for the 6 runs on a 2-core EPYC (25 steps took 236-274 s a run there, 25+ min in all). At this
+budget GRPO gained -0.046..+0.075 (one seed fell), POPO +0.026..+0.092: a check that training moves.
 Its results go to benchmarks/results/quick/, never over the full benchmark's. A run without `--resume` redoes
 the variants and seeds it is asked for and keeps every other run in learning.json.
 
@@ -56,7 +58,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "popo_nll_sequence": ("popo", ["algorithm.popo.nll_norm=sequence"]),  # the nll_norm option (default token)
 }
 MAIN = ("popo", "grpo")
-QUICK_STEPS = 25
+QUICK_STEPS = 20
 QUICK_OVERRIDES = ["actor_rollout_ref.actor.optim.lr_scheduler_type=constant"]
 #: measured on request only (`--variants popo_nll_sequence`): not one of the paper's ablations
 EXTRA = ("popo_nll_sequence",)

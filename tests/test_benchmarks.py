@@ -90,7 +90,7 @@ def test_without_resume_the_asked_runs_are_redone_and_the_others_kept(learning, 
     assert set(stored) == {("popo", 1), ("grpo", 7)} and stored[("popo", 1)]["curves"]["pass@1"]["20"] == 0.40
 
 
-def test_quick_is_25_steps_at_constant_lr_kept_apart_from_the_full_benchmark(learning, tmp_path, monkeypatch, capsys):
+def test_quick_is_20_steps_at_constant_lr_kept_apart_from_the_full_benchmark(learning, tmp_path, monkeypatch, capsys):
     full = tmp_path / "benchmarks" / "results"
     full.mkdir(parents=True)
     (full / "learning.json").write_text(json.dumps([_run("popo", 0, 0.3, 0.55)]))
@@ -105,7 +105,7 @@ def test_quick_is_25_steps_at_constant_lr_kept_apart_from_the_full_benchmark(lea
     monkeypatch.setattr(learning, "warm_start_id", lambda seed: "w")
     learning.main(["--quick"])
     constant = ["actor_rollout_ref.actor.optim.lr_scheduler_type=constant"]
-    assert seen == [(v, s, 25, 25, constant) for s in (0, 1, 2) for v in ("popo", "grpo")]
+    assert seen == [(v, s, 20, 20, constant) for s in (0, 1, 2) for v in ("popo", "grpo")]
     assert json.loads((full / "learning.json").read_text()) == [_run("popo", 0, 0.3, 0.55)], "the full results untouched"
     assert len(json.loads((full / "quick" / "learning.json").read_text())) == 6
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == "held-out pass@1 gain: POPO=0.100 GRPO=0.100 (3 seeds)"
