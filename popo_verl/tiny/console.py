@@ -10,8 +10,8 @@ Stdlib only, so that it starts at once.
 A dump arrives through Ray's log monitor, which cuts a line wherever the worker's unbuffered stdout was read
 mid-line: a fragment such as `'nsys': {...`, `: ` or `'popo_tiny_cpu',` then comes as a line of its own, not
 indented. Inside a dump such a fragment (it starts with a space, quote, bracket, colon or comma, or is a bare
-number, None, True or False) continues the block, and lines of other processes interleaved with the dump are shown without
-ending it.
+number, None, True or False) continues the block, and lines of other processes interleaved with the dump are
+shown without ending it.
 """
 
 from __future__ import annotations
