@@ -45,10 +45,11 @@ def row_keys(data) -> list[int]:
 
     The ids come to the host in one copy (a copy per row is a device sync per row on a GPU)."""
     ids = data["input_ids"]
-    if getattr(ids, "is_nested", False) and ids.lengths() is None:  # contiguous rows, one after another
+    nested = getattr(ids, "is_nested", False)
+    if nested and ids.lengths() is None:  # contiguous rows, one after another
         flat, offsets = ids.values().cpu().numpy(), ids.offsets().cpu().tolist()
         rows = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-    elif getattr(ids, "is_nested", False):  # a view with gaps (torch.nested.narrow)
+    elif nested:  # a view with gaps (torch.nested.narrow)
         rows = [r.cpu().numpy() for r in ids.unbind()]
     else:
         rows = list(ids.cpu().numpy())

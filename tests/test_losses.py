@@ -81,7 +81,7 @@ def test_feature_noise_follows_the_row_not_its_position(micro_batch):
 
 def test_row_keys_hash_each_rows_own_token_bytes(micro_batch):
     """The noise keys of every run so far: blake2b-64 of each row's int64 ids, whether the batch is nested (the
-    engine's layout), a narrowed nested view (its offsets do not start at 0) or a padded tensor. The ids reach
+    engine's layout), a nested view with gaps between its rows (torch.nested.narrow) or a padded tensor. The ids reach
     the host in one copy; a change of the key would change every run's feature noise."""
     import hashlib
 

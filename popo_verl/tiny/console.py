@@ -104,14 +104,15 @@ def filter_stream(lines, log, out, log_name: str) -> None:
             source_line_of_dropped_warning = False
             if text.startswith("  "):
                 continue
-        if block and source(line) == block_source and _FRAGMENT.match(text):
+        src = source(line)
+        if block and src == block_source and _FRAGMENT.match(text):
             block.append(line)
             continue
-        if block and (source(line) == block_source or _BLOCK_START.match(text)):
+        if block and (src == block_source or _BLOCK_START.match(text)):
             flush_block()
         if _BLOCK_START.match(text):
             block.append(line)
-            block_source = source(line)
+            block_source = src
             continue
         if is_noise(line):
             source_line_of_dropped_warning = bool(_WARNING.search(text))
