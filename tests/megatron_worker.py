@@ -180,6 +180,19 @@ def main(model_path: str, out_dir: str) -> None:
     with b.train_mode():  # collective: every stage runs it
         b.train_batch(batch(seed=1)[0], loss_function=capture(got, lambda out: out[PRED_KEY].sum() * 0.0
                                                               + out["log_probs"].values().sum() * 0.0))
+    # its checkpoint round-trips: the fp32 head makes the optimizer's groups mixed-dtype
+    # (popo_verl/engines/megatron.py reindex_mixed_dtype_groups)
+    res["bf16_state_lookup_ok"] = all(
+        opt._get_main_param_and_optimizer_states(p)["param"].numel() == opt._get_model_param_range_map(p)["param"].size
+        for opt in b._sub_optimizers() for p in opt.model_param_group_index_map)
+    saved = {k: p.detach().clone() for k, p in named_local_params(b, with_head=True).items()}
+    b.save_checkpoint(os.path.join(out_dir, "ckpt_bf16"), global_step=1)
+    with torch.no_grad():
+        for p in named_local_params(b, with_head=True).values():
+            p.add_(1.0)
+    b.load_checkpoint(os.path.join(out_dir, "ckpt_bf16"), del_local_after_load=False)
+    now = named_local_params(b, with_head=True)
+    res["bf16_restored"] = {k: bool(torch.equal(now[k], v)) for k, v in saved.items()}
     if heads:
         res["bf16_head_state"] = state
         res["bf16_head_dtypes"] = sorted({str(p.dtype) for h in heads for p in h.parameters()})

@@ -96,6 +96,23 @@ def head_detached(models):
             m._modules[PREDICTOR_ATTR] = head
 
 
+def reindex_mixed_dtype_groups(opt) -> None:
+    """Point each model parameter at its own main shard in the distributed optimizer's groups.
+
+    megatron-core 0.16.1's DistributedOptimizer (megatron/core/optimizer/distrib_optimizer.py) numbers a group's
+    parameters in grad-buffer order (`_build_optimizer_group_ranges`) but lists the group's main shards fp32 params
+    first, then those of bf16/fp16 params (`_build_model_and_main_param_groups`). They agree while a group holds one
+    dtype; POPO's fp32 head in a bf16 model makes groups mixed, and then the checkpoint's state lookup
+    (`_get_main_param_and_optimizer_states`) pairs parameters with other parameters' states: saving fails on a
+    shape assertion, or a load writes states into the wrong parameters. The step itself never uses this map."""
+    index = getattr(opt, "model_param_group_index_map", None)
+    if index is None:  # not the distributed optimizer: states are keyed by the parameters themselves
+        return
+    for group, (fp32, float16) in enumerate(zip(opt.model_fp32_groups, opt.model_float16_groups, strict=True)):
+        for order, param in enumerate([*fp32, *float16]):
+            index[param] = (group, order)
+
+
 class PopoMegatronEngine(PopoStepReporting, MegatronEngineWithLMHead):
     """Megatron engine that also returns POPO's pooled representation (and predictor output)."""
 
@@ -158,6 +175,8 @@ class PopoMegatronEngine(PopoStepReporting, MegatronEngineWithLMHead):
 
     def initialize(self):
         super().initialize()
+        for opt in self._sub_optimizers() if self.optimizer is not None else []:
+            reindex_mixed_dtype_groups(opt)
         self._popo_head_shards = self._find_head_shards()
 
     def popo_heads(self) -> list[torch.nn.Module]:
