@@ -185,6 +185,10 @@ def _key(run: dict) -> tuple[int, str]:
     return run["seed"], run.get("warm_start", "")
 
 
+#: fewer paired seeds than this give an ablation no reading (with two, the t interval can be of zero width)
+MIN_VERDICT_SEEDS = 3
+
+
 def _direction(lo: float, hi: float) -> str:
     if lo > 0:
         return "helps (interval above 0)"
@@ -250,8 +254,9 @@ def summarise(results: list[dict], out_dir: Path) -> str:
                        "hurts (interval below 0)": "the ablation learns less: the component helps here"}.get(
                 _direction(lo, hi), "no clear effect on this task")
             interval = f"[{lo:+.3f}, {hi:+.3f}]" if len(d) > 1 else "none (one seed)"
-            if len(d) == 1:
-                reading = "one seed: no verdict (the sampling noise of pass@1 alone is about 0.015)"
+            if len(d) < MIN_VERDICT_SEEDS:  # two equal differences give a zero-width interval, not evidence
+                reading = (f"{'one seed' if len(d) == 1 else f'{len(d)} seeds'}: no verdict (the sampling noise of "
+                           "pass@1 alone is about 0.015)")
             lines.append(f"| {v} | {len(d)} | {m:+.3f} | {interval} | {reading} |")
         lines.append("")
     if "popo" in by and any(_curve(r, "neg_delta") for r in by["popo"]):

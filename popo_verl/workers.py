@@ -29,6 +29,7 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from popo_verl import checkpoint, core
+from popo_verl.cpu.platform import cpu_platform_wanted
 from popo_verl.engines.fsdp import PopoFSDPEngine, is_predictor_param
 from popo_verl.losses import popo_actor_loss
 
@@ -90,6 +91,10 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         if self.role != "actor_rollout_ref":
             raise ValueError(f"POPO needs the hybrid role actor_rollout_ref (siamese next to the actor), got {self.role}")
         self.popo = popo
+        if self.config.actor.strategy == "megatron" and cpu_platform_wanted():
+            from popo_verl.engines import mcore_cpu
+
+            mcore_cpu.prepare_worker(self.config)  # megatron-core needs a stand-in for the GPU here
         PopoTrainingWorker.popo_settings = {
             "predictor_hidden_dim": int(popo.get("predictor_hidden_dim", 1024)),
             "predictor_layers": int(popo.get("predictor_layers", 2)),

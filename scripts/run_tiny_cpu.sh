@@ -4,6 +4,7 @@
 #   ALGO=grpo bash scripts/run_tiny_cpu.sh             # verl's GRPO baseline (KL loss on)
 #   TINY_SEED=3 bash scripts/run_tiny_cpu.sh           # the task built with another seed: a fresh held-out check
 #   N_GPUS_PER_NODE=2 bash scripts/run_tiny_cpu.sh trainer.total_training_steps=3   # 2 ranks over gloo
+#   ENGINE=megatron bash scripts/run_tiny_cpu.sh       # verl's Megatron engine (pip install -e ".[megatron-cpu]")
 # Every CPU setting verl needs is preset here; any hydra override given after the script wins.
 # The last line printed is `held-out pass@1: START -> END (N steps)` (temperature 1, VAL_N samples per prompt).
 set -euo pipefail
@@ -40,6 +41,45 @@ TEMPERATURE=${TEMPERATURE:-1.0}
 # every rank gets all its rows in one micro-batch (verl's fixed micro-batching needs a divisor)
 MICRO=${MICRO:-$(( TRAIN_BATCH * ROLLOUT_N / (NNODES * N_GPUS_PER_NODE) ))}
 SEED=${SEED:-1}
+
+# settings checked before anything starts: a typo fails at once, not after the task is built
+case "$ALGO" in
+  popo) ALGO_ARGS=(algorithm=popo) ;;
+  grpo) ALGO_ARGS=(
+          algorithm.adv_estimator=grpo
+          actor_rollout_ref.actor.use_kl_loss=true
+          actor_rollout_ref.actor.kl_loss_coef=0.001
+          actor_rollout_ref.actor.kl_loss_type=low_var_kl
+          actor_rollout_ref.actor.entropy_coeff=0
+          actor_rollout_ref.rollout.n="$ROLLOUT_N") ;;
+  *) echo "ALGO must be popo or grpo, got '$ALGO'" >&2; exit 2 ;;
+esac
+# ENGINE: fsdp2 (default) or megatron: verl's Megatron engine (pip install -e ".[megatron-cpu]"), on the CPU through
+# popo_verl/engines/mcore_cpu.py (the workers install it: torch attention and norms in place of Transformer Engine).
+# N_GPUS_PER_NODE ranks = MEGATRON_TP x MEGATRON_PP x data-parallel ranks; the tiny task's 103-token vocabulary
+# allows MEGATRON_TP=1 only (Megatron splits the embedding over TP ranks, and mbridge does not pad it).
+ENGINE=${ENGINE:-fsdp2}
+case "$ENGINE" in
+  fsdp2) ENGINE_ARGS=(
+          actor_rollout_ref.actor.strategy=fsdp2
+          actor_rollout_ref.ref.strategy=fsdp2
+          actor_rollout_ref.actor.optim.lr_scheduler_type="$LR_SCHEDULE"
+          # fp32 compute: bf16 matmuls are slow on most CPUs, and the rollout (fp32) then matches the actor exactly
+          +actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32
+          +actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=fp32) ;;
+  megatron) ENGINE_ARGS=(
+          model_engine=megatron
+          actor_rollout_ref.actor.megatron.tensor_model_parallel_size="${MEGATRON_TP:-1}"
+          actor_rollout_ref.actor.megatron.pipeline_model_parallel_size="${MEGATRON_PP:-1}"
+          actor_rollout_ref.ref.megatron.tensor_model_parallel_size="${MEGATRON_TP:-1}"   # the siamese: the actor's layout
+          actor_rollout_ref.ref.megatron.pipeline_model_parallel_size="${MEGATRON_PP:-1}"
+          # mbridge: verl's default bridge (Megatron-Bridge 0.5.2) needs Python 3.12 and Transformer Engine
+          actor_rollout_ref.actor.megatron.vanilla_mbridge=true
+          actor_rollout_ref.ref.megatron.vanilla_mbridge=true
+          actor_rollout_ref.actor.optim.lr_decay_style="$LR_SCHEDULE") ;;  # Megatron's name for the schedule
+  *) echo "ENGINE must be fsdp2 or megatron, got '$ENGINE'" >&2; exit 2 ;;
+esac
+
 PROJECT_NAME=${PROJECT_NAME:-popo_tiny_cpu}
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-${ALGO}_tiny}
 CKPT_DIR=${CKPT_DIR:-$PWD/checkpoints/${PROJECT_NAME}/${EXPERIMENT_NAME}}
@@ -64,17 +104,6 @@ export RAY_enable_worker_prestart=${RAY_enable_worker_prestart:-0}
 BUILT_REWARD_FILE=$(python -m popo_verl.tiny build --seed "$TINY_SEED" --out "$TINY_DIR" --print-reward-file)
 REWARD_FILE=${REWARD_FILE:-$BUILT_REWARD_FILE}
 
-case "$ALGO" in
-  popo) ALGO_ARGS=(algorithm=popo) ;;
-  grpo) ALGO_ARGS=(
-          algorithm.adv_estimator=grpo
-          actor_rollout_ref.actor.use_kl_loss=true
-          actor_rollout_ref.actor.kl_loss_coef=0.001
-          actor_rollout_ref.actor.kl_loss_type=low_var_kl
-          actor_rollout_ref.actor.entropy_coeff=0
-          actor_rollout_ref.rollout.n="$ROLLOUT_N") ;;
-  *) echo "ALGO must be popo or grpo, got '$ALGO'" >&2; exit 2 ;;
-esac
 
 DATA_ARGS=(
   data.train_files="$TINY_DIR/data/train.parquet"
@@ -93,10 +122,8 @@ MODEL_ARGS=(
   # padded micro-batches: without flash-attn, a packed (remove-padding) batch is one sequence of every row's
   # tokens under a block-diagonal mask, so sdpa pays for nnz^2 attention (3 s per forward at 128 rows)
   actor_rollout_ref.model.use_remove_padding=false
-  actor_rollout_ref.actor.strategy=fsdp2
-  actor_rollout_ref.ref.strategy=fsdp2
+  "${ENGINE_ARGS[@]}"
   actor_rollout_ref.actor.optim.lr="$LR"
-  actor_rollout_ref.actor.optim.lr_scheduler_type="$LR_SCHEDULE"
   actor_rollout_ref.actor.ppo_mini_batch_size="$TRAIN_BATCH"
   actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu="$MICRO"
   actor_rollout_ref.actor.use_torch_compile=false
@@ -117,9 +144,6 @@ ROLLOUT_ARGS=(
 )
 CPU_ARGS=(
   trainer.device=cpu
-  # fp32 compute: bf16 matmuls are slow on most CPUs, and the rollout (fp32) then matches the actor exactly
-  +actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32
-  +actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=fp32
   ray_kwargs.ray_init.num_cpus=32
   # no Ray dashboard: its ten processes cost start-up time and CPU on 2 cores, and nothing here reads it
   +ray_kwargs.ray_init.include_dashboard=false

@@ -178,3 +178,11 @@ def test_report_summarises_the_stored_runs_and_runs_nothing(learning, tmp_path, 
     assert (tmp_path / "learning.md").exists()
     with pytest.raises(SystemExit):
         learning.main(["--report", "--variants", "popo_tau0.9", "--out", str(tmp_path)])
+
+
+def test_two_seeds_of_an_ablation_give_no_verdict(learning, tmp_path):
+    """Two seeds with the same difference make a zero-width t interval: that is no evidence of a direction."""
+    runs = [_run("popo", s, 0.3, 0.5) for s in (0, 1)] + [_run("popo_noise0", s, 0.3, 0.502) for s in (0, 1)]
+    text = learning.summarise(runs, tmp_path)
+    assert "| popo_noise0 | 2 | +0.002 | [+0.002, +0.002] | 2 seeds: no verdict" in text
+    assert "does not help here" not in text

@@ -170,3 +170,24 @@ def test_composed_reward_mode_defaults_and_overrides():
     cfg = OmegaConf.create(compose("algorithm=popo", "algorithm.popo.reward_mode=graded", "algorithm.popo.tau_r=0.3"))
     popo = validate_popo_config(cfg)
     assert (popo.reward_mode, popo.tau_r, popo.reward_threshold) == ("graded", 0.3, 0.3)
+
+
+def test_megatron_without_megatron_core_fails_before_start_up():
+    """strategy=megatron where megatron-core (or, with vanilla_mbridge, mbridge) is missing: verl would find out in
+    its workers after start-up; the driver's check names what to install."""
+    from popo_verl.config import megatron_missing
+
+    base = {"algorithm": {"popo": dict(POPO_MD_DEFAULTS)},
+            "actor_rollout_ref": {"rollout": {"n": 8}, "actor": {"strategy": "megatron", "megatron": {"vanilla_mbridge": True}}}}
+    cfg = OmegaConf.create(base)
+    missing = megatron_missing(True)
+    if missing:
+        with pytest.raises(ValueError, match=r"strategy=megatron needs .*pip install -e '\.\[megatron\]'"):
+            validate_popo_config(cfg)
+    else:
+        assert isinstance(validate_popo_config(cfg), PopoConfig)
+    import importlib.util
+
+    assert ("megatron-core" in missing) == (importlib.util.find_spec("megatron") is None)
+    cfg.actor_rollout_ref.actor.strategy = "fsdp2"
+    assert isinstance(validate_popo_config(cfg), PopoConfig)

@@ -345,3 +345,36 @@ def test_recipe_entry_composes_like_main_ppo():
         return r.stdout
 
     assert job("recipe.popo.main_popo") == job("verl.trainer.main_ppo", "algorithm=popo")
+
+
+@pytest.fixture(scope="module")
+def tiny_task_dir():
+    from popo_verl.tiny import default_dir, ensure_built
+
+    return ensure_built(default_dir())["root"]
+
+
+@pytest.mark.parametrize("engine", ["fsdp2", "megatron"])
+def test_tiny_script_engine_block(engine, tiny_task_dir):
+    """ENGINE picks the engine's own keys: FSDP2 with fp32 compute and its lr_scheduler_type, or verl's Megatron
+    engine (its model_engine group) with mbridge and Megatron's lr_decay_style; the siamese gets the actor's layout."""
+    cfg = _compose("run_tiny_cpu.sh", ENGINE=engine, TINY_DIR=tiny_task_dir, MEGATRON_TP="2", N_GPUS_PER_NODE="2")
+    arr = cfg["actor_rollout_ref"]
+    assert arr["actor"]["strategy"] == arr["ref"]["strategy"] == ("megatron" if engine == "megatron" else "fsdp2")
+    if engine == "fsdp2":
+        assert arr["actor"]["optim"]["lr_scheduler_type"] == "cosine"
+        assert arr["actor"]["fsdp_config"]["mixed_precision"]["param_dtype"] == "fp32"
+        assert arr["ref"]["fsdp_config"]["mixed_precision"]["param_dtype"] == "fp32"
+    else:
+        assert cfg["model_engine"] == "megatron"
+        assert arr["actor"]["optim"]["lr_decay_style"] == "cosine" and "lr_scheduler_type" not in arr["actor"]["optim"]
+        assert "fsdp_config" not in arr["actor"]
+        for role in ("actor", "ref"):
+            m = arr[role]["megatron"]
+            assert m["vanilla_mbridge"] is True
+            assert (m["tensor_model_parallel_size"], m["pipeline_model_parallel_size"]) == (2, 1)
+
+
+def test_tiny_script_refuses_an_unknown_engine():
+    r = _run("run_tiny_cpu.sh", "--cfg", "job", env={"ENGINE": "deepspeed"}, timeout=60)
+    assert r.returncode == 2 and "ENGINE must be fsdp2 or megatron, got 'deepspeed'" in r.stderr

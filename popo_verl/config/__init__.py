@@ -73,6 +73,20 @@ def get_popo_config(config) -> PopoConfig:
     return PopoConfig(**{k: casts[str(known[k])](v) for k, v in values.items()})
 
 
+def megatron_missing(vanilla_mbridge: bool) -> list[str]:
+    """The packages verl's Megatron engine would fail to import in its workers, after start-up (found, not imported)."""
+    import importlib.util
+
+    def found(name):
+        try:
+            return importlib.util.find_spec(name) is not None
+        except ImportError:  # a parent package is missing
+            return False
+
+    wanted = {"megatron-core": "megatron.core", **({"mbridge": "mbridge"} if vanilla_mbridge else {})}
+    return [pkg for pkg, module in wanted.items() if not found(module)]
+
+
 def validate_popo_config(config) -> PopoConfig:
     """Raise ValueError naming the offending key for any value POPO cannot run with."""
     cfg = get_popo_config(config)
@@ -104,6 +118,13 @@ def validate_popo_config(config) -> PopoConfig:
             "actor_rollout_ref.actor.shuffle=true is not supported with POPO's positives-only update: the update "
             "batch is laid out so that every mini-batch holds real rows; set it to false"
         )
+    if str(actor.get("strategy", "")) == "megatron":
+        missing = megatron_missing(bool((actor.get("megatron", None) or {}).get("vanilla_mbridge", False)))
+        if missing:
+            raise ValueError(
+                f"actor_rollout_ref.actor.strategy=megatron needs {' and '.join(missing)}, not installed here: "
+                "pip install -e '.[megatron]' (GPU) or '.[megatron-cpu]' (CPU)"
+            )
     if cfg.implicit_negative_interval < 0:
         raise ValueError(f"{p}implicit_negative_interval must be >= 0, got {cfg.implicit_negative_interval}")
     if cfg.predictor_hidden_dim < 1:

@@ -20,7 +20,9 @@ call, building verl 0.9.1's MegatronEngineWithLMHead on one gloo rank:
    - a core attention on torch SDPA that takes packed THD micro-batches (`cu_seqlens_q_padded`) and verl's
      (B, S) padding mask (megatron's local DotProductAttention takes neither; context parallelism unsupported),
    - RMSNorm that allows sequence parallelism (its weight marked `sequence_parallel`, as TE's norm does),
-   - mbridge's weight names for the local spec's separate norms (TE fuses them into the linear layers).
+   - mbridge's weight names for the local spec's separate norms (TE fuses them into the linear layers);
+5. without Apex or TE, megatron's distributed optimizer cannot build its state dict before its first step, which
+   verl's checkpoint load does first: a resumed run gets megatron's dummy states before the load.
 What runs for real: verl's engine, megatron-core's parallel layers, DDP, distributed optimizer, pipeline
 schedules (p2p over gloo), dist checkpointing, mbridge's weight loading and export.
 """
@@ -150,8 +152,48 @@ def _patch_layer_spec() -> None:
     }
 
 
+def _patch_optimizer_resume() -> None:
+    """A fresh distributed optimizer without Apex or TE (Adam from torch) has no state yet, so its `state_dict()`
+    finds no `step` to save alongside and asserts (megatron/core/optimizer/distrib_optimizer.py `state_dict`:
+    `assert len(steps) == 1`), which verl's load calls first: a resumed run failed before loading. Give it
+    megatron's own dummy states first (`_init_optimizer_states_with_dummy_values`, what it does for its FSDP
+    format); the checkpoint's states then replace them in place."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", True):
+        return
+    cls = distrib_optimizer.DistributedOptimizer
+    original = cls.sharded_state_dict
+
+    def sharded_state_dict(self, model_sharded_state_dict=None, is_loading=False, *args, **kwargs):
+        if is_loading and not any(len(state) for state in self.optimizer.state.values()):
+            self._init_optimizer_states_with_dummy_values()
+        return original(self, {} if model_sharded_state_dict is None else model_sharded_state_dict, is_loading,
+                        *args, **kwargs)
+
+    cls.sharded_state_dict = sharded_state_dict
+
+
 #: the engine overrides megatron needs on the CPU: local attention, CPU initialisation
 ENGINE_OVERRIDES = {"attention_backend": "local", "use_cpu_initialization": True}
+
+
+def prepare_worker(config) -> None:
+    """In a verl worker on the CPU (popo_verl/workers.py, before the engines are built from `config`, the
+    actor_rollout_ref DictConfig): install the stand-in and set the engine overrides it needs on the actor's and
+    the siamese's Megatron configs (a user's own override_transformer_config keys win)."""
+    from omegaconf import open_dict
+
+    install()
+    for role in ("actor", "ref"):
+        megatron = config.get(role, {}).get("megatron", None)
+        if megatron is None:
+            continue
+        with open_dict(megatron):
+            if megatron.get("override_transformer_config", None) is None:
+                megatron.override_transformer_config = {}
+            for key, value in ENGINE_OVERRIDES.items():
+                megatron.override_transformer_config.setdefault(key, value)
 
 
 def install() -> None:
@@ -163,5 +205,6 @@ def install() -> None:
         raise RuntimeError("popo_verl.engines.mcore_cpu is for machines without a GPU")
     _patch_rng()
     _patch_layer_spec()
+    _patch_optimizer_resume()
     CudaToCpu().__enter__()
     _INSTALLED = True

@@ -37,6 +37,17 @@ NOISE = [re.compile(p) for p in (
     r"Timeout is disabled as (parsing_timeout|timeout_seconds) is None",  # math-verify, run in verl's reward threads
     r"`torch_dtype` is deprecated! Use `dtype` instead!",  # transformers, inside verl's HF export
     r"^Writing model shards:",  # transformers' bar for a one-shard save
+    # ENGINE=megatron: with megatron-core installed every verl process imports verl's Megatron engine
+    r"(Transformer Engine|Apex)( and Apex)? (is|are) not installed",  # megatron-core, 6 per process, on the CPU
+    r"legacy mbridge backend selected by `vanilla_mbridge=True`",  # the script chose mbridge (Megatron-Bridge: Py 3.12)
+    r"set sequence parallel to false as TP size is 1",  # verl's notice on TP = 1
+    r"^(TF config: )?TransformerConfig\(",  # megatron's config, one line of ~8000 characters, per model built
+    r"UserWarning: full scope is deprecated",  # megatron-core on its own cuda-graph default
+    r"TypedStorage is deprecated",  # torch, inside megatron's dist checkpointing
+    r"\.grad attribute of a Tensor that is not a leaf",  # megatron's fp32 params are stepped through views of them
+    r"c10d::broadcast_: an autograd kernel was not registered",  # torch on megatron's broadcast in backward
+    r"FutureWarning: `torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)`",  # megatron's calls
+    r"No index file found, saving index file failed",  # mbridge's HF export of a one-shard model
 )]
 # A pretty-printed dict (verl's config dump) or tuple (its "Final validation metrics") starts a block whose
 # continuation lines are indented.

@@ -90,7 +90,9 @@ def correctness_curves(validation_dir) -> tuple[dict[int, float], dict[int, floa
 def latest_policy(checkpoint_dir) -> tuple[int, Path] | None:
     """(step, path) of the newest saved policy in HF format under a verl checkpoint directory."""
     found = []
-    for d in Path(checkpoint_dir).glob("global_step_*/actor/huggingface"):
+    # FSDP saves the HF weights in actor/huggingface, Megatron in actor/model/huggingface
+    for d in [*Path(checkpoint_dir).glob("global_step_*/actor/huggingface"),
+              *Path(checkpoint_dir).glob("global_step_*/actor/model/huggingface")]:
         m = re.search(r"global_step_(\d+)", str(d))
         if m and any(d.glob("*.safetensors")):
             found.append((int(m.group(1)), d))
