@@ -24,6 +24,14 @@ def tiny_random_model(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_dir():
+    """The default tiny task (seed 0), built once unless cached: what scripts/run_tiny_cpu.sh trains on."""
+    from popo_verl.tiny import default_dir, ensure_built
+
+    return ensure_built(default_dir())["root"]
+
+
 def _load_benchmark(name: str):
     """benchmarks/<name>.py as a module (the benchmarks are scripts, not a package)."""
     spec = importlib.util.spec_from_file_location(f"{name}_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py")

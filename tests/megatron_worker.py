@@ -69,6 +69,18 @@ def norm(ts):
     return float(torch.sqrt(sum(t.pow(2).sum() for t in ts))) if ts else 0.0
 
 
+def round_trip(e, ckpt) -> dict[str, bool]:
+    """Save, move every local parameter (head included), load: whether each came back exactly."""
+    saved = {k: p.detach().clone() for k, p in named_local_params(e, with_head=True).items()}
+    e.save_checkpoint(ckpt, global_step=1)
+    with torch.no_grad():
+        for p in named_local_params(e, with_head=True).values():
+            p.add_(1.0)
+    e.load_checkpoint(ckpt, del_local_after_load=False)
+    now = named_local_params(e, with_head=True)
+    return {k: bool(torch.equal(now[k], v)) for k, v in saved.items()}
+
+
 def main(model_path: str, out_dir: str) -> None:
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
@@ -152,14 +164,7 @@ def main(model_path: str, out_dir: str) -> None:
     res["export_names"] = sorted(n for n, _ in params)
     res["heads_back_after_export"] = len(e.popo_heads())
     ckpt = os.path.join(out_dir, "ckpt")
-    saved = {k: p.detach().clone() for k, p in named_local_params(e, with_head=True).items()}
-    e.save_checkpoint(ckpt, global_step=1)
-    with torch.no_grad():
-        for p in named_local_params(e, with_head=True).values():
-            p.add_(1.0)
-    e.load_checkpoint(ckpt, del_local_after_load=False)
-    now = named_local_params(e, with_head=True)
-    res["restored"] = {k: bool(torch.equal(now[k], v)) for k, v in saved.items()}
+    res["restored"] = round_trip(e, ckpt)
     if rank == 0:
         from safetensors import safe_open
 
@@ -185,14 +190,7 @@ def main(model_path: str, out_dir: str) -> None:
     res["bf16_state_lookup_ok"] = all(
         opt._get_main_param_and_optimizer_states(p)["param"].numel() == opt._get_model_param_range_map(p)["param"].size
         for opt in b._sub_optimizers() for p in opt.model_param_group_index_map)
-    saved = {k: p.detach().clone() for k, p in named_local_params(b, with_head=True).items()}
-    b.save_checkpoint(os.path.join(out_dir, "ckpt_bf16"), global_step=1)
-    with torch.no_grad():
-        for p in named_local_params(b, with_head=True).values():
-            p.add_(1.0)
-    b.load_checkpoint(os.path.join(out_dir, "ckpt_bf16"), del_local_after_load=False)
-    now = named_local_params(b, with_head=True)
-    res["bf16_restored"] = {k: bool(torch.equal(now[k], v)) for k, v in saved.items()}
+    res["bf16_restored"] = round_trip(b, os.path.join(out_dir, "ckpt_bf16"))
     if heads:
         res["bf16_head_state"] = state
         res["bf16_head_dtypes"] = sorted({str(p.dtype) for h in heads for p in h.parameters()})

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from popo_verl import checkpoint
-from test_e2e_cpu import run_tiny, tiny_dir  # noqa: F401  (tiny_dir: a fixture)
+from test_e2e_cpu import run_tiny
 from test_engine import build_engine, process_group  # noqa: F401  (process_group: a fixture)
 
 TESTS = Path(__file__).resolve().parent
@@ -196,7 +196,7 @@ def test_a_failure_that_is_not_a_broken_file_is_raised_unchanged(engine, two_che
 
 # ------------------------------------------------------------------------------------------------ end to end
 @pytest.mark.e2e
-def test_run_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path, tiny_dir):  # noqa: F811
+def test_run_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path, tiny_dir):
     """scripts/run_tiny_cpu.sh killed in the middle of saving global_step_2, after verl's shards and halfway
     through POPO's siamese file. The kill is deterministic: tests/kill_during_save.py, loaded into the worker through
     verl's VERL_USE_EXTERNAL_MODULES, makes the worker os._exit at that point (a timed SIGKILL would land anywhere,

@@ -24,13 +24,6 @@ ROWS_PER_STEP = 8 * 8  # TRAIN_BATCH prompts x ROLLOUT_N responses (script defau
 TAU = 0.9  # a fast EMA so three steps move the siamese measurably
 
 
-@pytest.fixture(scope="session")
-def tiny_dir():
-    from popo_verl.tiny import default_dir, ensure_built
-
-    return ensure_built(default_dir())["root"]
-
-
 def run_tiny(tmp: Path, tiny_dir: str, algo: str, *overrides: str, ranks: int = 1, steps: int = 3, save_freq: int = -1,
              test_freq: int = -1, ckpt: Path | None = None, expect_ok: bool = True, env_extra: dict | None = None):
     ckpt = ckpt or tmp / "ckpt"

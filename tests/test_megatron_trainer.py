@@ -11,9 +11,7 @@ process resumes it for a third step.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -21,32 +19,17 @@ pytest.importorskip("megatron.core", reason="megatron-core not installed: pip in
 pytest.importorskip("mbridge", reason="mbridge not installed: pip install -e '.[megatron-cpu]' (README, engine support)")
 
 from popo_verl.engines.fsdp import is_predictor_param  # noqa: E402
-from popo_verl.tiny.summary import parse_steps  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "run_tiny_cpu.sh"
-
-
-def run(tmp: Path, tiny_dir: str, steps: int, name: str) -> dict:
-    # the script's `python` must be this interpreter (CI runs this file from the megatron venv's python)
-    path = f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"
-    env = dict(os.environ, PATH=path, ENGINE="megatron", TINY_DIR=tiny_dir, TOTAL_STEPS=str(steps), SAVE_FREQ="2", TEST_FREQ="-1",
-               TRAIN_BATCH="8", CKPT_DIR=str(tmp / "ckpt"), RUN_DIR=str(tmp / name), LOG_FILE=str(tmp / f"{name}.log"))
-    r = subprocess.run(["bash", str(SCRIPT), "trainer.val_before_train=false"], cwd=str(tmp), env=env,
-                       capture_output=True, text=True, timeout=900)
-    log = (tmp / f"{name}.log").read_text() if (tmp / f"{name}.log").exists() else ""
-    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
-    return {"stdout": r.stdout, "steps": dict(parse_steps(log))}
+from test_e2e_cpu import run_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    from popo_verl.tiny import default_dir, ensure_built
-
-    tiny_dir = ensure_built(default_dir())["root"]
+def runs(tmp_path_factory, tiny_dir):
     tmp = tmp_path_factory.mktemp("megatron_trainer")
-    first = run(tmp, tiny_dir, steps=2, name="first")
-    second = run(tmp, tiny_dir, steps=3, name="resumed")
+    # the script's `python` must be this interpreter (CI runs this file from the megatron venv's python)
+    env = {"ENGINE": "megatron", "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    first = run_tiny(tmp, tiny_dir, "popo", steps=2, save_freq=2, env_extra=env)
+    # resumes the first's checkpoint; its own log, which the summary reads for the resume
+    second = run_tiny(tmp, tiny_dir, "popo", steps=3, save_freq=2, env_extra={**env, "LOG_FILE": str(tmp / "resumed.log")})
     return first, second, tmp / "ckpt"
 
 

@@ -347,18 +347,11 @@ def test_recipe_entry_composes_like_main_ppo():
     assert job("recipe.popo.main_popo") == job("verl.trainer.main_ppo", "algorithm=popo")
 
 
-@pytest.fixture(scope="module")
-def tiny_task_dir():
-    from popo_verl.tiny import default_dir, ensure_built
-
-    return ensure_built(default_dir())["root"]
-
-
 @pytest.mark.parametrize("engine", ["fsdp2", "megatron"])
-def test_tiny_script_engine_block(engine, tiny_task_dir):
+def test_tiny_script_engine_block(engine, tiny_dir):
     """ENGINE picks the engine's own keys: FSDP2 with fp32 compute and its lr_scheduler_type, or verl's Megatron
     engine (its model_engine group) with mbridge and Megatron's lr_decay_style; the siamese gets the actor's layout."""
-    cfg = _compose("run_tiny_cpu.sh", ENGINE=engine, TINY_DIR=tiny_task_dir, MEGATRON_TP="2", N_GPUS_PER_NODE="2")
+    cfg = _compose("run_tiny_cpu.sh", ENGINE=engine, TINY_DIR=tiny_dir, MEGATRON_TP="2", N_GPUS_PER_NODE="2")
     arr = cfg["actor_rollout_ref"]
     assert arr["actor"]["strategy"] == arr["ref"]["strategy"] == ("megatron" if engine == "megatron" else "fsdp2")
     if engine == "fsdp2":

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from test_e2e_cpu import ROWS_PER_STEP, run_tiny, tiny_dir  # noqa: F401  (tiny_dir: a fixture)
+from test_e2e_cpu import ROWS_PER_STEP, run_tiny
 
 PARTIAL_CREDIT = str(Path(__file__).resolve().parent / "fixtures" / "partial_credit_reward.py")
 TAU_R = 0.3  # between the two partial credits: 0.5 is a positive, 0.25 is not

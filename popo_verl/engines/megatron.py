@@ -175,7 +175,7 @@ class PopoMegatronEngine(PopoStepReporting, MegatronEngineWithLMHead):
 
     def initialize(self):
         super().initialize()
-        for opt in self._sub_optimizers() if self.optimizer is not None else []:
+        for opt in self._sub_optimizers():
             reindex_mixed_dtype_groups(opt)
         self._popo_head_shards = self._find_head_shards()
 
@@ -256,6 +256,9 @@ class PopoMegatronEngine(PopoStepReporting, MegatronEngineWithLMHead):
 
     # ------------------------------------------------------------------ optimizer step
     def _sub_optimizers(self) -> list:
+        """Megatron's optimizers under a ChainedOptimizer (none for a forward-only engine)."""
+        if self.optimizer is None:
+            return []
         return list(getattr(self.optimizer, "chained_optimizers", None) or [self.optimizer])
 
     def _find_head_shards(self) -> dict[int, set[int]]:
@@ -267,7 +270,7 @@ class PopoMegatronEngine(PopoStepReporting, MegatronEngineWithLMHead):
         parameters (or their fp32 copies, same pairing) themselves."""
         head = {id(p) for h in self.popo_heads() for p in h.parameters()}
         found = {}
-        for i, opt in enumerate(self._sub_optimizers() if self.optimizer is not None else []):
+        for i, opt in enumerate(self._sub_optimizers()):
             ids = set()
             for model_groups, main_groups in (("model_fp32_groups", "shard_fp32_groups"),
                                               ("model_float16_groups", "shard_fp32_from_float16_groups"),
