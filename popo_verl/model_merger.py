@@ -1,9 +1,20 @@
 """HF export of POPO checkpoints without the predictor head.
 
-`python -m popo_verl.model_merger merge --backend fsdp --local_dir CKPT/global_step_N/actor --target_dir OUT`
-takes verl's model-merger arguments (verl/model_merger/__main__.py) and runs verl's `FSDPModelMerger`,
-dropping `popo_predictor.*` (a training-only head) before the HF model is saved. `strip_predictor_from_hf_dir`
-does the same to the `huggingface/` folder verl writes when `checkpoint.save_contents` has `hf_model`.
+`python -m popo_verl.model_merger merge --backend fsdp|megatron --local_dir CKPT/global_step_N/actor --target_dir OUT`
+takes verl's model-merger arguments (verl/model_merger/__main__.py) and writes the HF model without
+`popo_predictor.*` (a training-only head):
+- fsdp: verl's `FSDPModelMerger`, the head dropped before the HF model is saved;
+- megatron, a checkpoint with HF weights (verl 0.9.1's default: `ckpt_contents.json` gives the `model` slot, or
+  the `hf_model` export, in HF format, written by mbridge or Megatron-Bridge under `model/huggingface/`): those
+  weights, the head dropped, saved through verl's HF saving and output check (verl's `MegatronModelMerger` reads
+  `model/dist_ckpt/` only, empty in the default);
+- megatron, Megatron shards only (`actor.megatron.use_dist_checkpointing=True` without `hf_model` in
+  `checkpoint.save_contents`): verl's `MegatronModelMerger`,
+  which builds the model without the head and so never loads it (dist checkpointing skips saved keys not asked
+  for); it needs megatron-core, and on a machine without a GPU runs on popo_verl/engines/mcore_cpu.py's stand-in
+  (gloo, local layers: the merger only copies weights).
+`strip_predictor_from_hf_dir` does the same to the `huggingface/` folder verl writes when
+`checkpoint.save_contents` has `hf_model`.
 """
 
 from __future__ import annotations
@@ -47,18 +58,140 @@ def strip_predictor_from_hf_dir(hf_dir: str) -> int:
     return dropped
 
 
-def main() -> None:
-    from verl.model_merger.base_model_merger import generate_config_from_args, parse_args
+class MergeError(Exception):
+    """A checkpoint this command cannot export here (the message says why and what to do)."""
+
+
+def megatron_model_format(local_dir: str) -> str:
+    """Where a verl 0.9.1 Megatron checkpoint keeps its model weights: "huggingface" (bridge save, the default) or
+    "dist_ckpt" (Megatron shards only), as its `ckpt_contents.json` records (verl/utils/checkpoint/
+    megatron_checkpoint_manager.py); a checkpoint without that file is judged by which folder holds files."""
+    contents_file = os.path.join(local_dir, "ckpt_contents.json")
+    if os.path.isfile(contents_file):
+        with open(contents_file) as f:
+            contents = json.load(f).get("contents", {})
+        formats = {contents.get(slot, {}).get("format") for slot in ("model", "hf_model")}
+        if "huggingface" in formats:  # the model slot or the hf_model export: HF weights, nothing to convert
+            return "huggingface"
+        if "megatron_dist_checkpoint" in formats:
+            return "dist_ckpt"
+    dist = os.path.join(local_dir, "model", "dist_ckpt")
+    if os.path.isdir(dist) and os.listdir(dist):
+        return "dist_ckpt"
+    hf = os.path.join(local_dir, "model", "huggingface")
+    if os.path.isdir(hf) and any(f.endswith(".safetensors") for f in os.listdir(hf)):
+        return "huggingface"
+    raise MergeError(
+        f"{local_dir}: no Megatron model weights (neither model/huggingface/*.safetensors nor model/dist_ckpt/); "
+        "--local_dir is a checkpoint's actor folder, CKPT/global_step_N/actor, saved with 'model' or 'hf_model' in "
+        "actor_rollout_ref.actor.checkpoint.save_contents")
+
+
+def _bridge_merger_class():
+    from verl.model_merger.base_model_merger import BaseModelMerger
+
+    class PopoMegatronBridgeMerger(BaseModelMerger):
+        """A bridge checkpoint's HF weights (model/huggingface/), the head dropped, through verl's HF saving."""
+
+        def load_state_dict(self) -> dict:
+            from safetensors.torch import load_file
+
+            state = {}
+            for fname in sorted(os.listdir(self.hf_model_config_path)):
+                if fname.endswith(".safetensors"):
+                    state.update(load_file(os.path.join(self.hf_model_config_path, fname)))
+            return strip_predictor(state)
+
+        def merge_and_save(self):
+            state = self.load_state_dict()
+            if self.config.operation == "test":
+                self._validate(state)
+                return
+            self.save_hf_model_and_tokenizer(state)
+            if self.config.hf_upload:
+                self.upload_to_huggingface()
+
+        def _validate(self, state: dict) -> None:
+            """verl's `test` operation: every tensor equal (bf16 rounding) to the reference HF model's."""
+            import torch
+            from safetensors.torch import load_file
+
+            ref = {}
+            for fname in sorted(os.listdir(self.config.test_hf_dir)):
+                if fname.endswith(".safetensors"):
+                    ref.update(load_file(os.path.join(self.config.test_hf_dir, fname)))
+            missing = sorted(set(ref) - set(state))
+            if missing:
+                raise RuntimeError(f"not in the checkpoint: {missing[:5]}")
+            for name, tensor in state.items():
+                if name not in ref:
+                    raise RuntimeError(f"key: {name} not in {self.config.test_hf_dir}")
+                torch.testing.assert_close(tensor.float(), ref[name].float(), atol=1e-2, rtol=5e-2)
+
+        def cleanup(self):
+            pass
+
+    return PopoMegatronBridgeMerger
+
+
+def _dist_ckpt_merger_class():
+    from verl.model_merger.megatron_model_merger import MegatronModelMerger
+
+    class PopoMegatronModelMerger(MegatronModelMerger):
+        def save_hf_model_and_tokenizer(self, merged_state_dict):
+            return super().save_hf_model_and_tokenizer(strip_predictor(merged_state_dict))
+
+    return PopoMegatronModelMerger
+
+
+def _fsdp_merger_class():
     from verl.model_merger.fsdp_model_merger import FSDPModelMerger
 
     class PopoFSDPModelMerger(FSDPModelMerger):
         def save_hf_model_and_tokenizer(self, state_dict):
             return super().save_hf_model_and_tokenizer(strip_predictor(state_dict))
 
-    config = generate_config_from_args(parse_args())
-    if config.backend != "fsdp":
-        raise NotImplementedError("POPO checkpoints come from the FSDP engine; use --backend fsdp")
-    merger = PopoFSDPModelMerger(config)
+    return PopoFSDPModelMerger
+
+
+def merger_for(config):
+    """The merger for verl's `ModelMergerConfig`: fsdp, or megatron by where its checkpoint keeps the model."""
+    if config.backend == "fsdp":
+        return _fsdp_merger_class()(config)
+    if config.backend != "megatron":
+        raise ValueError(f"--backend must be fsdp or megatron, got {config.backend!r}")
+    if megatron_model_format(config.local_dir) == "huggingface":
+        return _bridge_merger_class()(config)
+    import torch
+
+    try:
+        import mbridge  # noqa: F401  (verl's Megatron code imports it)
+        import megatron.core  # noqa: F401
+    except ImportError as e:
+        raise MergeError(f"{config.local_dir} keeps its model in Megatron dist-checkpoint shards, which verl's "
+                         f"MegatronModelMerger converts with megatron-core ({e}): pip install -e '.[megatron]' "
+                         "(GPU) or '.[megatron-cpu]'") from e
+    if not torch.cuda.is_available():
+        from popo_verl.engines import mcore_cpu
+
+        mcore_cpu.prepare_model_merger()
+    return _dist_ckpt_merger_class()(config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import sys
+
+    from verl.model_merger.base_model_merger import generate_config_from_args, parse_args
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    args = parse_args()
+    try:
+        if args.backend == "megatron":
+            megatron_model_format(args.local_dir)  # a wrong folder fails here, before verl makes --target_dir
+        merger = merger_for(generate_config_from_args(args))
+    except MergeError as e:
+        sys.exit(f"popo_verl.model_merger: {e}")
     merger.merge_and_save()
     merger.cleanup()
 

@@ -23,6 +23,7 @@ import verl  # noqa: E402,F401
 from test_engine import make_batch, reference_pooled  # noqa: E402
 from verl.trainer.config.config import CheckpointConfig  # noqa: E402
 from verl.utils import tensordict_utils as tu  # noqa: E402
+from verl.utils.megatron_utils import get_hf_model_checkpoint_path, get_model_dist_checkpoint_path, unwrap_model  # noqa: E402
 from verl.workers.config import HFModelConfig, McoreEngineConfig, McoreOptimizerConfig  # noqa: E402
 
 from popo_verl.engines.fsdp import POOLED_KEY, PRED_KEY, is_predictor_param  # noqa: E402
@@ -32,15 +33,17 @@ TP, PP = int(os.environ.get("TP", "1")), int(os.environ.get("PP", "1"))
 RMPAD = os.environ.get("RMPAD", "1") == "1"
 
 
-def build(model_path, dtype="float32", forward_only=False, clip_grad=1.0, predictor_clip_grad=0.0):
+def build(model_path, dtype="float32", forward_only=False, clip_grad=1.0, predictor_clip_grad=0.0, checkpoint=None,
+          **engine):
     model = HFModelConfig(path=model_path, use_remove_padding=RMPAD)
     ec = McoreEngineConfig(tensor_model_parallel_size=TP, pipeline_model_parallel_size=PP, vanilla_mbridge=True,
                            use_mbridge=True, forward_only=forward_only, use_remove_padding=RMPAD,
-                           override_transformer_config=dict(mcore_cpu.ENGINE_OVERRIDES))
+                           override_transformer_config=dict(mcore_cpu.ENGINE_OVERRIDES), **engine)
     # verl allows bf16/fp16 Megatron models only (McoreEngineConfig.dtype): fp32 here compares exactly
     object.__setattr__(ec, "dtype", dtype)
     oc = McoreOptimizerConfig(lr=1e-2, clip_grad=clip_grad, total_training_steps=10)
-    e = PopoMegatronEngine(model_config=model, engine_config=ec, optimizer_config=oc, checkpoint_config=CheckpointConfig())
+    e = PopoMegatronEngine(model_config=model, engine_config=ec, optimizer_config=oc,
+                           checkpoint_config=checkpoint or CheckpointConfig())
     e.configure_popo(predictor_hidden=16, predictor_layers=2, seed=0, predictor_clip_grad=predictor_clip_grad)
     e.initialize()
     return e
@@ -168,8 +171,6 @@ def main(model_path: str, out_dir: str) -> None:
     if rank == 0:
         from safetensors import safe_open
 
-        from verl.utils.megatron_utils import get_hf_model_checkpoint_path
-
         hf = get_hf_model_checkpoint_path(ckpt)
         keys = []
         for f in sorted(os.listdir(hf)) if os.path.isdir(hf) else []:
@@ -177,6 +178,31 @@ def main(model_path: str, out_dir: str) -> None:
                 with safe_open(os.path.join(hf, f), "pt") as st:
                     keys += list(st.keys())
         res["hf_keys"] = sorted(keys)
+    # -- a start from Megatron shards converted from the HF model (use_dist_checkpointing=True; verl's converter
+    #    saves the model's sharded state dict, which has no head): the policy's weights load, the head starts anew
+    from megatron.core import dist_checkpointing
+
+    from popo_verl.engines.megatron import head_detached
+
+    shards = os.path.join(out_dir, "converted")
+    os.makedirs(shards, exist_ok=True)
+    with head_detached(e.module):
+        dist_checkpointing.save(unwrap_model(e.module[0]).sharded_state_dict(), shards)
+    d = build(model_path, use_dist_checkpointing=True, dist_checkpointing_path=shards,
+              checkpoint=CheckpointConfig(save_contents=["model", "optimizer", "extra", "hf_model"]))
+    want, got = named_local_params(e), named_local_params(d)
+    res["dist_start_same_names"] = sorted(want) == sorted(got)
+    res["dist_start_equal"] = all(torch.equal(got[k].detach(), p.detach()) for k, p in want.items() if k in got)
+    res["dist_start_heads"] = len(d.popo_heads())
+    with d.train_mode():  # it trains (and its optimizer has a state to save: none before a step without TE)
+        d.train_batch(batch(seed=6)[0], loss_function=capture({}, loss))
+    d_ckpt = os.path.join(out_dir, "ckpt_dist_start")
+    res["dist_start_restored"] = round_trip(d, d_ckpt)  # its checkpoint, HF export included, saves and loads
+    res["dist_start_ckpt"] = d_ckpt
+    if rank == 0:  # the model slot in Megatron shards (the head's keys with it), the HF export beside it
+        res["dist_start_hf_files"] = sorted(os.listdir(get_hf_model_checkpoint_path(d_ckpt)))
+        res["dist_start_model_keys"] = sorted(dist_checkpointing.load_tensors_metadata(
+            get_model_dist_checkpoint_path(d_ckpt)))
     # bf16 model (verl's default dtype): the head is stored and computed in fp32
     b = build(model_path, dtype="bfloat16")
     heads = b.popo_heads()

@@ -118,6 +118,50 @@ def test_checkpoint_round_trips_weights_and_head_and_exports_leave_it_out(layout
     assert "model.norm.weight" in hf and "model.embed_tokens.weight" in hf  # the model's own HF names
 
 
+def test_a_start_from_converted_megatron_shards_loads_without_the_head(layout):
+    """use_dist_checkpointing=True: the converted shards have no head (verl's converter saves the plain model); the
+    policy's weights load exactly and the head is built fresh on the last stage, not asked of the shards (which
+    fails the load: verl loads with StrictHandling.ASSUME_OK_UNEXPECTED); its checkpoints save and load."""
+    _, ranks = layout
+    for r in ranks:
+        assert r["dist_start_same_names"] and r["dist_start_equal"]
+        assert r["dist_start_heads"] == int(r["last_stage"])
+        assert r["dist_start_restored"] and all(r["dist_start_restored"].values())
+    # its checkpoint's HF export (mbridge writes it through an index it sets up only when it loads HF weights)
+    assert any(f.endswith(".safetensors") for f in ranks[0]["dist_start_hf_files"]), ranks[0]["dist_start_hf_files"]
+    keys = ranks[0]["dist_start_model_keys"]  # the model slot, in Megatron shards: the head is saved with it
+    assert any(is_predictor_param(k) for k in keys) and "decoder.final_layernorm.weight" in keys, keys
+
+
+def test_model_merger_converts_the_megatron_shards_without_the_head(layout, tmp_path):
+    """`popo_verl.model_merger --backend megatron` on a checkpoint whose model is in Megatron shards only (that
+    checkpoint without its HF export, as `use_dist_checkpointing=True` without `hf_model` saves it): verl's
+    MegatronModelMerger (on 1 rank: the TP/PP shards are resharded) on the CPU stand-in gives the HF export's
+    weights (to bf16 rounding: it builds a bf16 model) and no head."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    _, ranks = layout
+    actor = tmp_path / "actor"
+    shutil.copytree(ranks[0]["dist_start_ckpt"], actor)
+    hf = actor / "model" / "huggingface"
+    exported = load_file(str(hf / "model.safetensors"))
+    (hf / "model.safetensors").unlink()
+    contents = json.loads((actor / "ckpt_contents.json").read_text())
+    del contents["contents"]["hf_model"]
+    (actor / "ckpt_contents.json").write_text(json.dumps(contents))
+    r = subprocess.run([sys.executable, "-m", "popo_verl.model_merger", "merge", "--backend", "megatron", "--local_dir",
+                        str(actor), "--target_dir", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "converted decoder.final_layernorm.weight to model.norm.weight" in r.stdout  # verl's merger ran
+    merged = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert merged.keys() == exported.keys() and not any(is_predictor_param(k) for k in merged)
+    for k, v in exported.items():
+        torch.testing.assert_close(merged[k].float(), v.float(), atol=1e-2, rtol=1e-2, msg=k)
+
+
 def test_head_is_fp32_under_a_bf16_model(layout):
     """verl's Megatron models are bf16 (McoreEngineConfig.dtype); the head stays fp32 (not cast by Float16Module)
     and computes in fp32: an fp32 replay of it on the pooled state matches, a bf16 one would not."""

@@ -14,6 +14,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 pytest.importorskip("megatron.core", reason="megatron-core not installed: pip install -e '.[megatron-cpu]' (README, engine support)")
 pytest.importorskip("mbridge", reason="mbridge not installed: pip install -e '.[megatron-cpu]' (README, engine support)")
@@ -57,6 +58,24 @@ def test_checkpoint_holds_the_siamese_and_exports_no_head(runs):
     hf = actor / "model" / "huggingface"
     keys = [k for f in hf.glob("*.safetensors") for k in safe_open(str(f), "pt").keys()]
     assert "model.norm.weight" in keys and not any(is_predictor_param(k) for k in keys)
+
+
+def test_model_merger_exports_the_checkpoint_without_the_head(runs, tmp_path):
+    """`python -m popo_verl.model_merger merge --backend megatron` on the trainer's checkpoint: verl's default (bridge)
+    checkpoint keeps the model as HF weights, which the merger writes out through verl's HF saving, unchanged."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from popo_verl.model_merger import main
+
+    _, _, ckpt = runs
+    actor = ckpt / "global_step_2" / "actor"
+    main(["merge", "--backend", "megatron", "--local_dir", str(actor), "--target_dir", str(tmp_path / "hf")])
+    exported = {k: v for f in (tmp_path / "hf").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    saved = {k: v for f in (actor / "model" / "huggingface").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    assert exported.keys() == saved.keys() and not any(is_predictor_param(k) for k in exported)
+    assert all(torch.equal(exported[k], saved[k]) for k in saved)
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
 
 
 def test_a_new_process_resumes_the_run(runs):

@@ -23,6 +23,7 @@ call, building verl 0.9.1's MegatronEngineWithLMHead on one gloo rank:
    - mbridge's weight names for the local spec's separate norms (TE fuses them into the linear layers);
 5. without Apex or TE, megatron's distributed optimizer cannot build its state dict before its first step, which
    verl's checkpoint load does first: a resumed run gets megatron's dummy states before the load.
+`prepare_model_merger()` does the same for verl's MegatronModelMerger (popo_verl/model_merger.py on the CPU).
 What runs for real: verl's engine, megatron-core's parallel layers, DDP, distributed optimizer, pipeline
 schedules (p2p over gloo), dist checkpointing, mbridge's weight loading and export.
 """
@@ -39,8 +40,8 @@ _INSTALLED = False
 
 
 def _cpu(device):
-    if isinstance(device, str) and device.startswith("cuda"):
-        return "cpu"
+    if isinstance(device, str) and (device.startswith("cuda") or device.startswith("cpu:")):
+        return "cpu"  # "cpu:cpu": verl's f"{get_device_name()}:{get_device_id()}" on the CPU
     if isinstance(device, torch.device) and device.type == "cuda":
         return torch.device("cpu")
     if isinstance(device, int) and not isinstance(device, bool):
@@ -55,8 +56,11 @@ class CudaToCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if "device" in kwargs:
             kwargs["device"] = _cpu(kwargs["device"])
-        if getattr(func, "__name__", "") == "to" and len(args) > 1:
+        name = getattr(func, "__name__", "")
+        if name == "to" and len(args) > 1:  # Tensor.to(device)
             args = (args[0], _cpu(args[1]), *args[2:])
+        elif name == "_parse_to" and args:  # Module.to(device)
+            args = (_cpu(args[0]), *args[1:])
         out = func(*args, **kwargs)
         if func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(out, str) \
                 and out.startswith("torch.") and not out.startswith("torch.cuda."):
@@ -117,22 +121,32 @@ def _sdpa_core_attention():
     return SDPACoreAttention
 
 
+_CORE_ATTENTION = None
+
+
+def local_block_spec(config, use_transformer_engine=True, vp_stage=None, **kwargs):
+    """megatron's decoder block spec on local layers (whatever `use_transformer_engine` asks), attention on SDPA."""
+    global _CORE_ATTENTION
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+
+    if _CORE_ATTENTION is None:
+        _CORE_ATTENTION = _sdpa_core_attention()
+    if "vp_stage" in inspect.signature(get_gpt_decoder_block_spec).parameters:
+        kwargs["vp_stage"] = vp_stage
+    kwargs.setdefault("normalization", "RMSNorm")
+    spec = get_gpt_decoder_block_spec(config, use_transformer_engine=False, **kwargs)
+    for layer in spec.layer_specs:
+        layer.submodules.self_attention.submodules.core_attention = _CORE_ATTENTION
+    return spec
+
+
 def _patch_layer_spec() -> None:
     from mbridge.core import llm_bridge
     from mbridge.models.qwen2 import Qwen2Bridge
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
     from megatron.core.transformer import torch_norm
 
-    core_attention = _sdpa_core_attention()
-
-    def local_spec(self, vp_stage=None):
-        extra = {"vp_stage": vp_stage} if "vp_stage" in inspect.signature(get_gpt_decoder_block_spec).parameters else {}
-        spec = get_gpt_decoder_block_spec(self.config, use_transformer_engine=False, normalization="RMSNorm", **extra)
-        for layer in spec.layer_specs:
-            layer.submodules.self_attention.submodules.core_attention = core_attention
-        return spec
-
-    llm_bridge.LLMBridge._get_transformer_layer_spec = local_spec
+    llm_bridge.LLMBridge._get_transformer_layer_spec = lambda self, vp_stage=None: local_block_spec(
+        self.config, vp_stage=vp_stage)
 
     def norm(cls, config, hidden_size, eps=1e-5, persist_layer_norm=False, zero_centered_gamma=False,
              normalization="LayerNorm"):
@@ -194,6 +208,19 @@ def prepare_worker(config) -> None:
                 megatron.override_transformer_config = {}
             for key, value in ENGINE_OVERRIDES.items():
                 megatron.override_transformer_config.setdefault(key, value)
+
+
+def prepare_model_merger() -> None:
+    """verl's MegatronModelMerger (verl/model_merger/megatron_model_merger.py) on the CPU: the stand-in, gloo instead
+    of its NCCL process group, and local layers in verl's own model builders (verl/models/mcore/model_initializer.py
+    asks `get_gpt_decoder_block_spec` for Transformer Engine layers). The merger copies weights, computes nothing;
+    its dist-checkpoint keys are the same for local and TE layers (megatron maps the local norms to TE's names)."""
+    install()
+    from verl.model_merger import megatron_model_merger
+    from verl.models.mcore import model_initializer
+
+    megatron_model_merger.get_nccl_backend = lambda: "gloo"
+    model_initializer.get_gpt_decoder_block_spec = local_block_spec
 
 
 def install() -> None:

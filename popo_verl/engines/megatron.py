@@ -21,8 +21,9 @@ popo_verl.workers imports it only when verl's engine is the Megatron one.
   and the head's main-gradient shards are clipped on their own (`predictor_clip_grad`, 0 = none) just before
   the update.
 - The head is hidden from the bridge's HF weight names: from the weights sent to the rollout engine
-  (`get_per_tensor_param`), from HF weight loading and from the HF export of verl's checkpoints; it stays in
-  the dist checkpoint and in the optimizer's state.
+  (`get_per_tensor_param`), from HF weight loading and from the HF export of verl's checkpoints, and from the
+  start-up load of converted Megatron shards (`use_dist_checkpointing`); it stays in checkpoints' dist shards
+  and in the optimizer's state.
 - `MegatronSiamese`: the siamese in the ref role keeps verl's bf16 forward-only Megatron model (verl allows no
   fp32 Megatron model: `McoreEngineConfig.dtype`) plus an fp32 shadow of each of its local shards (same TP/PP
   layout as the actor's); the EMA runs on the shadow, which is then written into the model.
@@ -47,6 +48,7 @@ from verl.models.mcore.util import (
 )
 from verl.utils import tensordict_utils as tu
 from verl.utils.megatron_utils import unwrap_model
+from verl.workers.engine.megatron import transformer_impl
 from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
 
 from popo_verl import core
@@ -157,10 +159,22 @@ class PopoMegatronEngine(PopoStepReporting, MegatronEngineWithLMHead):
             for name in self.BRIDGE_HF_METHODS:
                 if hasattr(self.bridge, name):
                     setattr(self.bridge, name, self._without_head(getattr(self.bridge, name)))
+        # use_dist_checkpointing=True starts from Megatron shards converted from the HF model, which have no head:
+        # loaded with it, dist checkpointing fails on the head's keys (verl loads with
+        # StrictHandling.ASSUME_OK_UNEXPECTED). verl/workers/engine/megatron/transformer_impl.py
+        # `_build_megatron_module` calls that module's `load_mcore_dist_weights`: swapped while it builds.
+        load_dist = transformer_impl.load_mcore_dist_weights
+        transformer_impl.load_mcore_dist_weights = self._without_head(load_dist)
         try:
             module = super()._build_megatron_module()
         finally:
+            transformer_impl.load_mcore_dist_weights = load_dist
             self.bridge.__dict__.pop("get_model", None)
+        if self.engine_config.use_dist_checkpointing and getattr(self.bridge, "safetensor_io", ()) is None:
+            # mbridge 0.15.1 (mbridge/core/bridge.py) sets up the HF file index that `save_weights` writes through
+            # in `load_weights` only, which a start from Megatron shards skips: the checkpoint's HF export failed
+            # ('NoneType' object has no attribute 'save_hf_weight'). The index of the model's own HF folder.
+            self.bridge.safetensor_io = self.bridge._get_safetensor_io(self.model_config.local_path)
         self._popo_hooks = [m.decoder.final_layernorm.register_forward_hook(self._popo_norm_hook)
                             for m in last_stage_chunks(module)]
         return module
