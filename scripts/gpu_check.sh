@@ -19,9 +19,10 @@ if [[ $# -gt 0 && "$1" != *=* ]]; then
 fi
 STEPS=${STEPS:-5}                              # training steps per algorithm (the first is warm-up, not measured)
 ROLLOUT=${ROLLOUT:-auto}                       # hf, vllm, or auto: vllm where `import vllm` works, else hf
-# the suite's GPU-relevant tests (TESTS= skips them); with megatron, tests/test_megatron_engine.py too
+# the suite's GPU-relevant tests (TESTS= skips them). Not tests/test_megatron_engine.py: it runs megatron-core on
+# the CPU stand-in (popo_verl/engines/mcore_cpu.py), which refuses a machine with a GPU; here the Megatron engine is
+# checked through the runs below.
 TESTS=${TESTS-tests/test_gpu_rollout.py tests/test_engine.py tests/test_cpu_backend.py tests/test_plugin.py}
-if [[ "$ENGINE" == megatron && -n "$TESTS" ]]; then TESTS="$TESTS tests/test_megatron_engine.py"; fi
 OUT_DIR=${OUT_DIR:-$PWD/runs/gpu_check_${ENGINE}_$(date +%Y%m%d_%H%M%S)}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -30,11 +31,6 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 if [[ "$ENGINE" == megatron ]]; then
   if ! python -c "import megatron.core" >/dev/null 2>&1; then
     echo "gpu_check: megatron-core is not installed: pip install -e \".[megatron]\" (or run without 'megatron')" >&2
-    exit 2
-  fi
-  if ! grep -qE '^ENGINE=' "$ROOT/scripts/run_tiny_cpu.sh"; then
-    echo "gpu_check: scripts/run_tiny_cpu.sh takes no ENGINE=megatron yet (issue 18); its FSDP-only settings" \
-         "(optim.lr_scheduler_type, fsdp_config) do not compose with model_engine=megatron" >&2
     exit 2
   fi
 fi
