@@ -141,6 +141,7 @@ case "$ENGINE" in
   megatron)
     if [[ "$large" == true ]]; then MEGATRON_TP=${MEGATRON_TP:-2}; MEGATRON_PP=${MEGATRON_PP:-2}
     else MEGATRON_TP=${MEGATRON_TP:-1}; MEGATRON_PP=${MEGATRON_PP:-1}; fi
+    MEGATRON_CP=${MEGATRON_CP:-1}   # context parallelism: for long responses (each sequence split over CP ranks)
     if python -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null; then VANILLA_MBRIDGE=${VANILLA_MBRIDGE:-false}
     else VANILLA_MBRIDGE=${VANILLA_MBRIDGE:-true}; fi
     ENGINE_ARGS=(
@@ -149,6 +150,8 @@ case "$ENGINE" in
       actor_rollout_ref.actor.megatron.pipeline_model_parallel_size="$MEGATRON_PP"
       actor_rollout_ref.ref.megatron.tensor_model_parallel_size="$MEGATRON_TP"   # the siamese: the actor's layout
       actor_rollout_ref.ref.megatron.pipeline_model_parallel_size="$MEGATRON_PP"
+      actor_rollout_ref.actor.megatron.context_parallel_size="$MEGATRON_CP"
+      actor_rollout_ref.ref.megatron.context_parallel_size="$MEGATRON_CP"
       actor_rollout_ref.actor.megatron.vanilla_mbridge="$VANILLA_MBRIDGE"
       actor_rollout_ref.ref.megatron.vanilla_mbridge="$VANILLA_MBRIDGE"
     )

@@ -56,8 +56,8 @@ case "$ALGO" in
 esac
 # ENGINE: fsdp2 (default) or megatron: verl's Megatron engine (pip install -e ".[megatron-cpu]"), on the CPU through
 # popo_verl/engines/mcore_cpu.py (the workers install it: torch attention and norms in place of Transformer Engine).
-# N_GPUS_PER_NODE ranks = MEGATRON_TP x MEGATRON_PP x data-parallel ranks; the tiny task's 103-token vocabulary
-# allows MEGATRON_TP=1 only (Megatron splits the embedding over TP ranks, and mbridge does not pad it).
+# N_GPUS_PER_NODE ranks = MEGATRON_TP x MEGATRON_PP x MEGATRON_CP x data-parallel ranks; the tiny task's 103-token
+# vocabulary allows MEGATRON_TP=1 only (Megatron splits the embedding over TP ranks, and mbridge does not pad it).
 ENGINE=${ENGINE:-fsdp2}
 case "$ENGINE" in
   fsdp2) ENGINE_ARGS=(
@@ -73,6 +73,8 @@ case "$ENGINE" in
           actor_rollout_ref.actor.megatron.pipeline_model_parallel_size="${MEGATRON_PP:-1}"
           actor_rollout_ref.ref.megatron.tensor_model_parallel_size="${MEGATRON_TP:-1}"   # the siamese: the actor's layout
           actor_rollout_ref.ref.megatron.pipeline_model_parallel_size="${MEGATRON_PP:-1}"
+          actor_rollout_ref.actor.megatron.context_parallel_size="${MEGATRON_CP:-1}"
+          actor_rollout_ref.ref.megatron.context_parallel_size="${MEGATRON_CP:-1}"
           # mbridge: verl's default bridge (Megatron-Bridge 0.5.2) needs Python 3.12 and Transformer Engine
           actor_rollout_ref.actor.megatron.vanilla_mbridge=true
           actor_rollout_ref.ref.megatron.vanilla_mbridge=true

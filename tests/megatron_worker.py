@@ -1,6 +1,6 @@
 """One rank of tests/test_megatron_engine.py: PopoMegatronEngine on megatron-core on the CPU (gloo).
 
-python tests/megatron_worker.py MODEL OUT_DIR   with RANK, WORLD_SIZE, MASTER_ADDR/PORT, TP, PP, RMPAD set.
+python tests/megatron_worker.py MODEL OUT_DIR   with RANK, WORLD_SIZE, MASTER_ADDR/PORT, TP, PP, CP, RMPAD set.
 Writes OUT_DIR/rank<r>.pt with what the test asserts on.
 """
 
@@ -29,14 +29,15 @@ from verl.workers.config import HFModelConfig, McoreEngineConfig, McoreOptimizer
 from popo_verl.engines.fsdp import POOLED_KEY, PRED_KEY, is_predictor_param  # noqa: E402
 from popo_verl.engines.megatron import MegatronSiamese, PopoMegatronEngine, named_local_params  # noqa: E402
 
-TP, PP = int(os.environ.get("TP", "1")), int(os.environ.get("PP", "1"))
+TP, PP, CP = (int(os.environ.get(k, "1")) for k in ("TP", "PP", "CP"))
 RMPAD = os.environ.get("RMPAD", "1") == "1"
 
 
 def build(model_path, dtype="float32", forward_only=False, clip_grad=1.0, predictor_clip_grad=0.0, checkpoint=None,
           **engine):
     model = HFModelConfig(path=model_path, use_remove_padding=RMPAD)
-    ec = McoreEngineConfig(tensor_model_parallel_size=TP, pipeline_model_parallel_size=PP, vanilla_mbridge=True,
+    ec = McoreEngineConfig(tensor_model_parallel_size=TP, pipeline_model_parallel_size=PP, context_parallel_size=CP,
+                           vanilla_mbridge=True,
                            use_mbridge=True, forward_only=forward_only, use_remove_padding=RMPAD,
                            override_transformer_config=dict(mcore_cpu.ENGINE_OVERRIDES), **engine)
     # verl allows bf16/fp16 Megatron models only (McoreEngineConfig.dtype): fp32 here compares exactly
@@ -88,10 +89,10 @@ def main(model_path: str, out_dir: str) -> None:
     rank = int(os.environ["RANK"])
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=int(os.environ["WORLD_SIZE"]))
-    res = {"tp": TP, "pp": PP}
+    res = {"tp": TP, "pp": PP, "cp": CP}
 
     # -- pooled state (fp32 model) against the pooling of an HF fp32 forward of the same weights
-    e = build(model_path, clip_grad=1.0, predictor_clip_grad=0.5 if TP == PP == 1 else 0.0)
+    e = build(model_path, clip_grad=1.0, predictor_clip_grad=0.5 if TP == PP == CP == 1 else 0.0)
     data, padded, response_mask = batch(seed=0)
     got = {}
     with e.eval_mode():

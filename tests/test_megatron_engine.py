@@ -7,7 +7,9 @@ the README's engine section). megatron-core does not run on a CPU torch as shipp
 stands in for the GPU and Transformer Engine (its docstring has the first failing call and each stand-in).
 
 Each layout runs tests/megatron_worker.py on 1 or 2 gloo ranks: TP = PP = 1 (packed THD and padded BSHD),
-TP = 2 with sequence parallelism (THD), PP = 2 (THD, two micro-batches through the pipeline schedule).
+TP = 2 with sequence parallelism (THD), PP = 2 (THD, two micro-batches through the pipeline schedule), CP = 2 (THD
+and BSHD: each rank holds a zigzag half of every sequence; the two ranks are also two replicas of the head in the
+distributed optimizer's data-parallel group, as DP = 2 would make them).
 Pins what popo_verl/engines/megatron.py relies on in verl/workers/engine/megatron/transformer_impl.py
 (`_build_megatron_module`, `forward_step`, `optimizer_step`, `get_per_tensor_param`, `load_checkpoint`), in
 mbridge (`get_model(post_model_creation_callbacks=...)`, `load_weights`/`save_weights`) and in megatron-core's
@@ -30,16 +32,18 @@ pytest.importorskip("mbridge", reason="mbridge not installed: pip install -e '.[
 from popo_verl.engines.fsdp import is_predictor_param  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "megatron_worker.py")
-LAYOUTS = {"tp1_thd": (1, 1, 1, 1), "tp1_bshd": (1, 1, 1, 0), "tp2_sp_thd": (2, 2, 1, 1), "pp2_thd": (2, 1, 2, 1)}
+# name: (world size, TP, PP, CP, packed THD micro-batches)
+LAYOUTS = {"tp1_thd": (1, 1, 1, 1, 1), "tp1_bshd": (1, 1, 1, 1, 0), "tp2_sp_thd": (2, 2, 1, 1, 1),
+           "pp2_thd": (2, 1, 2, 1, 1), "cp2_thd": (2, 1, 1, 2, 1), "cp2_bshd": (2, 1, 1, 2, 0)}
 
 
 def run_layout(name, model_path, out_dir):
-    world, tp, pp, rmpad = LAYOUTS[name]
+    world, tp, pp, cp, rmpad = LAYOUTS[name]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-           "TP": str(tp), "PP": str(pp), "RMPAD": str(rmpad), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+           "TP": str(tp), "PP": str(pp), "CP": str(cp), "RMPAD": str(rmpad), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     procs = [subprocess.Popen([sys.executable, WORKER, model_path, str(out_dir)], env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
     logs = [p.communicate(timeout=600)[0] for p in procs]
@@ -58,7 +62,7 @@ def test_pooled_state_equals_the_response_mean_of_the_final_norm(layout):
     checks the FSDP engine against the same HF fp32 pooling) on the same weights and inputs."""
     name, ranks = layout
     last = [r for r in ranks if r["last_stage"]]
-    assert len(last) == (2 if name.startswith("tp2") else 1)
+    assert len(last) == len(ranks) // LAYOUTS[name][2]  # every TP and CP rank of the last stage
     for r in last:
         assert r["pooled"].shape == r["expected"].shape == (4, 32)
         assert torch.allclose(r["pooled"], r["expected"], atol=2e-5), (r["pooled"] - r["expected"]).abs().max()

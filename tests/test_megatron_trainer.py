@@ -5,7 +5,7 @@ venv of `.ci/run`'s Megatron step, the plain suite skips it with that reason). R
 actor/rollout/ref worker, whose engines are verl's Megatron ones on megatron-core with popo_verl/engines/mcore_cpu.py
 standing in for the GPU and Transformer Engine (the worker installs it: popo_verl/workers.py), bf16 weights as
 verl requires, the hf rollout fed by the engine's weight export. One run of two steps saves a checkpoint; a second
-process resumes it for a third step.
+process resumes it for a third step. Once on one rank (TP = PP = 1), once on two with context parallelism (CP = 2).
 """
 
 from __future__ import annotations
@@ -23,15 +23,26 @@ from popo_verl.engines.fsdp import is_predictor_param  # noqa: E402
 from test_e2e_cpu import run_tiny  # noqa: E402
 
 
+def train_and_resume(tmp, tiny_dir, ranks=1, **env_extra):
+    """Two steps that save a checkpoint, then a new process that resumes it for a third."""
+    # the script's `python` must be this interpreter (CI runs this file from the megatron venv's python)
+    env = {"ENGINE": "megatron", "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}", **env_extra}
+    first = run_tiny(tmp, tiny_dir, "popo", ranks=ranks, steps=2, save_freq=2, env_extra=env)
+    # its own log, which the summary reads for the resume
+    second = run_tiny(tmp, tiny_dir, "popo", ranks=ranks, steps=3, save_freq=2,
+                      env_extra={**env, "LOG_FILE": str(tmp / "resumed.log")})
+    return first, second, tmp / "ckpt"
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_dir):
-    tmp = tmp_path_factory.mktemp("megatron_trainer")
-    # the script's `python` must be this interpreter (CI runs this file from the megatron venv's python)
-    env = {"ENGINE": "megatron", "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    first = run_tiny(tmp, tiny_dir, "popo", steps=2, save_freq=2, env_extra=env)
-    # resumes the first's checkpoint; its own log, which the summary reads for the resume
-    second = run_tiny(tmp, tiny_dir, "popo", steps=3, save_freq=2, env_extra={**env, "LOG_FILE": str(tmp / "resumed.log")})
-    return first, second, tmp / "ckpt"
+    return train_and_resume(tmp_path_factory.mktemp("megatron_trainer"), tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def cp_runs(tmp_path_factory, tiny_dir):
+    """Context parallelism: 2 ranks, CP = 2 (each sequence split zigzag over both)."""
+    return train_and_resume(tmp_path_factory.mktemp("megatron_trainer_cp2"), tiny_dir, ranks=2, MEGATRON_CP="2")
 
 
 def test_popo_trains_on_the_megatron_engine(runs):
@@ -86,3 +97,18 @@ def test_a_new_process_resumes_the_run(runs):
     assert s3["popo/ema_steps"] == 3  # the EMA state came back
     # the predictor head came back trained (a fresh head starts near 0, as at step 1)
     assert s3["popo/cos_sim"] > first["steps"][1]["popo/cos_sim"] + 0.2, s3["popo/cos_sim"]
+
+
+def test_popo_trains_and_resumes_with_context_parallelism(cp_runs):
+    """CP = 2 through the trainer: verl splits each micro-batch's sequences over the two ranks and gathers the
+    log-probs, the engine gathers the final-norm states for the pooled state; the head and the siamese are
+    replicated over the two ranks, and the resumed run starts from the trained head on both."""
+    first, second, ckpt = cp_runs
+    s1, s2 = first["steps"][1], first["steps"][2]
+    assert s2["popo/cos_sim"] > s1["popo/cos_sim"] + 0.2, (s1["popo/cos_sim"], s2["popo/cos_sim"])
+    assert s2["training/rollout_actor_probs_pearson_corr"] > 0.999  # gathered log-probs are the rollout's
+    siamese = ckpt / "global_step_2" / "actor" / "popo_siamese"
+    assert sorted(f.name for f in siamese.glob("manifest_*")) == ["manifest_rank_0_of_2.json", "manifest_rank_1_of_2.json"]
+    assert "resumed at step 2, trained 1 steps in this run" in second["stdout"]
+    s3 = second["steps"][3]
+    assert s3["popo/ema_steps"] == 3 and s3["popo/cos_sim"] > s1["popo/cos_sim"] + 0.2, s3["popo/cos_sim"]

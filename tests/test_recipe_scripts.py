@@ -351,7 +351,8 @@ def test_recipe_entry_composes_like_main_ppo():
 def test_tiny_script_engine_block(engine, tiny_dir):
     """ENGINE picks the engine's own keys: FSDP2 with fp32 compute and its lr_scheduler_type, or verl's Megatron
     engine (its model_engine group) with mbridge and Megatron's lr_decay_style; the siamese gets the actor's layout."""
-    cfg = _compose("run_tiny_cpu.sh", ENGINE=engine, TINY_DIR=tiny_dir, MEGATRON_TP="2", N_GPUS_PER_NODE="2")
+    cfg = _compose("run_tiny_cpu.sh", ENGINE=engine, TINY_DIR=tiny_dir, MEGATRON_TP="2", MEGATRON_CP="2",
+                   N_GPUS_PER_NODE="4")
     arr = cfg["actor_rollout_ref"]
     assert arr["actor"]["strategy"] == arr["ref"]["strategy"] == ("megatron" if engine == "megatron" else "fsdp2")
     if engine == "fsdp2":
@@ -365,9 +366,26 @@ def test_tiny_script_engine_block(engine, tiny_dir):
         for role in ("actor", "ref"):
             m = arr[role]["megatron"]
             assert m["vanilla_mbridge"] is True
-            assert (m["tensor_model_parallel_size"], m["pipeline_model_parallel_size"]) == (2, 1)
+            assert (m["tensor_model_parallel_size"], m["pipeline_model_parallel_size"], m["context_parallel_size"]) == (2, 1, 2)
 
 
 def test_tiny_script_refuses_an_unknown_engine():
     r = _run("run_tiny_cpu.sh", "--cfg", "job", env={"ENGINE": "deepspeed"}, timeout=60)
     assert r.returncode == 2 and "ENGINE must be fsdp2 or megatron, got 'deepspeed'" in r.stderr
+
+
+@pytest.mark.parametrize("script,layout", [("run_popo_qwen7b.sh", (2, 2, 1)), ("run_grpo_qwen7b.sh", (2, 2, 1)),
+                                           ("run_popo_qwen1.5b.sh", (1, 1, 1))])
+def test_qwen_scripts_engine_megatron(script, layout):
+    """ENGINE=megatron: verl's Megatron GRPO examples' TP/PP on 8 GPUs (7B: 2 x 2; 1.5B: 1 x 1), CP 1 unless
+    MEGATRON_CP says, the same layout for the siamese (ref) as for the actor, bf16 and Megatron's schedule key."""
+    env = {"ENGINE": "megatron", "MODEL_PATH": "/nonexistent", "CUDA_VISIBLE_DEVICES": ""}
+    for cp in (None, "2"):
+        cfg = _compose(script, **env, **({"MEGATRON_CP": cp} if cp else {}))
+        arr = cfg["actor_rollout_ref"]
+        assert cfg["model_engine"] == "megatron" and arr["actor"]["strategy"] == arr["ref"]["strategy"] == "megatron"
+        want = (*layout[:2], int(cp or layout[2]))
+        for role in ("actor", "ref"):
+            m = arr[role]["megatron"]
+            assert (m["tensor_model_parallel_size"], m["pipeline_model_parallel_size"], m["context_parallel_size"]) == want
+        assert arr["actor"]["megatron"]["dtype"] == "bfloat16" and arr["actor"]["optim"]["lr_decay_style"] == "cosine"

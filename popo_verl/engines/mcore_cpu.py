@@ -12,13 +12,14 @@ call, building verl 0.9.1's MegatronEngineWithLMHead on one gloo rank:
 1. the CUDA RNG tracker keeps CPU generator states (megatron/core/tensor_parallel/random.py);
 2. `torch.cuda.current_device/synchronize/get_rng_state/manual_seed` and `Tensor.cuda/Module.cuda` act on the
    CPU (mbridge/core/util.py `get_model`: `.cuda(torch.cuda.current_device())`; p2p_communication.py);
-3. a torch-function mode maps `device="cuda"` to the CPU and reports CPU tensors' `type()` as `torch.cuda.*`
-   (megatron/core/optimizer/optimizer.py: `torch.tensor(..., device='cuda')`; distrib_optimizer.py accepts
-   only `torch.cuda.*Tensor` parameters);
+3. a torch-function mode maps `device="cuda"` to the CPU, drops `pin_memory`, and reports CPU tensors' `type()` as
+   `torch.cuda.*` (megatron/core/optimizer/optimizer.py: `torch.tensor(..., device='cuda')`; distrib_optimizer.py
+   accepts only `torch.cuda.*Tensor` parameters; megatron's rope_utils.py pins memory under context parallelism);
 4. mbridge builds Transformer Engine layer specs only (mbridge/core/llm_bridge.py `_get_transformer_layer_spec`,
    TENorm: NameError): use megatron's local spec, with
    - a core attention on torch SDPA that takes packed THD micro-batches (`cu_seqlens_q_padded`) and verl's
-     (B, S) padding mask (megatron's local DotProductAttention takes neither; context parallelism unsupported),
+     (B, S) padding mask (megatron's local DotProductAttention takes neither), and context parallelism (each
+     rank's zigzag shard of queries against the group's gathered keys and values, packed or padded),
    - RMSNorm that allows sequence parallelism (its weight marked `sequence_parallel`, as TE's norm does),
    - mbridge's weight names for the local spec's separate norms (TE fuses them into the linear layers);
 5. without Apex or TE, megatron's distributed optimizer cannot build its state dict before its first step, which
@@ -56,6 +57,8 @@ class CudaToCpu(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if "device" in kwargs:
             kwargs["device"] = _cpu(kwargs["device"])
+        if kwargs.get("pin_memory"):  # no pinned memory without an accelerator (rope_utils.py, context parallel)
+            kwargs["pin_memory"] = False
         name = getattr(func, "__name__", "")
         if name == "to" and len(args) > 1:  # Tensor.to(device)
             args = (args[0], _cpu(args[1]), *args[2:])
@@ -90,14 +93,19 @@ def _sdpa_core_attention():
         def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
                      softmax_scale=None, cp_comm_type=None, pg_collection=None, **kwargs):
             super().__init__(config=config)
-            if config.context_parallel_size != 1:
-                raise NotImplementedError("popo_verl.engines.mcore_cpu: no context parallelism on the CPU")
+            self.cp = config.context_parallel_size
             self.scale = softmax_scale
 
-        def _attend(self, q, k, v, key_mask=None):  # (B, S, heads, d)
+        def _attend(self, q, k, v, key_mask=None, q_pos=None, k_pos=None):  # (B, S, heads, d)
             q, k, v = (x.transpose(1, 2) for x in (q, k, v))
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            if q_pos is not None:  # a context-parallel shard of queries against the whole sequence's keys
+                mask = k_pos[None, :] <= q_pos[:, None]
+                if key_mask is not None:  # padding keys masked; a padding query attends to itself (no NaN)
+                    mask = (mask[None] & key_mask[:, None, :].bool()) | (k_pos[None, :] == q_pos[:, None])[None]
+                    mask = mask.unsqueeze(1)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale).transpose(1, 2)
             s = q.shape[2]
             mask = torch.ones(s, s, dtype=torch.bool, device=q.device).tril()
             if key_mask is not None:  # padding keys masked; a padding query attends to itself (no NaN)
@@ -107,6 +115,10 @@ def _sdpa_core_attention():
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                     packed_seq_params=None):
+            if self.cp > 1 and packed_seq_params is not None:
+                return _thd_context_parallel(self._attend, query, key, value, packed_seq_params)
+            if self.cp > 1:
+                return _bshd_context_parallel(self._attend, query, key, value, attention_mask)
             if packed_seq_params is not None:  # THD: (t, heads, d), sequences back to back (padded slots)
                 cu = packed_seq_params.cu_seqlens_q_padded.tolist()
                 out = torch.empty_like(query)
@@ -119,6 +131,77 @@ def _sdpa_core_attention():
             return out.transpose(0, 1).reshape(out.shape[1], out.shape[0], -1)
 
     return SDPACoreAttention
+
+
+class _GatherFromContextParallel(torch.autograd.Function):
+    """All ranks' shards of the context-parallel group, stacked (cp, ...); backward: each rank's shard gets the sum
+    of every rank's gradient for it (an all-reduce: gloo has no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        shards = [torch.empty_like(x) for _ in range(torch.distributed.get_world_size(group))]
+        torch.distributed.all_gather(shards, x.contiguous(), group=group)
+        return torch.stack(shards)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad[torch.distributed.get_rank(ctx.group)], None
+
+
+def _zigzag_positions(rank, chunk, n):
+    """Positions in a sequence of n tokens of a context-parallel rank's two chunks (rank and 2cp-1-rank of 2cp)."""
+    return torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk), torch.arange(n - (rank + 1) * chunk, n - rank * chunk)])
+
+
+def _bshd_context_parallel(attend, query, key, value, attention_mask):
+    """Padded micro-batches (s_local, b, heads, d), each row split zigzag over the context-parallel ranks (verl's
+    `preprocess_bshd_engine`; its (b, s_local) padding mask is each rank's own): every query against the group's
+    gathered keys at or before its position."""
+    from megatron.core import parallel_state as mpu
+
+    group = mpu.get_context_parallel_group()
+    cp, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    s_local = query.shape[0]
+    chunk, n = s_local // 2, s_local * cp
+    k_pos = torch.cat([_zigzag_positions(r, chunk, n) for r in range(cp)]).to(query.device)
+    keys = _GatherFromContextParallel.apply(key, group).flatten(0, 1)  # (cp * s_local, b, heads, d)
+    values = _GatherFromContextParallel.apply(value, group).flatten(0, 1)
+    key_mask = None
+    if attention_mask is not None and attention_mask.dim() == 2:
+        masks = [torch.empty_like(attention_mask) for _ in range(cp)]
+        torch.distributed.all_gather(masks, attention_mask.contiguous(), group=group)
+        key_mask = torch.cat(masks, dim=1)  # (b, cp * s_local), in the keys' order
+    q, k, v = (x.transpose(0, 1) for x in (query, keys, values))
+    out = attend(q, k, v, key_mask, q_pos=_zigzag_positions(rank, chunk, n).to(query.device), k_pos=k_pos)
+    return out.transpose(0, 1).reshape(out.shape[1], out.shape[0], -1)
+
+
+def _thd_context_parallel(attend, query, key, value, packed):
+    """Causal attention of this rank's zigzag shard of each packed sequence (chunks r and 2cp-1-r of 2cp, verl's
+    `preprocess_thd_engine` layout; `cu_seqlens_q_padded` counts the whole sequences) against every rank's keys:
+    the keys and values of the context-parallel group are gathered, each token keeps its position in its sequence,
+    and a query sees the keys at or before its own position."""
+    from megatron.core import parallel_state as mpu
+
+    group = packed.cp_group if getattr(packed, "cp_group", None) is not None else mpu.get_context_parallel_group()
+    cp, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    keys, values = _GatherFromContextParallel.apply(key, group), _GatherFromContextParallel.apply(value, group)
+    cu = packed.cu_seqlens_q_padded.tolist()
+    out = torch.empty_like(query)
+    for start, end in zip(cu[:-1], cu[1:]):
+        chunk = (end - start) // (2 * cp)
+        a = start // cp  # this sequence's rows in every rank's local buffer: [a, a + 2 * chunk)
+
+        n = end - start
+        k_pos = torch.cat([_zigzag_positions(r, chunk, n) for r in range(cp)]).to(query.device)
+        k = torch.cat([keys[r, a:a + 2 * chunk] for r in range(cp)])
+        v = torch.cat([values[r, a:a + 2 * chunk] for r in range(cp)])
+        out[a:a + 2 * chunk] = attend(query[a:a + 2 * chunk][None], k[None], v[None],
+                                      q_pos=_zigzag_positions(rank, chunk, n).to(query.device), k_pos=k_pos)[0]
+    return out
 
 
 _CORE_ATTENTION = None

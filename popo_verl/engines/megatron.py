@@ -346,7 +346,34 @@ class PopoMegatronEngine(PopoStepReporting, MegatronEngineWithLMHead):
         its state load then writes (`_set_main_param_and_optimizer_states`: copy_ into a view of a leaf that requires
         grad raises outside no_grad)."""
         with torch.no_grad():
-            return super().load_checkpoint(*args, **kwargs)
+            out = super().load_checkpoint(*args, **kwargs)
+            self._gather_head_from_its_owners()
+        return out
+
+    def _gather_head_from_its_owners(self) -> None:
+        """After a load, every data-/context-parallel replica of the head holds the checkpoint's values.
+
+        The policy comes back whole on every rank (HF weights through the bridge), the head through the
+        distributed optimizer alone: each rank's main parameters are views of its own slice of the fp32 head
+        (distrib_optimizer.py `_get_model_param_range_map`), so the load writes that slice only, and the rest of
+        each replica kept its built values until the next step's parameter all-gather: the first step after a
+        resume ran on a stale head wherever DP x CP > 1. Each element is summed over its owners (and divided by
+        their count: several optimizer instances may each own it); an element no optimizer owns is left as is."""
+        group = mpu.get_data_parallel_group(with_context_parallel=True)
+        if self.optimizer is None or torch.distributed.get_world_size(group) == 1:
+            return
+        for p in (p for h in self.popo_heads() for p in h.parameters()):
+            value, owners = torch.zeros_like(p, dtype=torch.float32).view(-1), torch.zeros(p.numel())
+            for opt in self._sub_optimizers():
+                if p in getattr(opt, "model_param_gbuf_map", {}):
+                    r = opt._get_model_param_range_map(p)["param"]
+                    value[r.start:r.end] += p.detach().view(-1)[r.start:r.end].float()
+                    owners[r.start:r.end] += 1
+            torch.distributed.all_reduce(value, group=group)
+            torch.distributed.all_reduce(owners, group=group)
+            owned = owners > 0
+            flat = p.data.view(-1)
+            flat[owned] = (value[owned] / owners[owned]).to(p.dtype)
 
     # ------------------------------------------------------------------ weight export
     def get_per_tensor_param(self, *args, **kwargs):
