@@ -153,7 +153,8 @@ class _GatherFromContextParallel(torch.autograd.Function):
 
 def _zigzag_positions(rank, chunk, n):
     """Positions in a sequence of n tokens of a context-parallel rank's two chunks (rank and 2cp-1-rank of 2cp)."""
-    return torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk), torch.arange(n - (rank + 1) * chunk, n - rank * chunk)])
+    return torch.cat([torch.arange(rank * chunk, (rank + 1) * chunk),
+                      torch.arange(n - (rank + 1) * chunk, n - rank * chunk)])
 
 
 def _bshd_context_parallel(attend, query, key, value, attention_mask):
@@ -193,9 +194,7 @@ def _thd_context_parallel(attend, query, key, value, packed):
     out = torch.empty_like(query)
     for start, end in zip(cu[:-1], cu[1:]):
         chunk = (end - start) // (2 * cp)
-        a = start // cp  # this sequence's rows in every rank's local buffer: [a, a + 2 * chunk)
-
-        n = end - start
+        a, n = start // cp, end - start  # this sequence's rows in every rank's local buffer: [a, a + 2 * chunk)
         k_pos = torch.cat([_zigzag_positions(r, chunk, n) for r in range(cp)]).to(query.device)
         k = torch.cat([keys[r, a:a + 2 * chunk] for r in range(cp)])
         v = torch.cat([values[r, a:a + 2 * chunk] for r in range(cp)])
