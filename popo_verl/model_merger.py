@@ -31,17 +31,29 @@ def strip_predictor(state_dict: dict) -> dict:
     return state_dict
 
 
+def safetensors_files(folder: str) -> list[str]:
+    """The paths of a folder's *.safetensors files, in name order ([] when the folder does not exist)."""
+    if not os.path.isdir(folder):
+        return []
+    return [os.path.join(folder, f) for f in sorted(os.listdir(folder)) if f.endswith(".safetensors")]
+
+
+def load_hf_weights(folder: str) -> dict:
+    """Every tensor of an HF folder's safetensors files."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for path in safetensors_files(folder):
+        state.update(load_file(path))
+    return state
+
+
 def strip_predictor_from_hf_dir(hf_dir: str) -> int:
     """Rewrite the safetensors files of an HF folder without predictor tensors; returns how many were dropped."""
     from safetensors.torch import load_file, save_file
 
     dropped = 0
-    if not os.path.isdir(hf_dir):
-        return 0
-    for fname in sorted(os.listdir(hf_dir)):
-        if not fname.endswith(".safetensors"):
-            continue
-        path = os.path.join(hf_dir, fname)
+    for path in safetensors_files(hf_dir):
         tensors = load_file(path)
         keep = {k: v for k, v in tensors.items() if not is_predictor_param(k)}
         if len(keep) != len(tensors):
@@ -78,8 +90,7 @@ def megatron_model_format(local_dir: str) -> str:
     dist = os.path.join(local_dir, "model", "dist_ckpt")
     if os.path.isdir(dist) and os.listdir(dist):
         return "dist_ckpt"
-    hf = os.path.join(local_dir, "model", "huggingface")
-    if os.path.isdir(hf) and any(f.endswith(".safetensors") for f in os.listdir(hf)):
+    if safetensors_files(os.path.join(local_dir, "model", "huggingface")):
         return "huggingface"
     raise MergeError(
         f"{local_dir}: no Megatron model weights (neither model/huggingface/*.safetensors nor model/dist_ckpt/); "
@@ -94,13 +105,7 @@ def _bridge_merger_class():
         """A bridge checkpoint's HF weights (model/huggingface/), the head dropped, through verl's HF saving."""
 
         def load_state_dict(self) -> dict:
-            from safetensors.torch import load_file
-
-            state = {}
-            for fname in sorted(os.listdir(self.hf_model_config_path)):
-                if fname.endswith(".safetensors"):
-                    state.update(load_file(os.path.join(self.hf_model_config_path, fname)))
-            return strip_predictor(state)
+            return strip_predictor(load_hf_weights(self.hf_model_config_path))
 
         def merge_and_save(self):
             state = self.load_state_dict()
@@ -114,12 +119,8 @@ def _bridge_merger_class():
         def _validate(self, state: dict) -> None:
             """verl's `test` operation: every tensor equal (bf16 rounding) to the reference HF model's."""
             import torch
-            from safetensors.torch import load_file
 
-            ref = {}
-            for fname in sorted(os.listdir(self.config.test_hf_dir)):
-                if fname.endswith(".safetensors"):
-                    ref.update(load_file(os.path.join(self.config.test_hf_dir, fname)))
+            ref = load_hf_weights(self.config.test_hf_dir)
             missing = sorted(set(ref) - set(state))
             if missing:
                 raise RuntimeError(f"not in the checkpoint: {missing[:5]}")
@@ -154,13 +155,14 @@ def _fsdp_merger_class():
     return PopoFSDPModelMerger
 
 
-def merger_for(config):
-    """The merger for verl's `ModelMergerConfig`: fsdp, or megatron by where its checkpoint keeps the model."""
+def merger_for(config, model_format: str | None = None):
+    """The merger for verl's `ModelMergerConfig`: fsdp, or megatron by where its checkpoint keeps the model
+    (`model_format`, as `megatron_model_format` answers; found here when not given)."""
     if config.backend == "fsdp":
         return _fsdp_merger_class()(config)
     if config.backend != "megatron":
         raise ValueError(f"--backend must be fsdp or megatron, got {config.backend!r}")
-    if megatron_model_format(config.local_dir) == "huggingface":
+    if (model_format or megatron_model_format(config.local_dir)) == "huggingface":
         return _bridge_merger_class()(config)
     import torch
 
@@ -187,9 +189,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv = [sys.argv[0], *argv]
     args = parse_args()
     try:
-        if args.backend == "megatron":
-            megatron_model_format(args.local_dir)  # a wrong folder fails here, before verl makes --target_dir
-        merger = merger_for(generate_config_from_args(args))
+        # a wrong folder fails here, before verl's config makes --target_dir
+        model_format = megatron_model_format(args.local_dir) if args.backend == "megatron" else None
+        merger = merger_for(generate_config_from_args(args), model_format)
     except MergeError as e:
         sys.exit(f"popo_verl.model_merger: {e}")
     merger.merge_and_save()
