@@ -61,6 +61,8 @@ def test_summary_tables_paired_difference_and_verdicts(learning, tmp_path):
     # POPO - GRPO gains per seed: 0.1, 0.05, 0.1
     assert "gain difference +0.083" in text and "target POPO >= GRPO - 0.02: met" in text
     assert "| popo_alpha0 | 3 | -0.180 |" in text and "the component helps here" in text
+    # alpha 0 - GRPO per seed: -0.1, -0.1, -0.09 (the last column, paired with GRPO instead)
+    assert "the component helps here | -0.097 [-0.111, -0.082], 3 seeds |" in text
     assert "Target neg_logprob_delta < 0 on average: met" in text
     assert (tmp_path / "learning.md").read_text().strip() == text.strip()
     assert (tmp_path / "learning.png").stat().st_size > 1000
@@ -77,7 +79,7 @@ def test_resume_keeps_finished_runs_and_skips_them(learning, tmp_path, monkeypat
     assert ran == [("grpo", 1)], "popo seed 1 was already measured with these settings"
     stored = json.loads((tmp_path / "learning.json").read_text())
     assert {(r["variant"], r["seed"]) for r in stored} == {("popo", 1), ("grpo", 1), ("grpo", 7)}, "nothing lost"
-    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "held-out pass@1 gain: POPO=0.200 GRPO=0.100 (1 seeds)"
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "held-out pass@1 gain: POPO=0.200 GRPO=0.100 (1 seed)"
 
 
 def test_without_resume_the_asked_runs_are_redone_and_the_others_kept(learning, tmp_path, monkeypatch):
@@ -174,7 +176,7 @@ def test_report_summarises_the_stored_runs_and_runs_nothing(learning, tmp_path, 
     assert learning.main(["--report", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| popo_alpha0 | 1 | -0.150 |" in out and "- seed 0, warm start `w`: popo, grpo, popo_alpha0" in out
-    assert out.rstrip().splitlines()[-1] == "held-out pass@1 gain: POPO=0.200 GRPO=0.150 (1 seeds)"
+    assert out.rstrip().splitlines()[-1] == "held-out pass@1 gain: POPO=0.200 GRPO=0.150 (1 seed)"
     assert (tmp_path / "learning.md").exists()
     with pytest.raises(SystemExit):
         learning.main(["--report", "--variants", "popo_tau0.9", "--out", str(tmp_path)])
