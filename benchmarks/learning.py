@@ -239,7 +239,7 @@ def summarise(results: list[dict], out_dir: Path) -> str:
         g = [gain(r) for r in by["grpo"]]
         works = all(x > 0 for x in g)
         lines += ["## Is the baseline learning?", "",
-                  f"verl's GRPO gains {_mean_sd(g)} held-out pass@1 (min {min(g):+.3f}) over {len(g)} seeds: "
+                  f"verl's GRPO gains {_mean_sd(g)} held-out pass@1 (min {min(g):+.3f}) over {_seeds(len(g))}: "
                   + ("it learns on every seed, so the comparisons below mean something." if works else
                      "it does NOT improve on every seed, so the comparisons below mean little."), ""]
     else:

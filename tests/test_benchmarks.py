@@ -79,7 +79,9 @@ def test_resume_keeps_finished_runs_and_skips_them(learning, tmp_path, monkeypat
     assert ran == [("grpo", 1)], "popo seed 1 was already measured with these settings"
     stored = json.loads((tmp_path / "learning.json").read_text())
     assert {(r["variant"], r["seed"]) for r in stored} == {("popo", 1), ("grpo", 1), ("grpo", 7)}, "nothing lost"
-    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "held-out pass@1 gain: POPO=0.200 GRPO=0.100 (1 seed)"
+    out = capsys.readouterr().out
+    assert out.rstrip().splitlines()[-1] == "held-out pass@1 gain: POPO=0.200 GRPO=0.100 (1 seed)"
+    assert "(min +0.100) over 1 seed: it learns" in out, "singular in the baseline line too"
 
 
 def test_without_resume_the_asked_runs_are_redone_and_the_others_kept(learning, tmp_path, monkeypatch):
