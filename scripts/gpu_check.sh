@@ -63,7 +63,9 @@ run_algo() {
   local algo=$1; shift
   echo "gpu_check: $algo, $STEPS steps ..."
   local rc=0
-  ALGO=$algo ENGINE=$ENGINE TOTAL_STEPS=$STEPS TEST_FREQ=-1 SAVE_FREQ=-1 POPO_VERL_CPU=0 \
+  # ROLLOUT picks run_tiny_cpu.sh's rollout block (vllm: the head_dim-32 tiny model); PYTHON: this machine's
+  # python, not the CPU vLLM venv that ROLLOUT=vllm looks for by default
+  ALGO=$algo ENGINE=$ENGINE ROLLOUT=$ROLLOUT PYTHON=${PYTHON:-python} TOTAL_STEPS=$STEPS TEST_FREQ=-1 SAVE_FREQ=-1 POPO_VERL_CPU=0 \
     RUN_DIR="$OUT_DIR/$algo" LOG_FILE="$OUT_DIR/$algo.log" CKPT_DIR="$OUT_DIR/ckpt_$algo" \
     bash "$ROOT/scripts/run_tiny_cpu.sh" trainer.val_before_train=false trainer.resume_mode=disable \
     "${GPU_ARGS[@]}" "$@" > "$OUT_DIR/$algo.console" 2>&1 || rc=$?

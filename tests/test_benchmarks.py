@@ -190,3 +190,60 @@ def test_two_seeds_of_an_ablation_give_no_verdict(learning, tmp_path):
     text = learning.summarise(runs, tmp_path)
     assert "| popo_noise0 | 2 | +0.002 | [+0.002, +0.002] | 2 seeds: no verdict" in text
     assert "does not help here" not in text
+
+
+# ------------------------------------------------------------------------------------------ rollout engines
+def _rollout_run(method, rollout, start, end, diff=1e-6):
+    return {"method": method, "rollout": rollout, "steps": 100, "wall_s": 600.0,
+            "pass@1": {"0": start, "20": (start + end) / 2, "100": end}, "pass@8": {"0": 0.9, "100": 0.95},
+            "rollout_probs_diff_max": diff, "median_step_s": 3.5}
+
+
+def test_rollout_learning_report_sets_each_difference_against_the_seed_spread(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rollout_learning", Path(__file__).resolve().parents[1] / "benchmarks" / "rollout_learning.py")
+    rl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rl)
+    monkeypatch.setattr(rl, "seed_spread", lambda method: 0.05)
+    runs = [_rollout_run("popo", "vllm", 0.30, 0.58), _rollout_run("popo", "hf", 0.30, 0.55),
+            _rollout_run("grpo", "vllm", 0.30, 0.40), _rollout_run("grpo", "hf", 0.30, 0.62)]
+    text = rl.report(runs, tmp_path)
+    assert "| POPO | +0.030 | 0.050 | no (within 2 s.d.) |" in text
+    assert "| GRPO | -0.220 | 0.050 | yes (> 2 s.d.) |" in text
+    assert "verl's GRPO learns through both engines" in text
+    stored = json.loads((tmp_path / "rollout_learning.json").read_text())
+    assert stored["verdicts"]["grpo"]["beyond_noise"] is True and (tmp_path / "rollout_learning.png").exists()
+    flat = [_rollout_run("grpo", "vllm", 0.30, 0.31), _rollout_run("grpo", "hf", 0.30, 0.45)]
+    assert "verl's GRPO does NOT learn through both engines" in rl.report(flat, tmp_path)
+
+
+def test_cost_rollout_report_puts_vllm_and_hf_side_by_side(cost, tmp_path):
+    def run(rollout, gen, wall):
+        steps = {s: {"timing_s/gen": gen, "timing_s/step": gen + 1.0, "timing_s/update_actor": 0.5,
+                     "training/rollout_probs_diff_max": 1e-6 if rollout == "vllm" else 2e-7} for s in (1, 2, 3)}
+        return {"algo": rollout, "steps": steps, "wall_s": wall, "peak_rss_gb": {"ray::WorkerDict": 1.0, "driver": 0.5},
+                "peak_gpu_gb": {}}
+
+    runs = [run("hf", 2.0, 100.0), run("vllm", 3.0, 172.0), run("hf", 2.0, 100.0), run("vllm", 3.0, 172.0)]
+    result = cost.rollout_report(runs, tmp_path)
+    assert result["gen_ratio"] == pytest.approx(1.5) and result["step_ratio"] == pytest.approx(4.0 / 3.0)
+    assert result["startup_s"] == {"hf": pytest.approx(91.0), "vllm": pytest.approx(160.0)}  # wall less 3 steps
+    md = (tmp_path / "cost_cpu_rollout_vllm_vs_hf.md").read_text()
+    assert "| gen | 2.0000 | 3.0000 | 1.500 |" in md and "start-up s" in md
+
+
+def test_rollout_learning_report_lays_out_popo_by_rollout_seed(tmp_path, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rollout_learning", Path(__file__).resolve().parents[1] / "benchmarks" / "rollout_learning.py")
+    rl = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rl)
+    monkeypatch.setattr(rl, "seed_spread", lambda method: 0.05)
+    control = [dict(_rollout_run("popo", "hf", 0.30, 0.50), rollout_seed=7),
+               dict(_rollout_run("popo", "vllm", 0.30, 0.65), rollout_seed=7)]
+    runs = [_rollout_run("popo", "vllm", 0.30, 0.58), _rollout_run("popo", "hf", 0.30, 0.70)] + control
+    text = rl.report(runs, tmp_path)
+    assert "| 42 | +0.400 | +0.280 | -0.120 |" in text and "| 7 | +0.200 | +0.350 | +0.150 |" in text
+    assert "Same engine, seed 7 - seed 42: vllm +0.070, hf -0.200" in text
+    assert "| POPO | vllm, rollout seed 7 |" in text

@@ -141,3 +141,27 @@ def test_platform_registered_under_cpu():
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split()[-1] == "True"
+
+
+_VLLM_REGISTRATION = """
+    import verl
+    from verl.workers.rollout import base, replica
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+    loader = RolloutReplicaRegistry._registry["vllm"]
+    print(base._ROLLOUT_REGISTRY[("vllm", "async")], f"{loader.__module__}.{loader.__qualname__}",
+          loader is replica._load_vllm)
+"""
+
+
+def test_cpu_vllm_pieces_switch_on_only_on_the_cpu_platform():
+    """`rollout.name=vllm`: on the CPU platform, popo_verl/cpu/vllm.py's adapter and replica (no sleep mode, weights
+    kept for re-packing, a bounded weight sync); on a CUDA machine verl's own, untouched (sleep mode, CUDA IPC, its
+    worker extension). The registrations only name the classes: nothing here needs vLLM installed."""
+    cpu = _run(textwrap.dedent(_FAKE_CPU_MACHINE) + textwrap.dedent(_VLLM_REGISTRATION), {})
+    assert cpu.returncode == 0, cpu.stderr[-2000:]
+    assert cpu.stdout.split()[-3:] == ["popo_verl.cpu.vllm.CPUvLLMServerAdapter",
+                                       "popo_verl.cpu.backend._register_cpu_vllm_rollout.<locals>._load_cpu_vllm", "False"]
+    gpu = _run("import torch\ntorch.cuda.is_available = lambda: True\n" + textwrap.dedent(_VLLM_REGISTRATION), {})
+    assert gpu.returncode == 0, gpu.stderr[-2000:]
+    assert gpu.stdout.split()[-3:] == ["verl.workers.rollout.vllm_rollout.ServerAdapter",
+                                       "verl.workers.rollout.replica._load_vllm", "True"]

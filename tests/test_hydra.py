@@ -53,6 +53,17 @@ def test_without_algorithm_the_config_is_stock(stock_job):
     assert compose() == stock_job
 
 
+def test_verls_megatron_config_composes_as_stock_and_with_popo():
+    """`--config-name ppo_megatron_trainer` (verl's Megatron examples) includes ppo_trainer.yaml and ends its defaults
+    with `override model_engine: megatron`: the plugin once appended `algorithm: null` after that override, and hydra
+    refused the config with the plugin installed ("Override 'model_engine : megatron' is defined before ...")."""
+    name = ("--config-name", "ppo_megatron_trainer")
+    assert compose(*name) == compose(*name, env={"POPO_VERL_HYDRA": "0"})
+    cfg = OmegaConf.create(compose(*name, "algorithm=popo"))
+    assert cfg.algorithm.adv_estimator == "popo" and cfg.actor_rollout_ref.actor.strategy == "megatron"
+    assert cfg.trainer.v1.trainer_mode == "popo"
+
+
 def test_stock_hydra_refuses_the_bare_spelling():
     """Why the config source exists: without it, verl's defaults have no `algorithm` group."""
     with pytest.raises(RuntimeError, match="algorithm"):

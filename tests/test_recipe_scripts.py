@@ -389,3 +389,17 @@ def test_qwen_scripts_engine_megatron(script, layout):
             m = arr[role]["megatron"]
             assert (m["tensor_model_parallel_size"], m["pipeline_model_parallel_size"], m["context_parallel_size"]) == want
         assert arr["actor"]["megatron"]["dtype"] == "bfloat16" and arr["actor"]["optim"]["lr_decay_style"] == "cosine"
+
+
+def test_tiny_script_refuses_an_unknown_rollout():
+    r = _run("run_tiny_cpu.sh", "--cfg", "job", env={"ROLLOUT": "sglang"}, timeout=60)
+    assert r.returncode == 2 and "ROLLOUT must be hf or vllm, got 'sglang'" in r.stderr
+
+
+def test_tiny_script_vllm_without_its_environment_says_how_to_make_it(tmp_path):
+    """ROLLOUT=vllm runs in the CPU vLLM environment; where there is none the script ends at once with the command
+    that makes it, before building anything."""
+    t0 = time.time()
+    r = _run("run_tiny_cpu.sh", env={"ROLLOUT": "vllm", "VLLM_VENV": str(tmp_path / "none")}, timeout=60)
+    assert r.returncode == 2 and time.time() - t0 < 10
+    assert "bash scripts/install_vllm_cpu.sh" in r.stderr and str(tmp_path / "none") in r.stderr

@@ -159,6 +159,23 @@ def test_summary_cli_exit_status_and_no_steps(tmp_path):
                                      "no training step was logged: see the errors above or in the full log"]
 
 
+def test_summary_of_a_failed_run_says_so_last(tmp_path):
+    """A run that ended with an error (a killed vLLM engine, say) after some steps: the summary's last line says it
+    failed, and a held-out value measured once is not shown as a change over 0 steps."""
+    log = tmp_path / "train.log"
+    log.write_text(
+        "step:0 - val-core/tiny_arith/acc/mean@1:0.25\n"
+        "step:1 - training/global_step:1 - timing_s/step:2.0\n"
+        "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.\n")
+    lines = summary.report(log.read_text(), "train.log", exit_status=1)
+    assert lines[-2:] == ["held-out pass@1: 0.250 at step 0 (no later validation)",
+                          "the run FAILED (exit status 1): its error is above and in train.log"]
+    assert summary.report(log.read_text(), "train.log")[-1] == "held-out pass@1: 0.250 at step 0 (no later validation)"
+    r = subprocess.run([sys.executable, "-m", "popo_verl.tiny.summary", str(log), "--exit-status", "137"],
+                       capture_output=True, text=True)
+    assert r.stdout.splitlines()[-1].startswith("the run FAILED (exit status 137)")
+
+
 # ------------------------------------------------------------------------------------------ early errors
 def test_bad_popo_key_fails_in_the_driver_before_ray_starts(tmp_path):
     t0 = time.time()
@@ -180,7 +197,8 @@ def test_bad_popo_key_through_the_run_script(tmp_path):
     assert "popo-verl: invalid configuration: algorithm.popo.weight_mode must be one of" in out
     assert "ray init" not in out
     assert r.stdout.splitlines()[0] == f"full log: {tmp_path / 'run' / 'train.log'}"
-    assert r.stdout.rstrip().splitlines()[-1] == "no training step was logged: see the errors above or in the full log"
+    assert r.stdout.rstrip().splitlines()[-1] == (f"the run FAILED (exit status 2) before its first training step: its "
+                                                  f"error is above and in {tmp_path / 'run' / 'train.log'}")
 
 
 # ------------------------------------------------------------------------------------------ the main job

@@ -149,3 +149,22 @@ def test_rebuilding_seed_0_keeps_the_other_seeds_tasks(tmp_path, monkeypatch):
     tiny.build(root, tiny.TinySpec(), force=True, log=lambda *a: None)
     assert (root / "seed_3" / "manifest.json").read_text() == "{}"
     assert not (root / "old_file").exists() and (root / "manifest.json").exists()
+
+
+def test_default_dir_of_another_attention_layout(monkeypatch, tmp_path):
+    """The head_dim-32 model (ROLLOUT=vllm) lives beside the default one, never inside it (a rebuild of the seed-0
+    folder replaces it), with its seeds in its own folder."""
+    monkeypatch.setenv("POPO_TINY_DIR", str(tmp_path / "tiny"))
+    assert tiny.default_dir(0, heads=2, kv_heads=1) == str(tmp_path / "tiny_h2kv1")
+    assert tiny.default_dir(3, heads=2, kv_heads=1) == str(tmp_path / "tiny_h2kv1" / "seed_3")
+    assert tiny.default_dir(0, heads=4, kv_heads=2) == str(tmp_path / "tiny")
+    assert tiny.TinySpec(heads=2, kv_heads=1).digest() != tiny.TinySpec().digest()
+
+
+def test_build_refuses_a_layout_the_hidden_size_cannot_take(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "popo_verl.tiny", "build", "--heads", "3", "--kv-heads", "1", "--out",
+                        str(tmp_path / "t")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--heads 3 --kv-heads 1" in r.stderr and not (tmp_path / "t").exists()

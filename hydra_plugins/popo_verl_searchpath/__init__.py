@@ -54,8 +54,11 @@ class PopoVerlConfigSource(ConfigSource):
         text = resources.files(VERL_CONFIG_PACKAGE).joinpath(name).read_text(encoding="utf-8")
         header = ConfigSource._get_header_dict(text[:512])
         cfg = OmegaConf.create(text)
-        if not _group_added_on_command_line():
-            defaults = list(cfg.get("defaults", []))
+        defaults = list(cfg.get("defaults", []))
+        # ppo_megatron_trainer.yaml includes ppo_trainer.yaml (served here too, so it brings the group) and ends its
+        # defaults with `override model_engine: megatron`, after which hydra accepts no new group: add none there.
+        inherits = any(isinstance(d, str) and f"{d}.yaml" in SERVED for d in defaults)
+        if not _group_added_on_command_line() and not inherits:
             defaults.append({"algorithm": None})
             cfg.defaults = defaults
         return ConfigResult(config=cfg, path=f"{SCHEME}://{self.path}", provider=self.provider, header=header)

@@ -153,6 +153,27 @@ def _register_hf_rollout() -> None:
     RolloutReplicaRegistry.register(HF_ROLLOUT, _load_hf)
 
 
+VLLM_ROLLOUT = "vllm"
+
+
+def _register_cpu_vllm_rollout() -> None:
+    """`rollout.name=vllm` on the CPU platform: verl's vLLM classes with the CPU pieces of popo_verl/cpu/vllm.py
+    (imported only when a run builds its rollout: vLLM lives in its own environment, scripts/install_vllm_cpu.sh).
+    Replaces verl's entries (verl/workers/rollout/base.py `_ROLLOUT_REGISTRY`, verl/workers/rollout/replica.py
+    `RolloutReplicaRegistry`) on the CPU platform only; elsewhere verl's own vLLM path runs untouched."""
+    from verl.workers.rollout import base as rollout_base
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    rollout_base._ROLLOUT_REGISTRY[(VLLM_ROLLOUT, "async")] = "popo_verl.cpu.vllm.CPUvLLMServerAdapter"
+
+    def _load_cpu_vllm():
+        from popo_verl.cpu.vllm import CPUvLLMReplica
+
+        return CPUvLLMReplica
+
+    RolloutReplicaRegistry.register(VLLM_ROLLOUT, _load_cpu_vllm)
+
+
 def register() -> None:
     """Idempotent; runs in every process that imports verl (popo_verl.plugin, and this module's import)."""
     from verl.plugin.platform import PlatformRegistry
@@ -160,6 +181,7 @@ def register() -> None:
     _register_hf_rollout()
     if not cpu_platform_wanted():
         return
+    _register_cpu_vllm_rollout()
     if PlatformRegistry.get("cpu") is not PlatformCPU:
         PlatformRegistry.register(platform="cpu")(PlatformCPU)
     if os.environ.get(FORCE_ENV, "").strip().lower() in ("1", "true", "yes"):

@@ -60,9 +60,13 @@ PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
 BUILD_THREADS = 2  # a reduction split over another number of threads sums in another order
 
 
-def default_dir(seed: int = 0) -> str:
-    """POPO_TINY_DIR, else ~/.cache/popo_verl/tiny; a task built with seed S != 0 lives in its `seed_S` folder."""
+def default_dir(seed: int = 0, heads: int = 4, kv_heads: int = 2) -> str:
+    """POPO_TINY_DIR, else ~/.cache/popo_verl/tiny; a task built with seed S != 0 lives in its `seed_S` folder.
+    Another attention layout (`--heads 2 --kv-heads 1`: head_dim 32, which vLLM's CPU attention needs) is another
+    model: it lives beside the default, in `tiny_h2kv1` (a rebuild of the seed-0 folder never touches it)."""
     root = os.environ.get("POPO_TINY_DIR", os.path.join(os.path.expanduser("~"), ".cache", "popo_verl", "tiny"))
+    if (heads, kv_heads) != (TinySpec.heads, TinySpec.kv_heads):
+        root = f"{root}_h{heads}kv{kv_heads}"
     return root if seed == 0 else os.path.join(root, f"seed_{seed}")
 
 
@@ -433,7 +437,7 @@ def _build_in_pinned_child(out_dir, spec: TinySpec, log) -> dict[str, str]:
 
 
 def ensure_built(out_dir: str | None = None, spec: TinySpec = TinySpec(), log=print) -> dict[str, str]:
-    out_dir = out_dir or default_dir(spec.seed)
+    out_dir = out_dir or default_dir(spec.seed, spec.heads, spec.kv_heads)
     lock = Path(str(out_dir) + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
     import fcntl
@@ -451,14 +455,25 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build (or reuse) the tiny task")
     b.add_argument("--seed", type=int, default=0, help="problem split, initialisation and label noise (default 0)")
-    b.add_argument("--out", default=None, help="default: POPO_TINY_DIR or ~/.cache/popo_verl/tiny (seed_S for seed S != 0)")
+    b.add_argument("--heads", type=int, default=TinySpec.heads,
+                   help=f"attention heads (default {TinySpec.heads}: head_dim 16); 2 gives head_dim 32, as vLLM's CPU "
+                        "attention needs (ROLLOUT=vllm)")
+    b.add_argument("--kv-heads", type=int, default=TinySpec.kv_heads, help=f"key/value heads (default {TinySpec.kv_heads})")
+    b.add_argument("--out", default=None, help="default: POPO_TINY_DIR or ~/.cache/popo_verl/tiny (seed_S for seed S != 0; "
+                                               "tiny_hHkvK for another attention layout)")
     b.add_argument("--force", action="store_true")
     b.add_argument("--print-reward-file", action="store_true", help="end with the path of popo_verl/reward.py")
     b.add_argument("--spec", default=None, help=argparse.SUPPRESS)  # the whole TinySpec as JSON (the build's child)
     args = parser.parse_args(argv)
     if args.cmd == "build":
-        spec = TinySpec(**json.loads(args.spec)) if args.spec else TinySpec(seed=args.seed)
-        out = args.out or default_dir(spec.seed)
+        if args.spec:
+            spec = TinySpec(**json.loads(args.spec))
+        else:
+            if args.heads < 1 or args.kv_heads < 1 or args.heads % args.kv_heads or TinySpec.hidden_size % args.heads:
+                parser.error(f"--heads {args.heads} --kv-heads {args.kv_heads}: heads must divide the hidden size "
+                             f"({TinySpec.hidden_size}) and be a multiple of kv-heads")
+            spec = TinySpec(seed=args.seed, heads=args.heads, kv_heads=args.kv_heads)
+        out = args.out or default_dir(spec.seed, spec.heads, spec.kv_heads)
         # progress on stderr as it happens; stdout keeps only what a script captures (the reward file's path)
         log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
         if args.force:

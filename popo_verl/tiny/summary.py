@@ -99,6 +99,9 @@ def latest_policy(checkpoint_dir) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
+NO_STEP = "no training step was logged: see the errors above or in the full log"
+
+
 def _tracked_step(checkpoint_dir) -> int | None:
     """The step verl's `latest_checkpointed_iteration.txt` names (what `resume_mode=auto` resumes from)."""
     try:
@@ -111,8 +114,21 @@ def _training_steps(steps) -> list[tuple[int, dict[str, float]]]:
     return [(s, m) for s, m in steps if "training/global_step" in m]
 
 
-def report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, test_data=None) -> list[str]:
-    """The summary's lines (the last one is the held-out pass@1 line, or why there is none)."""
+def report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, test_data=None,
+           exit_status: int = 0) -> list[str]:
+    """The summary's lines (the last one is the held-out pass@1 line, or why there is none; after a failed run,
+    the failure)."""
+    lines = _report(text, log_name, validation_dir, checkpoint_dir, test_data)
+    if exit_status:
+        if lines[-1] == NO_STEP:
+            lines[-1] = f"the run FAILED (exit status {exit_status}) before its first training step: its error is " \
+                        f"above and in {log_name}"
+        else:
+            lines.append(f"the run FAILED (exit status {exit_status}): its error is above and in {log_name}")
+    return lines
+
+
+def _report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, test_data=None) -> list[str]:
     steps = parse_steps(text)
     train = _training_steps(steps)
     lines = [f"full log: {log_name}"]
@@ -123,7 +139,7 @@ def report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, t
                          "there (trainer.resume_mode=auto) and found nothing left to train; raise "
                          "trainer.total_training_steps, or start afresh with trainer.resume_mode=disable")
         else:
-            lines.append("no training step was logged: see the errors above or in the full log")
+            lines.append(NO_STEP)
         return lines
     first, last = min(s for s, _ in train), max(s for s, _ in train)
     trained = len({s for s, _ in train})
@@ -162,7 +178,10 @@ def report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, t
     a, b = min(pass1), max(pass1)
     if source != "correct samples":
         lines.append(f"(held-out pass@1 below is {source})")
-    lines.append(f"held-out pass@1: {pass1[a]:.3f} -> {pass1[b]:.3f} ({b - a} steps)")
+    if b == a:
+        lines.append(f"held-out pass@1: {pass1[a]:.3f} at step {a} (no later validation)")
+    else:
+        lines.append(f"held-out pass@1: {pass1[a]:.3f} -> {pass1[b]:.3f} ({b - a} steps)")
     return lines
 
 
@@ -172,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--validation-dir", default=None, help="verl's trainer.validation_data_dir of the run")
     ap.add_argument("--checkpoint-dir", default=None, help="verl's trainer.default_local_dir of the run")
     ap.add_argument("--test-data", default=None, help="held-out parquet, shown in the evaluate command")
+    ap.add_argument("--exit-status", type=int, default=0, help="the trainer's exit status (non-zero: said last)")
     args = ap.parse_args(argv)
     try:
         with open(args.log, errors="replace") as f:
@@ -179,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         print(f"cannot read the log {args.log}: {e}", file=sys.stderr)
         return 2
-    lines = report(text, args.log, args.validation_dir, args.checkpoint_dir, args.test_data)
+    lines = report(text, args.log, args.validation_dir, args.checkpoint_dir, args.test_data, args.exit_status)
     print("\n".join(lines))
     return 0 if _training_steps(parse_steps(text)) else 1
 
