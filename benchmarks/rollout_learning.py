@@ -35,6 +35,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 METHODS = ("popo", "grpo")
 ROLLOUTS = ("vllm", "hf")
 TINY_ENV = {"TINY_HEADS": "2", "TINY_KV_HEADS": "1"}
+MAX_RESPONSE = 32  # run_tiny_cpu.sh's data.max_response_length: a response this long never closed
 CONTROL_SEED = 7  # the controls: POPO through each engine with this rollout seed (the others use the config's, 42)
 DEFAULT_SEED = 42  # verl's rollout.seed default
 
@@ -61,11 +62,14 @@ def run_from_log(method: str, rollout: str, text: str, wall_s: float | None = No
     steps = _learning().parse_steps(text)
     diffs = [m["training/rollout_probs_diff_max"] for _, m in steps if "training/rollout_probs_diff_max" in m]
     step_s = [m["timing_s/step"] for _, m in steps if "timing_s/step" in m and "training/global_step" in m]
+    # steps whose rollouts hold an answer that ran on past its closing brace to the length limit ("\\boxed{76}8565...":
+    # the last-boxed verifier scores it correct, so POPO, learning from positives only, reinforces the tail)
+    long_steps = sum(1 for _, m in steps if "training/global_step" in m and m.get("response_length/max", 0) >= MAX_RESPONSE)
     return {"method": method, "rollout": rollout, "rollout_seed": rollout_seed, "steps": max(curves["pass@1"]), "wall_s": wall_s,
             "pass@1": {str(s): v for s, v in curves["pass@1"].items()},
             "pass@8": {str(s): v for s, v in curves["pass@8"].items()},
             "rollout_probs_diff_max": max(diffs) if diffs else None,
-            "median_step_s": statistics.median(step_s) if step_s else None}
+            "median_step_s": statistics.median(step_s) if step_s else None, "steps_with_max_length_response": long_steps}
 
 
 def run(method: str, rollout: str, workdir: Path, rollout_seed: int | None = None) -> dict:
@@ -102,10 +106,10 @@ def seed_spread(method: str) -> float | None:
 def report(runs: list[dict], out: Path) -> str:
     by = {(r["method"], r["rollout"]): r for r in runs if r.get("rollout_seed") is None}
     controls = {r["rollout"]: r for r in runs if r.get("rollout_seed") is not None and r["method"] == "popo"}
-    lines = ["Held-out pass@1 (8 samples per prompt, temperature 1) of the tiny task built with head_dim 32, one seed; "
-             "the same build, budget and data order for all four runs, the rollout engine alone differs.", "",
+    lines = ["Held-out pass@1 (8 samples per prompt, temperature 1) of the tiny task built with head_dim 32 (one build); "
+             f"the same budget and data order for every run; rollout seed {DEFAULT_SEED} (verl's default) unless said.", "",
              "| method | rollout | pass@1 start | pass@1 end | gain | pass@8 start -> end | max rollout_probs_diff_max "
-             "| median step s |", "|---|---|---|---|---|---|---|---|"]
+             f"| median step s | steps with a {MAX_RESPONSE}-token response |", "|---|---|---|---|---|---|---|---|---|"]
     for m in METHODS:
         for ro in ROLLOUTS + tuple(f"control {c}" for c in ROLLOUTS):
             r = by.get((m, ro)) if not ro.startswith("control") else (controls.get(ro.split()[1]) if m == "popo" else None)
@@ -117,7 +121,8 @@ def report(runs: list[dict], out: Path) -> str:
             diff = f"{r['rollout_probs_diff_max']:.1e}" if r.get("rollout_probs_diff_max") is not None else "-"
             step = f"{r['median_step_s']:.2f}" if r.get("median_step_s") else "-"
             lines.append(f"| {m.upper()} | {ro} | {p1[min(p1)]:.3f} | {p1[max(p1)]:.3f} | {gain(r):+.3f} | "
-                         f"{p8[min(p8)]:.3f} -> {p8[max(p8)]:.3f} | {diff} | {step} |")
+                         f"{p8[min(p8)]:.3f} -> {p8[max(p8)]:.3f} | {diff} | {step} | "
+                         f"{r.get('steps_with_max_length_response', '-')} |")
     lines += ["", "| method | gain vLLM - gain hf | seed-to-seed s.d. of the gain (learning.json, hf) | beyond noise? |",
               "|---|---|---|---|"]
     verdicts = {}
@@ -153,11 +158,11 @@ def report(runs: list[dict], out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     (out / "rollout_learning.md").write_text(text + "\n")
     (out / "rollout_learning.json").write_text(json.dumps({"runs": runs, "verdicts": verdicts}, indent=2))
-    _plot(by, out / "rollout_learning.png")
+    _plot(by, controls, out / "rollout_learning.png")
     return text
 
 
-def _plot(by: dict, path: Path) -> None:
+def _plot(by: dict, controls: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,6 +173,10 @@ def _plot(by: dict, path: Path) -> None:
         c = sorted((int(s), v) for s, v in r["pass@1"].items())
         ax.plot([s for s, _ in c], [v for _, v in c], marker="o", linestyle="-" if ro == "vllm" else "--",
                 color="C0" if m == "popo" else "C1", label=f"{m.upper()} through {ro}")
+    for ro, r in sorted(controls.items()):
+        c = sorted((int(s), v) for s, v in r["pass@1"].items())
+        ax.plot([s for s, _ in c], [v for _, v in c], marker="x", linestyle="-" if ro == "vllm" else "--", color="C2",
+                label=f"POPO through {ro}, rollout seed {r['rollout_seed']}")
     ax.set_xlabel("training step")
     ax.set_ylabel("held-out pass@1 (temperature 1)")
     ax.set_title("Tiny task (head_dim 32): learning through verl's vLLM rollout vs hf")

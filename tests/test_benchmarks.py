@@ -230,7 +230,7 @@ def test_cost_rollout_report_puts_vllm_and_hf_side_by_side(cost, tmp_path):
     assert result["gen_ratio"] == pytest.approx(1.5) and result["step_ratio"] == pytest.approx(4.0 / 3.0)
     assert result["startup_s"] == {"hf": pytest.approx(91.0), "vllm": pytest.approx(160.0)}  # wall less 3 steps
     md = (tmp_path / "cost_cpu_rollout_vllm_vs_hf.md").read_text()
-    assert "| gen | 2.0000 | 3.0000 | 1.500 |" in md and "start-up s" in md
+    assert "| gen | 2.0000 | 3.0000 | 1.500 |" in md and "start-up s" in md and "rollout processes" in md
 
 
 def test_rollout_learning_report_lays_out_popo_by_rollout_seed(tmp_path, monkeypatch):
@@ -247,3 +247,12 @@ def test_rollout_learning_report_lays_out_popo_by_rollout_seed(tmp_path, monkeyp
     assert "| 42 | +0.400 | +0.280 | -0.120 |" in text and "| 7 | +0.200 | +0.350 | +0.150 |" in text
     assert "Same engine, seed 7 - seed 42: vllm +0.070, hf -0.200" in text
     assert "| POPO | vllm, rollout seed 7 |" in text
+
+
+def test_rollout_rss_counts_each_rollout_process_once(cost):
+    """Ray renames a process per task it runs; the sampler keeps a peak per name. The rollout engine's RSS takes
+    each process's largest and leaves the trainer's processes out."""
+    peaks = {"ray::HFRolloutServer": 0.90, "ray::HFRolloutServer.generate": 0.92, "ray::WorkerDict": 1.0,
+             "ray::vllm_server_0_0:CPUvLLMHttpServer.__init__": 0.98, "ray::CPUvLLMHttpServer.launch_server": 1.0,
+             "VLLM::EngineCore": 0.88, "VLLM::Worker": 2.07, "driver": 0.5}
+    assert cost.rollout_rss_gb(peaks) == pytest.approx(0.92 + 1.0 + 0.88 + 2.07)
