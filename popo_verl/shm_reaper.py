@@ -5,8 +5,9 @@ CPU). They are unlinked only on a clean shutdown; when Ray ends a run (it SIGKIL
 they stay in /dev/shm, which is memory, run after run. `popo_verl.cpu.vllm` starts this process for its vLLM
 server with `--detach`: it forks away from the server into a session of its own, because Ray kills a worker's
 child processes with the worker (whatever their session), and a detached one is no longer its child. It watches the server
-and every process below it, collects the /dev/shm files they map, and once all of them have exited unlinks those
-still there. Only files under /dev/shm, and only ones a watched process mapped, are ever touched.
+and every process below it, collects the /dev/shm files they map (the ring buffers, and the multiprocessing
+semaphores that vLLM's processes hand each other at start-up, `sem.mp-*`), and once all of them have exited
+unlinks those still there. Only files under /dev/shm, and only ones a watched process mapped, are ever touched.
 
     python -m popo_verl.shm_reaper --root PID
 """
@@ -20,19 +21,34 @@ import time
 SHM_DIR = "/dev/shm"
 
 
-def mapped_shm_paths(pids) -> set[str]:
-    """The /dev/shm files that these processes map now (from /proc/PID/maps; unlinked ones excluded)."""
-    paths = set()
+def mapped_shm_inodes(pids) -> dict[int, str]:
+    """inode -> path of the /dev/shm files these processes map now, from /proc/PID/maps.
+
+    By inode, not by name: glibc's sem_open creates a semaphore as a temporary file, maps it and only then links
+    it under its name (`sem.mp-*` for multiprocessing's locks), so its creator's maps show `sem.XXXXXX (deleted)`
+    and never the name it lives under. tmpfs numbers inodes from a counter, so a number is not soon reused.
+    """
+    inodes: dict[int, str] = {}
     for pid in pids:
         try:
             with open(f"/proc/{pid}/maps") as fh:
                 for line in fh:
                     parts = line.rstrip("\n").split(maxsplit=5)  # address perms offset dev inode [path]
-                    if len(parts) == 6 and parts[5].startswith(SHM_DIR + "/") and not parts[5].endswith("(deleted)"):
-                        paths.add(parts[5])
+                    if len(parts) == 6 and parts[5].startswith(SHM_DIR + "/") and parts[4].isdigit():
+                        inodes[int(parts[4])] = parts[5]
         except OSError:
             continue
-    return paths
+    return inodes
+
+
+def shm_files_of(inodes) -> list[str]:
+    """The paths under /dev/shm now linked to one of these inodes."""
+    wanted = set(inodes)
+    try:
+        with os.scandir(SHM_DIR) as entries:
+            return sorted(e.path for e in entries if e.is_file(follow_symlinks=False) and e.inode() in wanted)
+    except OSError:
+        return []
 
 
 def descendants(pid: int) -> list[int]:
@@ -66,18 +82,16 @@ def alive(pid: int) -> bool:
 def reap(root: int, poll_s: float = 2.0) -> list[str]:
     """Watch root and its descendants until all have exited; then unlink the /dev/shm files they mapped."""
     seen: set[int] = set()
-    paths: set[str] = set()
+    inodes: set[int] = set()
     while True:
         live = [p for p in descendants(root) if alive(p)] if alive(root) else []
         seen.update(live)
-        paths |= mapped_shm_paths(live)
+        inodes |= set(mapped_shm_inodes(live))
         if not any(alive(p) for p in seen):
             break
         time.sleep(poll_s)
     removed = []
-    for path in sorted(paths):
-        if os.path.dirname(path) != SHM_DIR:
-            continue
+    for path in shm_files_of(inodes):
         try:
             os.unlink(path)
             removed.append(path)

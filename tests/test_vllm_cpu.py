@@ -49,13 +49,13 @@ def shm_entries() -> set[str]:
 def leaked(before: set[str]) -> set[str]:
     """Segments of vLLM's and verl's kinds created since `before` that no live process maps any more (another
     run on the machine may hold its own meanwhile)."""
-    from popo_verl.shm_reaper import mapped_shm_paths
+    from popo_verl.shm_reaper import mapped_shm_inodes, shm_files_of
 
     new = {e for e in shm_entries() - before if e.startswith(("psm_", "verl_weights_", "sem.mp-"))}
     if not new:
         return set()
     pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    in_use = {os.path.basename(p) for p in mapped_shm_paths(pids)}
+    in_use = {os.path.basename(p) for p in shm_files_of(mapped_shm_inodes(pids))}
     return new - in_use
 
 
@@ -269,30 +269,38 @@ def test_layouts_vllm_cpu_cannot_serve_are_named(tiny_hd32):
 
 
 def test_shm_reaper_unlinks_after_the_processes_exit(tmp_path):
-    """A process tree that maps a segment nobody will unlink (as vLLM's ring buffers after a SIGKILL): the reaper
-    keeps it while the tree lives and removes it once the tree is gone."""
+    """A process tree that maps files nobody will unlink (as vLLM's after a SIGKILL that takes multiprocessing's
+    resource tracker with it): a ring buffer, and a spawn-context lock's semaphore, which its creator maps under a
+    temporary name (glibc's sem_open), never as `sem.mp-*`. The reaper keeps both while the tree lives and removes
+    both once it is gone."""
     from multiprocessing import shared_memory
 
-    from popo_verl.shm_reaper import mapped_shm_paths
+    from popo_verl.shm_reaper import mapped_shm_inodes
 
+    grandchild = (
+        "import multiprocessing, sys, time\n"
+        "from multiprocessing import shared_memory, resource_tracker\n"
+        "s = shared_memory.SharedMemory(create=True, size=4096)\n"
+        "resource_tracker.unregister(s._name, 'shared_memory')\n"
+        "lock = multiprocessing.get_context('spawn').Lock()\n"
+        "resource_tracker.unregister(lock._semlock.name, 'semaphore')\n"
+        "print(s.name, lock._semlock.name, flush=True)\n"
+        "time.sleep(60)\n"
+    )
     child = subprocess.Popen([sys.executable, "-c", (
-        "import subprocess, sys, time\nfrom multiprocessing import shared_memory, resource_tracker\n"
+        "import subprocess, sys, time\n"
         "time.sleep(0.5)\n"  # created after the reaper's first look, by a grandchild: found all the same
-        "g = subprocess.Popen([sys.executable, '-c', 'import sys, time\\n"
-        "from multiprocessing import shared_memory, resource_tracker\\n"
-        "s = shared_memory.SharedMemory(create=True, size=4096)\\n"
-        "resource_tracker.unregister(s._name, \\'shared_memory\\')\\n"
-        "print(s.name, flush=True)\\ntime.sleep(60)'], stdout=subprocess.PIPE, text=True)\n"
+        f"g = subprocess.Popen([sys.executable, '-c', {grandchild!r}], stdout=subprocess.PIPE, text=True)\n"
         "print(g.stdout.readline().strip(), flush=True)\ng.wait()\n")], stdout=subprocess.PIPE, text=True)
     # --detach: the launcher returns at once; the watcher is nobody's child (Ray kills a worker's children with it)
     launcher = subprocess.run([sys.executable, "-m", "popo_verl.shm_reaper", "--root", str(child.pid), "--poll", "0.2",
                                "--detach"], timeout=30)
     assert launcher.returncode == 0
-    name = child.stdout.readline().strip()
-    path = f"/dev/shm/{name.lstrip('/')}"
-    assert os.path.exists(path)
+    segment, semaphore = child.stdout.readline().split()
+    paths = [f"/dev/shm/{segment.lstrip('/')}", f"/dev/shm/sem.{semaphore.lstrip('/')}"]
+    assert all(os.path.exists(p) for p in paths)
     time.sleep(1.0)
-    assert os.path.exists(path)  # kept while the tree lives
+    assert all(os.path.exists(p) for p in paths)  # kept while the tree lives
     watchers = [p for p in psutil.process_iter(["cmdline"]) if "popo_verl.shm_reaper" in " ".join(p.info["cmdline"] or [])
                 and str(child.pid) in (p.info["cmdline"] or [])]
     assert len(watchers) == 1 and watchers[0].ppid() != os.getpid()
@@ -300,13 +308,13 @@ def test_shm_reaper_unlinks_after_the_processes_exit(tmp_path):
         p.kill()
     child.wait()
     deadline = time.monotonic() + 10
-    while os.path.exists(path) and time.monotonic() < deadline:
+    while any(os.path.exists(p) for p in paths) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not os.path.exists(path)
+    assert not [p for p in paths if os.path.exists(p)]
     assert not watchers[0].is_running() or watchers[0].status() == psutil.STATUS_ZOMBIE
-    assert not mapped_shm_paths([child.pid])
+    assert not mapped_shm_inodes([child.pid])
     with pytest.raises(FileNotFoundError):
-        shared_memory.SharedMemory(name=name)
+        shared_memory.SharedMemory(name=segment)
 
 
 # ------------------------------------------------------------------------------------------------ verl pins
