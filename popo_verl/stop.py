@@ -45,7 +45,10 @@ def stop_after_step(trainer) -> bool:
 def register() -> None:
     """Hook the check into the sync trainer's end of step (verl/trainer/ppo/v1/trainer_sync.py
     `PPOTrainerSync.on_step_end`, which verl's `fit` calls after the step's own checkpoint); POPO's trainer
-    and verl's GRPO both run that schedule. Idempotent."""
+    and verl's GRPO both run that schedule. Only in a run whose launcher set POPO_STOP_FILE (our run scripts; Ray's
+    workers inherit it): any other run keeps verl's method. Idempotent."""
+    if not os.environ.get(STOP_FILE_ENV):
+        return
     from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
     original = PPOTrainerSync.on_step_end

@@ -2,7 +2,12 @@
 actor's loss receives it (tests/test_losses.py, tests/test_plugin.py), and the benchmark scripts as modules."""
 
 import importlib.util
+import os
 from pathlib import Path
+
+# The suite runs verl on the CPU backend, which is on only when asked for (popo_verl/cpu/platform.py); set before
+# anything imports verl, and inherited by every subprocess and Ray worker the tests start.
+os.environ.setdefault("POPO_VERL_CPU", "1")
 
 import pytest
 import torch

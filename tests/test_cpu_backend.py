@@ -22,17 +22,39 @@ _FAKE_CPU_MACHINE = """
 """
 
 
-def test_cpu_platform_is_chosen_without_cuda():
+@pytest.mark.parametrize("env, expected", [
+    ({"POPO_VERL_CPU": "1"}, ["cpu", "gloo", "GPU", "cuda"]),
+    ({"VERL_PLATFORM": "cpu"}, ["cpu", "gloo", "GPU", "cuda"]),  # verl's own switch turns the backend on too
+    ({}, ["cuda", "nccl", "GPU", "None"]),  # not asked for: verl's own choice, its CUDA fallback, as without us
+])
+def test_cpu_platform_only_when_asked_for(env, expected):
+    """On a machine without a GPU the CPU backend is on only when asked for; otherwise verl answers as it does
+    without popo-verl (verl's tests/plugin/test_platform_abstraction.py test_empty_triggers_auto_detection)."""
     r = _run(
         textwrap.dedent(_FAKE_CPU_MACHINE) + textwrap.dedent("""
         import os, verl
         from verl.utils.device import get_device_name, get_nccl_backend, get_resource_name
         print(get_device_name(), get_nccl_backend(), get_resource_name(), os.environ.get("VERL_ENGINE_DEVICE"))
         """),
-        {},
+        env,
     )
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split()[-4:] == ["cpu", "gloo", "GPU", "cuda"]
+    assert r.stdout.split()[-4:] == expected
+
+
+def test_mfu_reads_against_verls_cpu_entry():
+    """verl's FLOPS table keys the CPU as "CPU" (verl/utils/flops_counter.py); with the CPU platform's device module
+    the lookup once fell through to inf, and every MFU read 0."""
+    r = _run(
+        """
+        import verl
+        from verl.utils.flops_counter import _DEVICE_FLOPS, get_device_flops
+        print(get_device_flops(unit="G") == _DEVICE_FLOPS["CPU"] / 1e9)
+        """,
+        {"POPO_VERL_CPU": "1"},
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-1] == "True"
 
 
 def test_stock_platform_when_cuda_present():
@@ -157,11 +179,12 @@ def test_cpu_vllm_pieces_switch_on_only_on_the_cpu_platform():
     """`rollout.name=vllm`: on the CPU platform, popo_verl/cpu/vllm.py's adapter and replica (no sleep mode, weights
     kept for re-packing, a bounded weight sync); on a CUDA machine verl's own, untouched (sleep mode, CUDA IPC, its
     worker extension). The registrations only name the classes: nothing here needs vLLM installed."""
-    cpu = _run(textwrap.dedent(_FAKE_CPU_MACHINE) + textwrap.dedent(_VLLM_REGISTRATION), {})
+    cpu = _run(textwrap.dedent(_FAKE_CPU_MACHINE) + textwrap.dedent(_VLLM_REGISTRATION), {"POPO_VERL_CPU": "1"})
     assert cpu.returncode == 0, cpu.stderr[-2000:]
     assert cpu.stdout.split()[-3:] == ["popo_verl.cpu.vllm.CPUvLLMServerAdapter",
-                                       "popo_verl.cpu.backend._register_cpu_vllm_rollout.<locals>._load_cpu_vllm", "False"]
-    gpu = _run("import torch\ntorch.cuda.is_available = lambda: True\n" + textwrap.dedent(_VLLM_REGISTRATION), {})
-    assert gpu.returncode == 0, gpu.stderr[-2000:]
-    assert gpu.stdout.split()[-3:] == ["verl.workers.rollout.vllm_rollout.ServerAdapter",
-                                       "verl.workers.rollout.replica._load_vllm", "True"]
+                                       "popo_verl.cpu.backend._load_cpu_vllm_replica", "False"]
+    stock = ["verl.workers.rollout.vllm_rollout.ServerAdapter", "verl.workers.rollout.replica._load_vllm", "True"]
+    for machine in ("import torch\ntorch.cuda.is_available = lambda: True\n", textwrap.dedent(_FAKE_CPU_MACHINE)):
+        r = _run(machine + textwrap.dedent(_VLLM_REGISTRATION), {})  # a GPU machine; a CPU one without the flag
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split()[-3:] == stock

@@ -60,7 +60,7 @@ def test_registration_follows_the_machine_and_the_env():
     from verl.workers.rollout import base
     from verl.workers.rollout.replica import RolloutReplicaRegistry
     def show():
-        backend._register_hf_rollout()
+        backend._register_hf_rollout_class(); backend._register_hf_rollout_replica()
         print(base._ROLLOUT_REGISTRY[("hf", "async")].rsplit(".", 1)[1], RolloutReplicaRegistry.get("hf").__name__)
     show()
     os.environ["POPO_VERL_HF_ROLLOUT_DEVICE"] = "cpu"; show()

@@ -55,7 +55,8 @@ def test_hooks_we_call_into_exist():
 
 def test_replay_buffer_poll_is_shortened_on_the_cpu_backend(monkeypatch):
     """verl's v1 ReplayBuffer sleeps `self.poll_interval` (a 2 s constructor default, not a config key)
-    between polls; the CPU backend sets it to 50 ms. Fails if verl renames the attribute or the sleep."""
+    between polls; the CPU backend sets it to 50 ms where the caller left the default, and keeps a caller's own
+    value (verl's separate-async trainer judges idle steps by it). Fails if verl renames the attribute or the sleep."""
     from verl.trainer.ppo.v1 import replay_buffer
 
     from popo_verl.cpu import backend as cpu
@@ -69,8 +70,10 @@ def test_replay_buffer_poll_is_shortened_on_the_cpu_backend(monkeypatch):
     monkeypatch.setenv(cpu.POLL_INTERVAL_ENV, "0.25")
     from omegaconf import OmegaConf
 
-    rb = replay_buffer.ReplayBuffer("sync", OmegaConf.create({}), None, "drop", OmegaConf.create({}), poll_interval=2.0)
-    assert rb.poll_interval == 0.25
+    args = ("sync", OmegaConf.create({}), None, "drop", OmegaConf.create({}))
+    assert replay_buffer.ReplayBuffer(*args).poll_interval == 0.25
+    assert replay_buffer.ReplayBuffer(*args, poll_interval=1.0).poll_interval == 1.0
+    assert replay_buffer.ReplayBuffer(*args, 2.0).poll_interval == 2.0, "passed by position, kept too"
 
 
 def test_transfer_queue_threads_follow_the_cores():
@@ -134,24 +137,24 @@ def test_agent_loops_are_built_directly_on_the_cpu_backend():
 
 
 def test_the_hooks_for_early_errors_and_ctrl_c_still_fit_verl():
-    """popo_verl/plugin.py wraps verl.utils.config.validate_config, which verl's main_ppo imports by name and calls
-    in the driver before ray.init; popo_verl/stop.py hooks PPOTrainerSync.on_step_end, which fit calls after the
+    """POPO's driver check is a hydra callback (popo_verl/config/driver_check.py, named in algorithm/popo.yaml): verl's
+    main_ppo must stay a `hydra.main` whose job function runs verl's own checks and starts Ray, so that hydra's
+    on_job_start comes before ray.init. popo_verl/stop.py hooks PPOTrainerSync.on_step_end, which fit calls after the
     step's checkpoint and before the loop's exit test."""
     import verl.trainer.main_ppo as main_ppo
-    import verl.utils.config as verl_config
     from verl.trainer.ppo.v1.trainer_base import PPOTrainer
-    from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
     src = inspect.getsource(main_ppo)
-    assert "from verl.utils.config import validate_config" in src
+    assert "@hydra.main(" in src and "def main(config):" in src
     main_src = inspect.getsource(main_ppo.main)
     assert "validate_config(" in main_src and main_src.index("validate_config(") < main_src.index("run_ppo(")
     assert "ray.init(" in inspect.getsource(main_ppo.run_ppo)
-    assert verl_config.validate_config._popo_checked and main_ppo.validate_config is verl_config.validate_config
+    import verl.utils.config as verl_config
+
+    assert main_ppo.validate_config is verl_config.validate_config, "verl's own check, unwrapped"
     fit = inspect.getsource(PPOTrainer.fit)
     assert fit.index("self._save_checkpoint()") < fit.index("self.on_step_end()")
     assert "self.global_steps <= self.total_training_steps" in fit
-    assert PPOTrainerSync.on_step_end._popo_stop
 
 
 def test_the_megatron_engine_hooks_still_fit_verl():

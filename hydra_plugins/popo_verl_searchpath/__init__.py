@@ -6,14 +6,18 @@
    overridable group, so the spelling our users were promised, `algorithm=popo`, composes. Stock verl
    only has `algorithm@algorithm.rollout_correction` there, and hydra refuses `algorithm=popo`.
    Without `algorithm=` the composed config is unchanged (tests/test_hydra.py compares it with stock).
-Set POPO_VERL_HYDRA=0 to disable both.
+Both apply only to an application whose own configs are verl's (`python -m verl.trainer.main_ppo`, hydra's
+compose API on verl's config package); any other hydra application in the environment keeps its search path.
+recipe/popo names its search path in its own config. Set POPO_VERL_HYDRA=0 to disable both.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from importlib import resources
+from pathlib import Path
 from typing import List, Optional
 
 from hydra.core.config_search_path import ConfigSearchPath
@@ -81,9 +85,31 @@ class PopoVerlConfigSource(ConfigSource):
         return sorted(n[: -len(".yaml")] for n in SERVED)
 
 
+def _verl_config_dir() -> Optional[Path]:
+    spec = importlib.util.find_spec("verl")  # finds, does not import
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).resolve().parent / "trainer" / "config"
+
+
+def _is_verl_app(search_path: ConfigSearchPath) -> bool:
+    """True when one of the application's own config paths is verl's trainer config package."""
+    verl_dir = _verl_config_dir()
+    for element in search_path.get_path():
+        path = element.path or ""
+        if path.rstrip("/") in (f"pkg://{VERL_CONFIG_PACKAGE}", "pkg://" + VERL_CONFIG_PACKAGE.replace(".", "/")):
+            return True
+        if "://" in path and not path.startswith("file://"):
+            continue
+        local = Path(path[len("file://"):] if path.startswith("file://") else path)
+        if verl_dir is not None and local.is_dir() and local.resolve() == verl_dir:
+            return True
+    return False
+
+
 class PopoVerlSearchPathPlugin(SearchPathPlugin):
     def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-        if not _enabled():
+        if not _enabled() or not _is_verl_app(search_path):
             return
         search_path.prepend(provider="popo-verl", path=f"{SCHEME}://{VERL_CONFIG_PACKAGE}")
         search_path.append(provider="popo-verl", path="pkg://popo_verl.config")

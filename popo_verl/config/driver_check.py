@@ -1,0 +1,50 @@
+"""POPO's settings checked in the driver, before Ray starts.
+
+verl's entry checks its config in the driver (verl/trainer/main_ppo.py `main` -> `validate_config`), but POPO's own
+checks would otherwise run only inside the trainer, a Ray actor, after ~40 s of start-up and under a Ray traceback.
+Hydra calls this callback before the job's function (`hydra.callbacks` in algorithm/popo.yaml), so it runs for the
+runs that compose POPO's config and for no other: nothing of verl's is wrapped. A bad setting ends the run at once
+with one line naming the key and exit status 2; so does a checkpoint the workers would refuse (popo_verl/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from hydra.experimental.callback import Callback
+
+from popo_verl.config import validate_popo_config
+
+NO_DEVICE = ("popo-verl: no CUDA device on this machine, and the CPU backend is off: set POPO_VERL_CPU=1 to train on "
+             "the CPU (scripts/run_tiny_cpu.sh does), or run on a GPU machine")
+
+
+def refuse(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def driver_problem(config) -> str | None:
+    """What would stop this POPO run, said in one line, or None."""
+    try:
+        validate_popo_config(config)
+    except ValueError as e:
+        return f"popo-verl: invalid configuration: {e}"
+    from popo_verl.checkpoint import resume_problem
+
+    refused = resume_problem(config.trainer)
+    if refused:
+        return refused
+    from popo_verl.cpu.platform import cpu_platform_wanted, cuda_present
+
+    # one node: this machine is where the workers run (a CPU-only head node of a GPU cluster is fine)
+    if int(config.trainer.get("nnodes", 1)) == 1 and not cpu_platform_wanted() and not cuda_present():
+        return NO_DEVICE
+    return None
+
+
+class DriverCheck(Callback):
+    def on_job_start(self, config, **kwargs) -> None:
+        problem = driver_problem(config)
+        if problem:
+            refuse(problem)
