@@ -185,12 +185,16 @@ def test_driver_check_refuses_a_popo_run_with_no_device_at_once(monkeypatch):
     assert "algorithm.popo.tau" in driver_check.driver_problem(cfg)
 
 
+GRPO = ["algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=4", "actor_rollout_ref.actor.use_kl_loss=true",
+        "trainer.total_epochs=2"]
+
+
 @pytest.mark.parametrize("config_name", ["ppo_trainer", "ppo_megatron_trainer"])
-@pytest.mark.parametrize("overrides", [[], ["algorithm.adv_estimator=grpo", "actor_rollout_ref.rollout.n=4",
-                                            "actor_rollout_ref.actor.use_kl_loss=true", "trainer.total_epochs=2"]])
-def test_verls_configs_compose_as_without_the_plugin(config_name, overrides):
-    """`--cfg job` of verl's two trainer configs, stock and with GRPO's overrides: byte-identical with and without
-    popo-verl."""
+def test_verls_configs_compose_as_without_the_plugin(config_name):
+    """`--cfg job` of verl's two trainer configs with GRPO's overrides: byte-identical with and without popo-verl
+    (without overrides: tests/test_hydra.py)."""
+    overrides = GRPO
+
     def job(env_extra):
         r = subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", "--config-name", config_name, *overrides,
                             "--cfg", "job"], capture_output=True, text=True, env=_env(env_extra), timeout=300, cwd="/")
