@@ -20,18 +20,18 @@ import sys
 import time
 from pathlib import Path
 
+from popo_verl.plugin import ENV_SWITCHES, WITHOUT_POPO_VERL
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET = 1.10
 CODE = "import sys, verl; print(len(sys.modules))"
-#: switches a verl user without POPO does not set
-OURS = ("POPO_VERL_CPU", "VERL_PLATFORM", "VERL_ENGINE_DEVICE", "POPO_STOP_FILE", "TQ_NUM_THREADS",
-        "VERL_USE_EXTERNAL_PLUGINS", "POPO_VERL_HYDRA")
 
 
 def one(plugin: bool) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in OURS}
+    # a verl user's environment, without any of popo-verl's switches
+    env = {k: v for k, v in os.environ.items() if k not in ENV_SWITCHES and k not in WITHOUT_POPO_VERL}
     if not plugin:
-        env["VERL_USE_EXTERNAL_PLUGINS"] = "none"
+        env.update(WITHOUT_POPO_VERL)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.monotonic()
     r = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, cwd="/", check=True)

@@ -21,6 +21,11 @@ from popo_verl.import_hooks import when_imported
 
 logger = logging.getLogger(__name__)
 
+#: the environment through which a run asks for popo-verl's changes to verl, or that those changes set
+ENV_SWITCHES = ("POPO_VERL_CPU", "VERL_PLATFORM", "VERL_ENGINE_DEVICE", "POPO_STOP_FILE", "TQ_NUM_THREADS")
+#: verl and hydra as without popo-verl, short of uninstalling it: verl skips its plugins, hydra our search path
+WITHOUT_POPO_VERL = {"VERL_USE_EXTERNAL_PLUGINS": "none", "POPO_VERL_HYDRA": "0"}
+
 #: registers itself at the end of its own import, as well as through register_all
 BACKEND = "popo_verl.cpu.backend"
 

@@ -21,21 +21,21 @@ import time
 SHM_DIR = "/dev/shm"
 
 
-def mapped_shm_inodes(pids) -> dict[int, str]:
-    """inode -> path of the /dev/shm files these processes map now, from /proc/PID/maps.
+def mapped_shm_inodes(pids) -> set[int]:
+    """The inodes of the /dev/shm files these processes map now, from /proc/PID/maps.
 
     By inode, not by name: glibc's sem_open creates a semaphore as a temporary file, maps it and only then links
     it under its name (`sem.mp-*` for multiprocessing's locks), so its creator's maps show `sem.XXXXXX (deleted)`
     and never the name it lives under. tmpfs numbers inodes from a counter, so a number is not soon reused.
     """
-    inodes: dict[int, str] = {}
+    inodes: set[int] = set()
     for pid in pids:
         try:
             with open(f"/proc/{pid}/maps") as fh:
                 for line in fh:
                     parts = line.rstrip("\n").split(maxsplit=5)  # address perms offset dev inode [path]
                     if len(parts) == 6 and parts[5].startswith(SHM_DIR + "/") and parts[4].isdigit():
-                        inodes[int(parts[4])] = parts[5]
+                        inodes.add(int(parts[4]))
         except OSError:
             continue
     return inodes
@@ -43,10 +43,9 @@ def mapped_shm_inodes(pids) -> dict[int, str]:
 
 def shm_files_of(inodes) -> list[str]:
     """The paths under /dev/shm now linked to one of these inodes."""
-    wanted = set(inodes)
     try:
         with os.scandir(SHM_DIR) as entries:
-            return sorted(e.path for e in entries if e.is_file(follow_symlinks=False) and e.inode() in wanted)
+            return sorted(e.path for e in entries if e.is_file(follow_symlinks=False) and e.inode() in inodes)
     except OSError:
         return []
 
@@ -86,7 +85,7 @@ def reap(root: int, poll_s: float = 2.0) -> list[str]:
     while True:
         live = [p for p in descendants(root) if alive(p)] if alive(root) else []
         seen.update(live)
-        inodes |= set(mapped_shm_inodes(live))
+        inodes |= mapped_shm_inodes(live)
         if not any(alive(p) for p in seen):
             break
         time.sleep(poll_s)

@@ -16,8 +16,8 @@ import textwrap
 
 import pytest
 
-OUR_SWITCHES = ("POPO_VERL_CPU", "VERL_PLATFORM", "VERL_ENGINE_DEVICE", "POPO_STOP_FILE", "TQ_NUM_THREADS")
-WITHOUT_PLUGIN = {"VERL_USE_EXTERNAL_PLUGINS": "none", "POPO_VERL_HYDRA": "0"}
+from popo_verl.plugin import ENV_SWITCHES as OUR_SWITCHES
+from popo_verl.plugin import WITHOUT_POPO_VERL as WITHOUT_PLUGIN
 
 
 def _env(extra: dict | None = None) -> dict:

@@ -64,6 +64,7 @@ TESTS = (
     "tests/trainer/test_multi_trajectories_advantage_on_cpu.py",
 )
 
+# popo_verl.plugin's ENV_SWITCHES and WITHOUT_POPO_VERL, spelled out: --record runs with popo-verl uninstalled
 OUR_SWITCHES = ("POPO_VERL_CPU", "VERL_PLATFORM", "VERL_ENGINE_DEVICE", "POPO_STOP_FILE", "TQ_NUM_THREADS",
                 "VERL_USE_EXTERNAL_PLUGINS", "POPO_VERL_HYDRA")
 
