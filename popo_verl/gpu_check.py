@@ -1,7 +1,7 @@
 """The Python half of scripts/gpu_check.sh: the device check, the GPU overrides of its tiny-task runs, its report.
 
     python -m popo_verl.gpu_check device                    # exit 2 with one line where no CUDA GPU is usable
-    python -m popo_verl.gpu_check overrides --rollout hf    # the GPU overrides of the runs, one per line
+    python -m popo_verl.gpu_check overrides --rollout hf --engine fsdp2   # the GPU overrides of the runs, one per line
     python -m popo_verl.gpu_check report --stage tests=0 --stage popo=0 --stage grpo=1 \\
         --popo POPO_LOG --grpo GRPO_LOG [--header TEXT] [--json FILE]
 
@@ -69,19 +69,29 @@ def gpu_names(run=subprocess.run) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ overrides
-def gpu_overrides(rollout: str) -> list[str]:
+#: the actor's engines gpu_overrides knows (verl's actor.strategy values)
+ENGINES = ("fsdp", "fsdp2", "megatron")
+
+
+def gpu_overrides(rollout: str, engine: str = "fsdp2") -> list[str]:
     """What a GPU run changes in scripts/run_tiny_cpu.sh's settings: CUDA, bf16 compute for the actor and the
     reference (the script's fp32 is for the CPU; POPO keeps its siamese and predictor in fp32 whatever this says),
     and the rollout (`hf`: popo_verl/gpu_rollout.py on the GPU; `vllm` where vLLM is installed). The environment
-    must also say POPO_VERL_CPU=0 (the script defaults it to 1)."""
+    must also say POPO_VERL_CPU=0 (the script defaults it to 1).
+
+    The dtype key is the engine's: FSDP's `fsdp_config.mixed_precision.param_dtype` is no key of verl's config
+    (`++`: added, or overriding the script's `+...=fp32`), Megatron's is `megatron.dtype` (verl's engine/megatron.yaml;
+    the Megatron actor has no fsdp_config)."""
     if rollout not in ("hf", "vllm"):
         raise ValueError(f"rollout must be hf or vllm, got {rollout!r}")
-    return [
-        "trainer.device=cuda",
-        "actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=bf16",
-        "actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=bf16",
-        f"actor_rollout_ref.rollout.name={rollout}",
-    ]
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "megatron":
+        dtype = ["actor_rollout_ref.actor.megatron.dtype=bfloat16", "actor_rollout_ref.ref.megatron.dtype=bfloat16"]
+    else:
+        dtype = ["++actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=bf16",
+                 "++actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=bf16"]
+    return ["trainer.device=cuda", *dtype, f"actor_rollout_ref.rollout.name={rollout}"]
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -165,6 +175,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     sub.add_parser("device", help=f"exit {NO_GPU_EXIT} with one line where no CUDA GPU is usable; else print the GPUs")
     o = sub.add_parser("overrides", help="the GPU overrides of the tiny-task runs, one per line")
     o.add_argument("--rollout", choices=("hf", "vllm"), default="hf")
+    o.add_argument("--engine", choices=ENGINES, default="fsdp2")
     r = sub.add_parser("report", help="the compact report; exit 0 when every stage passed")
     r.add_argument("--stage", type=_stage, action="append", default=[], metavar="NAME=RC")
     r.add_argument("--popo", help="the POPO run's full log")
@@ -181,7 +192,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(gpu_names())
         return 0
     if args.cmd == "overrides":
-        print("\n".join(gpu_overrides(args.rollout)))
+        print("\n".join(gpu_overrides(args.rollout, args.engine)))
         return 0
     popo, grpo = _steps_of(args.popo), _steps_of(args.grpo)
     figures = compare(popo, grpo) if popo or grpo else None

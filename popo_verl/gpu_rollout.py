@@ -10,8 +10,19 @@ of the replica's first trainer worker, mirroring verl 0.9.1's vLLM rollout (verl
   them back; the KV cache is allocated per batch on the GPU and freed when the batch ends, so `kv_cache`
   needs nothing (with `rollout.free_cache_engine=false` the weights stay on the GPU);
 - batched decoding with a KV cache on the GPU, logits of the last position only, per-request seeded sampling
-  (one uniform per request and token from the request's own generator, then one inverse-CDF lookup for the
-  whole batch on the GPU).
+  (one uniform per request and token from the request's own generator, drawn on the host 64 tokens at a time
+  and copied to the GPU once per block, then one inverse-CDF lookup per step for the whole batch on the GPU);
+- a KV-cache budget: `actor_rollout_ref.rollout.engine_kwargs.hf.kv_cache_memory_fraction` (default 0.5; a new
+  key, set with `+`) of the memory free on the GPU when a batch starts (the actor stays resident beside it) goes to
+  the KV cache, and a batch whose cache would not fit is generated in chunks that do (KV bytes per token =
+  2 x layers x kv_heads x head_dim x dtype bytes; each sequence counted at the batch's longest prompt plus its
+  max_tokens, as the left-padded cache holds it). Not verl's `rollout.gpu_memory_utilization`: that is vLLM's share of the GPU's total memory
+  for the whole engine, fixed at start-up; this is a share of the memory free at each batch, for the cache alone
+  (HF's cache grows by concatenation, so the allocator may hold up to twice the live cache: hence 0.5);
+- every body that runs in a worker thread (generation, weight receipt, sleep, wake) runs under
+  `torch.cuda.device(<the rollout's GPU>)`: the current CUDA device is per thread, and a fresh thread's is GPU 0;
+- after a batch, the process's `torch.cuda.max_memory_allocated` is printed when it has grown
+  (`peak_line`; benchmarks/cost.py reads it where nvidia-smi cannot name the process).
 On the CPU nothing here is used: popo_verl/cpu/backend.py registers this module's classes only where verl runs on
 CUDA (or with POPO_VERL_HF_ROLLOUT_DEVICE=cuda).
 """
@@ -36,6 +47,18 @@ logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARNING"))
 
 _TRANSFER = None
+
+#: the rollout's share of the GPU memory free at a batch's start that its KV cache may take (see the docstring)
+KV_FRACTION_KEY = "kv_cache_memory_fraction"
+DEFAULT_KV_FRACTION = 0.5
+#: how many decode steps of uniforms each request's generator draws at a time
+UNIFORM_BLOCK = 64
+#: the line announcing the server's peak memory (benchmarks/cost.py parses it from the run's log)
+PEAK_PREFIX = "popo-verl hf rollout: max_memory_allocated_gb="
+
+
+def peak_line(gb: float) -> str:
+    return f"{PEAK_PREFIX}{gb:.3f}"
 
 
 def bucketed_weight_transfer():
@@ -85,6 +108,67 @@ def rollout_placement(config, device=None, gpu_id: str = "") -> tuple[torch.devi
     return torch.device("cuda", cuda_index(gpu_id)), dtype
 
 
+# ------------------------------------------------------------------------------------------------ KV-cache budget
+def kv_fraction(config) -> float:
+    """`rollout.engine_kwargs.hf.kv_cache_memory_fraction` (verl's per-engine extra arguments, where an unknown
+    key needs no change to verl's RolloutConfig), in (0, 1]."""
+    hf = (getattr(config, "engine_kwargs", None) or {}).get("hf") or {}
+    value = float(hf.get(KV_FRACTION_KEY, DEFAULT_KV_FRACTION))
+    if not 0.0 < value <= 1.0:
+        raise ValueError(f"actor_rollout_ref.rollout.engine_kwargs.hf.{KV_FRACTION_KEY} must lie in (0, 1], got {value}")
+    return value
+
+
+def kv_bytes_per_token(model_config, dtype: torch.dtype) -> int:
+    """Keys and values of one token over all layers: 2 x layers x kv_heads x head_dim x dtype bytes."""
+    heads = int(model_config.num_attention_heads)
+    kv_heads = int(getattr(model_config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(model_config, "head_dim", None) or model_config.hidden_size // heads)
+    return 2 * int(model_config.num_hidden_layers) * kv_heads * head_dim * dtype.itemsize
+
+
+def kv_budget_bytes(free_bytes: int, fraction: float) -> int:
+    return int(free_bytes * fraction)
+
+
+def sequences_per_chunk(budget_bytes: int, bytes_per_token: int, tokens_per_sequence: int, n: int) -> int:
+    """How many of n sequences of up to tokens_per_sequence tokens generate at once within the budget; at least
+    one (a sequence that alone exceeds the budget is still tried: the budget is a share, not all, of the free memory)."""
+    fits = budget_bytes // max(1, bytes_per_token * tokens_per_sequence)
+    return int(max(1, min(n, fits)))
+
+
+def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row: the first whose cumulative mass reaches u * total, u in (0, 1] (so a token with zero
+    probability is never drawn)."""
+    cdf = probs.double().cumsum(-1)
+    tok = torch.searchsorted(cdf, (u.to(cdf.device, cdf.dtype) * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    return tok.clamp(max=probs.shape[-1] - 1)
+
+
+class RowUniforms:
+    """Each row's next uniform in (0, 1], from the row's own generator, drawn `block` decode steps at a time.
+
+    A generator's stream does not depend on how its draws are cut, so row i's t-th value is the one a draw per step
+    would give: a request's tokens depend on its own seed only, whatever the batch or the block. Per block: one
+    host draw per row and one copy to the device, instead of both at every step."""
+
+    def __init__(self, gens: list[torch.Generator], device: torch.device, block: int = UNIFORM_BLOCK):
+        self.gens, self.device, self.block = gens, device, int(block)
+        self._buf: Optional[torch.Tensor] = None
+        self._pos = 0
+
+    def next(self) -> torch.Tensor:
+        if self._buf is None or self._pos == self._buf.shape[1]:
+            host = 1.0 - torch.stack([torch.rand(self.block, generator=g, dtype=torch.float64) for g in self.gens])
+            pinned = self.device.type == "cuda"
+            self._buf = (host.pin_memory() if pinned else host).to(self.device, non_blocking=pinned)
+            self._pos = 0
+        u = self._buf[:, self._pos]
+        self._pos += 1
+        return u
+
+
 class HFGPURolloutServer(HFRolloutServer):
     """The hf rollout server on a GPU (or on `device`), sleeping and waking with verl's hybrid engine."""
 
@@ -93,39 +177,87 @@ class HFGPURolloutServer(HFRolloutServer):
 
     def __init__(self, config, model_config, *args, gpu_id: str = "", device=None, **kwargs):
         self.device, self.dtype = rollout_placement(config, device, gpu_id)
+        self._cuda_index = -1  # torch.cuda.device(-1) is a no-op: the CPU stand-in of the tests
         if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
+            torch.cuda.set_device(self.device)  # this thread's; the worker threads enter _on_device
+            self._cuda_index = torch.cuda.current_device()
+            self.device = torch.device("cuda", self._cuda_index)
+        self.kv_fraction = kv_fraction(config)
         # held while a batch generates and while the weights move or load: verl's sleep never meets a batch midway
         self._weights_lock = threading.RLock()
         self._offloaded = False
         self._host: list[torch.Tensor] = []
+        self._uniforms: Optional[RowUniforms] = None
+        self._reported_peak_gb = 0.0
         super().__init__(config, model_config, *args, **kwargs)
+
+    def _on_device(self):
+        """The rollout's GPU as the calling thread's current CUDA device. asyncio.to_thread bodies (generation,
+        weight receipt, sleep, wake) start on GPU 0: there verl's receiver (verl/workers/rollout/vllm_rollout/
+        bucketed_weight_transfer.py) would synchronize GPU 0, not the one its copies run on (a bucket refilled
+        mid-copy), and every such server would open a context on GPU 0."""
+        return torch.cuda.device(self._cuda_index)
 
     def _load_model(self, path: str, dtype: torch.dtype = torch.float32):
         return super()._load_model(path, dtype=self.dtype).to(self.device)
 
     def _sample(self, probs: torch.Tensor, gens: list[torch.Generator]) -> torch.Tensor:
-        # u in (0, 1]: the first token whose cumulative mass reaches u * total has a non-zero probability
-        u = torch.stack([1.0 - torch.rand((), generator=g, dtype=torch.float64) for g in gens]).to(probs.device)
-        cdf = probs.double().cumsum(-1)
-        tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
-        return tok.clamp(max=probs.shape[-1] - 1)
+        # the base class passes one list of generators for every step of a batch: a new list is a new batch
+        if self._uniforms is None or self._uniforms.gens is not gens:
+            self._uniforms = RowUniforms(gens, probs.device)
+        return inverse_cdf_sample(probs, self._uniforms.next())
+
+    def _free_bytes(self) -> Optional[int]:
+        """Device memory this process could take now: the driver's free memory and what torch's allocator holds
+        unused; None off a GPU (no budget)."""
+        if self.device.type != "cuda":
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return free + torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+
+    def _chunk_size(self, prompts: list[list[int]], max_tokens: int) -> int:
+        free = self._free_bytes()
+        if free is None:
+            return len(prompts)
+        per_token = kv_bytes_per_token(self.model.config, self.dtype)
+        return sequences_per_chunk(kv_budget_bytes(free, self.kv_fraction), per_token,
+                                   max(len(p) for p in prompts) + int(max_tokens), len(prompts))
 
     def _generate_batch(self, prompts, key):
-        with self._weights_lock:
+        with self._on_device(), self._weights_lock:
             if self._offloaded:
                 # verl wakes the rollout before it generates (checkpoint_engine/base.py update_weights); if a call
                 # comes first, serve it with the last synced weights rather than fail
                 logger.warning("hf rollout: generate called while asleep; waking the weights")
                 self._onload()
-            return super()._generate_batch(prompts, key)
+            size = self._chunk_size(prompts, key[3])
+            if size < len(prompts):
+                logger.info("hf rollout: %d sequences in chunks of %d (KV-cache budget)", len(prompts), size)
+            results = []
+            try:
+                # chunks in order: the per-request seeds count a prompt's repeats across calls of one step, so
+                # every request samples what it would have in one batch
+                for i in range(0, len(prompts), size):
+                    results += super()._generate_batch(prompts[i : i + size], key)
+            finally:
+                self._uniforms = None
+            self._report_peak()
+            return results
+
+    def _report_peak(self) -> None:
+        if self.device.type != "cuda":
+            return
+        gb = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if gb > self._reported_peak_gb + 0.005:
+            self._reported_peak_gb = gb
+            print(peak_line(gb), flush=True)
 
     # ------------------------------------------------------------------ weights: sync, sleep, wake
     def _tensors(self) -> list[torch.Tensor]:
         return list(self.model.parameters()) + list(self.model.buffers())
 
     def _offload(self) -> None:
-        with self._weights_lock:
+        with self._on_device(), self._weights_lock:
             if self._offloaded:
                 return
             tensors = self._tensors()
@@ -136,11 +268,11 @@ class HFGPURolloutServer(HFRolloutServer):
                 host.copy_(t.data)
                 t.data = host
             self._offloaded = True
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def _onload(self) -> None:
-        with self._weights_lock:
+        with self._on_device(), self._weights_lock:
             if not self._offloaded:
                 return
             for t in self._tensors():
@@ -149,7 +281,7 @@ class HFGPURolloutServer(HFRolloutServer):
             self._offloaded = False
 
     def update_weights(self, named_tensors: dict[str, torch.Tensor], global_steps: Optional[int] = None) -> int:
-        with self._weights_lock:  # loads into the host copies while asleep
+        with self._on_device(), self._weights_lock:  # loads into the host copies while asleep
             return super().update_weights(named_tensors, global_steps)
 
     async def update_weights_from_ipc(self, zmq_handle: str, use_shm: bool = False, global_steps: Optional[int] = None) -> int:
@@ -177,7 +309,9 @@ class HFGPURolloutServer(HFRolloutServer):
                     received[name] = 1
 
         def receive():
-            with self._weights_lock:  # taken in the receiving thread: the event loop never waits on a batch
+            # the lock is taken in the receiving thread: the event loop never waits on a batch. The device: verl's
+            # receiver synchronizes the current one before it acknowledges a bucket
+            with self._on_device(), self._weights_lock:
                 receiver.receive_weights(load)
 
         await asyncio.to_thread(receive)

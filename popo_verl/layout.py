@@ -26,7 +26,14 @@ def row_to_tokens(values: torch.Tensor, response_mask: torch.Tensor) -> torch.Te
 
 
 def tokens_to_row(t: torch.Tensor) -> torch.Tensor:
-    """The response layout -> [B]: each row's value, read from its first token (rows are constant)."""
+    """The response layout -> [B]: each row's value, read from its first token (rows are constant; 0 for an empty row).
+
+    A nested tensor is read at its offsets, without padding it (padding needs the longest row: a device sync)."""
+    if getattr(t, "is_nested", False) and t.lengths() is None:
+        values, offsets = t.values(), t.offsets()
+        starts, lengths = offsets[:-1], offsets.diff()
+        first = values[starts.clamp(max=max(values.shape[0] - 1, 0))] if values.shape[0] else values.new_zeros(starts.shape)
+        return torch.where(lengths > 0, first, torch.zeros_like(first))
     dense = padded(t, 0.0)
     if dense.dim() == 1:
         return dense

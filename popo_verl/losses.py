@@ -21,8 +21,8 @@ which is `core.popo_loss` on the mini-batch at ratio 1 (tests/test_losses.py che
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,7 @@ from verl.workers.utils.padding import no_padding_2_padding
 
 from popo_verl import algos, core
 from popo_verl.layout import tokens_to_row
+from popo_verl.timing import DeviceTimer
 from popo_verl.engines.fsdp import PRED_KEY
 
 SIAMESE_KEY = "popo_siamese"
@@ -40,20 +41,24 @@ SIM_WEIGHT_KEY = "popo_sim_weight"
 TOKEN_SCALE_KEY = "popo_token_scale"
 
 
-def row_keys(data) -> list[int]:
-    """A 64-bit hash of each row's token ids (prompt + response): the key of its feature noise.
+def row_keys(data) -> torch.Tensor:
+    """The key of each row's feature noise: `core.row_hash` of its token ids (prompt + response) -> int64[B].
 
-    The ids come to the host in one copy (a copy per row is a device sync per row on a GPU)."""
+    Hashed where the ids are: no copy to the host, no sync (on a GPU a host copy is a sync per micro-batch)."""
     ids = data["input_ids"]
-    nested = getattr(ids, "is_nested", False)
-    if nested and ids.lengths() is None:  # contiguous rows, one after another
-        flat, offsets = ids.values().cpu().numpy(), ids.offsets().cpu().tolist()
-        rows = [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
-    elif nested:  # a view with gaps (torch.nested.narrow)
-        rows = [r.cpu().numpy() for r in ids.unbind()]
-    else:
-        rows = list(ids.cpu().numpy())
-    return [int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little") for r in rows]
+    if getattr(ids, "is_nested", False):
+        if ids.lengths() is None:  # contiguous rows, one after another
+            return core.row_hash(ids.values(), ids.offsets())
+        rows = ids.unbind()  # a view with gaps (torch.nested.narrow): rare, and its lengths are on the host
+        lengths = torch.tensor([0] + [r.numel() for r in rows], device=ids.values().device)
+        return core.row_hash(torch.cat(rows), lengths.cumsum(0))
+    n_rows, width = ids.shape
+    return core.row_hash(ids.reshape(-1), torch.arange(n_rows + 1, device=ids.device) * width)
+
+
+def _per_row(t: torch.Tensor) -> torch.Tensor:
+    """A per-row field as [B]: sent per row ([B]) or, as verl sends advantages, on the response layout."""
+    return t if t.dim() == 1 and not getattr(t, "is_nested", False) else tokens_to_row(t)
 
 
 def popo_actor_loss(
@@ -68,6 +73,7 @@ def popo_actor_loss(
     noise_seed: Callable[[], int] | int = 0,
     anchor: str = "cosine",
     nll_norm: str = "token",
+    noise_timer: DeviceTimer | None = None,
 ):
     log_prob = no_padding_2_padding(model_output["log_probs"], data)
     entropy = model_output.get("entropy", None)
@@ -90,10 +96,14 @@ def popo_actor_loss(
         present.append("ref_log_prob")
     tensors = data.select(*present).to_padded_tensor()
     response_mask = tensors["response_mask"].to(bool)
-    weights = tokens_to_row(data["advantages"]).to(log_prob.dtype).clamp(min=0.0)  # w per row
+    weights = _per_row(data["advantages"]).to(log_prob.dtype).clamp(min=0.0)  # w per row
     # c per row (padding rows carry 0, whatever their place in the micro-batch)
-    c = tokens_to_row(data[TOKEN_SCALE_KEY]).to(log_prob.dtype) if TOKEN_SCALE_KEY in data.keys() else torch.ones_like(weights)
-    s = tokens_to_row(data[SIM_WEIGHT_KEY]).to(log_prob.dtype) if SIM_WEIGHT_KEY in data.keys() else weights
+    c = _per_row(data[TOKEN_SCALE_KEY]).to(log_prob.dtype) if TOKEN_SCALE_KEY in data.keys() else torch.ones_like(weights)
+    s = _per_row(data[SIM_WEIGHT_KEY]).to(log_prob.dtype) if SIM_WEIGHT_KEY in data.keys() else weights
+
+    # Scalar metrics stay on the device until the end: one host transfer for all of them (a Metric made from a
+    # tensor calls .item(), a device sync each).
+    scalars: dict[str, tuple[torch.Tensor, AggregationType]] = {}
 
     # 1. bounded weighted NLL (the registered "popo" policy loss)
     if nll_norm == "sequence":
@@ -110,8 +120,8 @@ def popo_actor_loss(
             loss_agg_mode=config.loss_agg_mode,
             config=config,
         )
-    metrics = {k: Metric(value=v, aggregation=AggregationType.MEAN) for k, v in pg_metrics.items()}
-    metrics["actor/pg_loss"] = Metric(value=nll, aggregation=aggregation)
+    scalars.update({k: (v, AggregationType.MEAN) for k, v in pg_metrics.items()})
+    scalars["actor/pg_loss"] = (nll, aggregation)
     total = nll
 
     # 2. the anchor to the siamese: the similarity penalty (the paper) or, as an ablation, a k3 KL penalty
@@ -125,23 +135,22 @@ def popo_actor_loss(
                 **config.global_batch_info,
             )
             total = total + alpha * kl
-            metrics["popo/kl_loss"] = Metric(value=kl.detach(), aggregation=aggregation)
-            metrics["actor/kl_loss"] = Metric(value=kl.detach(), aggregation=aggregation)
+            scalars["popo/kl_loss"] = (kl, aggregation)
+            scalars["actor/kl_loss"] = (kl, aggregation)
     elif alpha > 0 and pred is not None and SIAMESE_KEY in tensors.keys():
         target = tensors[SIAMESE_KEY].to(pred.device, pred.dtype)
         if noise_std > 0:
             seed = noise_seed() if callable(noise_seed) else noise_seed
-            eps = core.feature_noise(row_keys(data), target.shape[-1], seed, target.dtype).to(target.device)
-            target = target + noise_std * eps
+            with noise_timer.span(target.device) if noise_timer is not None else nullcontext():
+                eps = core.feature_noise(row_keys(data).to(target.device), target.shape[-1], seed, target.dtype)
+                target = target + noise_std * eps
         cos = F.cosine_similarity(pred, target.detach(), dim=-1)
         sim = -(s.to(cos.dtype) * cos).sum() * dp_size
         total = total + alpha * sim
         # dp-scaled like the loss: verl's SUM over micro-batches, mean over ranks gives the mini-batch's L_sim
-        metrics["popo/sim_loss"] = Metric(value=sim.detach(), aggregation=aggregation)
-        with torch.no_grad():
-            rows = weights > 0
-            cos_pos = cos.detach()[rows].float().mean() if rows.any() else torch.tensor(float("nan"))
-        metrics["popo/cos_sim"] = Metric(value=float(cos_pos), aggregation=AggregationType.MEAN)
+        scalars["popo/sim_loss"] = (sim, aggregation)
+        rows = (weights > 0).to(cos.dtype)
+        scalars["popo/cos_sim"] = ((cos.detach() * rows).sum() / rows.sum(), AggregationType.MEAN)  # NaN without positives
     elif alpha > 0 and pred is None:
         raise RuntimeError("POPO loss: the engine returned no predictor output; is the POPO engine installed?")
 
@@ -156,11 +165,21 @@ def popo_actor_loss(
             **config.global_batch_info,
         )
         total = total - beta * mean_entropy
-        metrics["popo/ent_loss"] = Metric(value=-mean_entropy.detach(), aggregation=aggregation)
-        metrics["actor/entropy_loss"] = Metric(value=mean_entropy.detach(), aggregation=aggregation)
-    metrics["popo/nll_loss"] = Metric(value=nll.detach(), aggregation=aggregation)
+        scalars["popo/ent_loss"] = (-mean_entropy, aggregation)
+        scalars["actor/entropy_loss"] = (mean_entropy, aggregation)
+    scalars["popo/nll_loss"] = (nll, aggregation)
     # A micro-batch of padding rows only still joins the collectives: keep the graph connected.
     total = total + 0.0 * log_prob.sum()
     if pred is not None:
         total = total + 0.0 * pred.sum()
-    return total, metrics
+    return total, _metrics_on_host(scalars)
+
+
+def _metrics_on_host(scalars: dict[str, tuple[torch.Tensor | float, AggregationType]]) -> dict[str, Metric]:
+    """verl Metrics from device scalars, brought to the host in one transfer."""
+    names = list(scalars)
+    tensors = [scalars[k][0] for k in names]
+    device_values = [t.detach().double().reshape(()) for t in tensors if isinstance(t, torch.Tensor)]
+    host = iter(torch.stack(device_values).tolist() if device_values else [])
+    values = [next(host) if isinstance(t, torch.Tensor) else float(t) for t in tensors]
+    return {k: Metric(value=v, aggregation=scalars[k][1]) for k, v in zip(names, values, strict=True)}

@@ -31,26 +31,60 @@ run (they raise).  So:
   armed, since math-verify's ``alarm(0)`` would cancel it.
 
 Nothing in here raises on what a model writes: any exception scores 0.0 (an unknown ``verifier`` name, a
-configuration error, does raise).
+configuration error, does raise).  But a verifier that fails (an exception, a timeout) is not a wrong answer, and
+must not pass for one: every failure is noted, warned about once per process (WARNING, with the exception and where it
+was raised), and reported with the score.  Called as verl calls it (with ``extra_info``), ``compute_score`` returns
+``{"score", "acc", "verifier_error", "verifier_timeout"}``: verl keeps the extra keys as the row's
+``reward_extra_info``, the POPO trainer counts them per step (``reward/verifier_errors``,
+``reward/verifier_timeouts``, see ``verifier_error_metrics``) and stops the run when more than
+``reward.custom_reward_function.reward_kwargs.max_verifier_error_share`` (default 5 %) of a step's rewards failed.
+Called without ``extra_info`` it returns the plain float; ``score_response`` gives score and failures to other callers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 import re
 import signal
 import threading
+import traceback
 from decimal import Decimal, InvalidOperation
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Sequence
 
-__all__ = ["VERIFIERS", "compute_score", "extract_answer", "is_equiv", "normalize_answer", "verify_whole"]
+__all__ = [
+    "VERIFIERS",
+    "Scored",
+    "check_verifier_failures",
+    "compute_score",
+    "extract_answer",
+    "is_equiv",
+    "max_verifier_error_share",
+    "normalize_answer",
+    "score_response",
+    "verifier_error_metrics",
+    "verify_whole",
+]
 
 # last-boxed: the final answer this module extracts (last box, else a final-answer line), compared with the gold;
 # whole: the POPO reference's verifier, math-verify over the whole completion (evaluation: see verify_whole).
 VERIFIERS = ("last-boxed", "whole")
 
 logger = logging.getLogger(__name__)
+
+# A failed verification, in the reward_extra_info of each response: "" when none, else "Type: message (where)".
+VERIFIER_ERROR_KEY = "verifier_error"
+VERIFIER_TIMEOUT_KEY = "verifier_timeout"
+# The step's failed rewards, in the training metrics.
+ERRORS_METRIC = "reward/verifier_errors"
+TIMEOUTS_METRIC = "reward/verifier_timeouts"
+# Beside the reward function's other settings (verl passes reward_kwargs to it; compute_score ignores this one).
+MAX_SHARE_KEY = "reward.custom_reward_function.reward_kwargs.max_verifier_error_share"
+DEFAULT_MAX_SHARE = 0.05
+# Longest exception message kept: math-verify's can quote a whole completion.
+_MAX_NOTE_CHARS = 300
 
 # Only the end of a completion can hold its final answer.
 _TAIL_CHARS = 4000
@@ -100,6 +134,79 @@ def _too_expensive(s: str) -> bool:
     if _BIG_EXP_RE.search(s) and re.search(r"[a-zA-Z]", _LATEX_CMD_RE.sub("", s)):
         return True
     return False
+
+
+# --------------------------------------------------------------------------- verifier failures
+class _Sinks(threading.local):
+    """Per thread (verl scores from executor threads): the lists that collect the failures met, innermost last."""
+
+    def __init__(self):
+        self.stack: list[list[tuple[str, str]]] = []
+
+
+_sinks = _Sinks()
+_warned: set[str] = set()
+_warn_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _collect():
+    """The verifier failures, as (kind, text) with kind "error" or "timeout", met on this thread inside the block."""
+    sink: list[tuple[str, str]] = []
+    _sinks.stack.append(sink)
+    try:
+        yield sink
+    finally:
+        _sinks.stack.pop()
+
+
+def _note(kind: str, text: str) -> None:
+    if _sinks.stack:
+        _sinks.stack[-1].append((kind, text))
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _MAX_NOTE_CHARS else text[:_MAX_NOTE_CHARS] + "..."
+
+
+def _warn_once(kind: str, text: str, exc: Optional[BaseException] = None) -> None:
+    with _warn_lock:
+        first = kind not in _warned
+        _warned.add(kind)
+    if not first:
+        logger.debug("verifier %s, response scored 0: %s", kind, text, exc_info=exc)
+        return
+    metric = TIMEOUTS_METRIC if kind == "timeout" else ERRORS_METRIC
+    logger.warning(
+        "verifier %s, response scored 0 although it may be right: %s. Counted in %s; a POPO training step stops "
+        "when more than %s (default %g) of its rewards failed. This warning is shown once per process.",
+        kind, text, metric, MAX_SHARE_KEY, DEFAULT_MAX_SHARE, exc_info=exc,
+    )  # fmt: skip
+
+
+def _failed(where: str, exc: BaseException) -> None:
+    """An exception caught in place of a score: noted for the response being scored, warned about once."""
+    # TimeoutError: verl's legacy NaiveRewardManager(compute_score_timeout=...) raises it inside the call.
+    kind = "timeout" if isinstance(exc, TimeoutError) else "error"
+    frames = traceback.extract_tb(exc.__traceback__)
+    origin = ""
+    if frames:
+        origin = f", raised at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno} in {frames[-1].name}"
+    text = f"{type(exc).__name__}: {_short(str(exc))} (in {where}{origin})"
+    _note(kind, text)
+    _warn_once(kind, text, exc)
+
+
+class _MathVerifyTimeouts(logging.Filter):
+    """math-verify catches its own signal timeouts and answers "no match" after a WARNING "Timeout during ..."
+    (math_verify/parser.py `parse`, math_verify/grader.py `verify`, math-verify 0.9): count those too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith("Timeout during"):
+            text = f"math-verify: {_short(record.getMessage())}"
+            _note("timeout", text)
+            _warn_once("timeout", text)
+        return True
 
 
 # --------------------------------------------------------------------------- extraction
@@ -195,8 +302,8 @@ def extract_answer(text: Any) -> Optional[str]:
             return None
         ans = _strip_answer(ans)
         return ans or None
-    except Exception:  # pragma: no cover - defensive: never raise into the trainer
-        logger.debug("extract_answer failed", exc_info=True)
+    except Exception as e:  # never raise into the trainer, but never pass for a wrong answer either
+        _failed("extract_answer", e)
         return None
 
 
@@ -295,6 +402,10 @@ def _mv():
     import math_verify  # noqa: F401  (import cost paid once)
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+    for name in ("math_verify.parser", "math_verify.grader"):
+        mv_logger = logging.getLogger(name)
+        if not any(isinstance(f, _MathVerifyTimeouts) for f in mv_logger.filters):  # one, were _mv's cache cleared
+            mv_logger.addFilter(_MathVerifyTimeouts())
     latex_cfg = LatexExtractionConfig(boxed_match_priority=0)
     return parse, verify, (latex_cfg, ExprExtractionConfig())
 
@@ -311,8 +422,26 @@ def _parse(s: str, timeout: Optional[int]):
     return out
 
 
-@functools.lru_cache(maxsize=65536)
+def _replay(cached):
+    """A cached (value, failures): the failures met computing it count again for every response that reuses it."""
+    value, notes = cached
+    for kind, text in notes:
+        _note(kind, text)
+    return value
+
+
 def _mv_equiv(pred: str, gold: str, use_signals: bool) -> bool:
+    return _replay(_mv_equiv_noted(pred, gold, use_signals))
+
+
+@functools.lru_cache(maxsize=65536)
+def _mv_equiv_noted(pred: str, gold: str, use_signals: bool) -> tuple[bool, tuple]:
+    with _collect() as notes:
+        value = _mv_equiv_uncached(pred, gold, use_signals)
+    return value, tuple(notes)
+
+
+def _mv_equiv_uncached(pred: str, gold: str, use_signals: bool) -> bool:
     _, verify, _ = _mv()
     timeout = _MV_TIMEOUT_S if use_signals else None
     gold_p = _parse_gold(gold, use_signals)
@@ -326,10 +455,16 @@ def _mv_equiv(pred: str, gold: str, use_signals: bool) -> bool:
     return bool(verify(gold_p, pred_p, timeout_seconds=timeout))
 
 
-@functools.lru_cache(maxsize=4096)
 def _parse_gold(gold: str, use_signals: bool):
+    return _replay(_parse_gold_noted(gold, use_signals))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_gold_noted(gold: str, use_signals: bool):
     # Golds repeat across the G rollouts of a prompt: parse each once.
-    return _parse(gold, _MV_TIMEOUT_S if use_signals else None)
+    with _collect() as notes:
+        value = _parse(gold, _MV_TIMEOUT_S if use_signals else None)
+    return value, tuple(notes)
 
 
 def _number_vs_free_expr(gold_p, pred_p) -> bool:
@@ -364,8 +499,8 @@ def _is_equiv_one(pred: str, gold: str) -> bool:
         return False  # sympy could run unbounded; only the string checks above apply
     try:
         return _mv_equiv(pred, gold, _signals_usable())
-    except Exception:
-        logger.debug("math-verify failed on pred=%r gold=%r", pred, gold, exc_info=True)
+    except Exception as e:
+        _failed(f"math-verify, pred={_short(pred)!r} gold={_short(gold)!r}", e)
         return False
 
 
@@ -392,8 +527,8 @@ def is_equiv(pred: Any, gold: Any) -> bool:
         p = normalize_answer(pred)
         golds: Iterable[str] = _gold_list(gold)
         return any(_is_equiv_one(p, g) for g in golds if g)
-    except Exception:  # pragma: no cover - defensive
-        logger.debug("is_equiv failed", exc_info=True)
+    except Exception as e:
+        _failed("is_equiv", e)
         return False
 
 
@@ -415,29 +550,127 @@ def verify_whole(completion: Any, gold: Any) -> bool:
         return any(
             verify(_parse_gold(g, use_signals), pred_p, timeout_seconds=timeout) for g in _gold_list(gold) if g
         )
-    except Exception:
-        logger.debug("verify_whole failed on gold=%r", gold, exc_info=True)
+    except Exception as e:
+        _failed(f"verify_whole, gold={_short(str(gold))!r}", e)
         return False
 
 
 # --------------------------------------------------------------------------- verl entry
+# A NamedTuple, not a dataclass: verl loads this file by path (reward.custom_reward_function.path) without putting it
+# in sys.modules, where dataclasses fail under postponed annotations.
+class Scored(NamedTuple):
+    """A response's score (1.0 right, 0.0 otherwise) and the verifier's failures while scoring it: "" when none,
+    else the first one as "Type: message (where it was raised)". A failed response scores 0.0."""
+
+    score: float
+    error: str = ""
+    timeout: str = ""
+
+    def reward_extra_info(self) -> dict:
+        """What compute_score returns to verl: `score` is the reward, the other keys become reward_extra_info (the
+        float compute_score returned before was kept by verl as `acc`, which its validation metrics and
+        popo_verl.tiny.summary read)."""
+        return {
+            "score": self.score,
+            "acc": self.score,
+            VERIFIER_ERROR_KEY: self.error,
+            VERIFIER_TIMEOUT_KEY: self.timeout,
+        }
+
+
+def score_response(solution_str: Any, ground_truth: Any, verifier: str = "last-boxed") -> Scored:
+    """Score one completion against its gold with the named verifier (one of VERIFIERS), failures reported."""
+    if verifier not in VERIFIERS:
+        raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
+    with _collect() as failures:
+        if verifier == "whole":
+            right = verify_whole(solution_str, ground_truth)
+        else:
+            try:
+                pred = extract_answer(solution_str)
+                right = pred is not None and is_equiv(pred, ground_truth)
+            except Exception as e:  # never raise into the trainer
+                _failed("compute_score", e)
+                right = False
+    first = {kind: text for kind, text in reversed(failures)}
+    return Scored(1.0 if right else 0.0, first.get("error", ""), first.get("timeout", ""))
+
+
 def compute_score(
     data_source=None, solution_str=None, ground_truth=None, extra_info=None, verifier="last-boxed", **kwargs
-) -> float:
+) -> float | dict:
     """verl custom reward: 1.0 when the completion's final answer equals the gold, else 0.0.
 
-    ``data_source`` and ``extra_info`` are accepted for verl's signature and ignored; ``verifier`` is one of
-    VERIFIERS.
+    ``data_source`` is ignored; ``verifier`` is one of VERIFIERS; other ``kwargs`` (verl's, and the
+    ``max_verifier_error_share`` of reward_kwargs, which the trainer reads) are ignored. verl's reward managers
+    always pass ``extra_info``: then the result is ``Scored.reward_extra_info()``, the score with the verifier's
+    failures; without ``extra_info`` it is the float score.
     """
-    if verifier == "whole":
-        return 1.0 if verify_whole(solution_str, ground_truth) else 0.0
-    if verifier != "last-boxed":
-        raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
+    scored = score_response(solution_str, ground_truth, verifier)
+    return scored.score if extra_info is None else scored.reward_extra_info()
+
+
+# --------------------------------------------------------------------------- the trainer's check
+def max_verifier_error_share(config) -> float:
+    """MAX_SHARE_KEY of a run's config (DEFAULT_MAX_SHARE when unset); ValueError naming the key if outside [0, 1]."""
+    reward = config.get("reward", None) if hasattr(config, "get") else None
+    fn = (reward.get("custom_reward_function", None) if reward is not None else None) or {}
+    value = (fn.get("reward_kwargs", None) or {}).get("max_verifier_error_share", None)
+    if value is None:
+        return DEFAULT_MAX_SHARE
     try:
-        pred = extract_answer(solution_str)
-        if pred is None:
-            return 0.0
-        return 1.0 if is_equiv(pred, ground_truth) else 0.0
-    except Exception:  # pragma: no cover - defensive
-        logger.debug("compute_score failed", exc_info=True)
-        return 0.0
+        share = float(value)
+    except (TypeError, ValueError):
+        share = float("nan")
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(
+            f"{MAX_SHARE_KEY}={value!r} must be a share in [0, 1] (0.05 = 5 %; 1 = never stop on verifier failures)"
+        )
+    return share
+
+
+class VerifierFailureError(RuntimeError):
+    """More of a step's rewards failed in the verifier than MAX_SHARE_KEY allows."""
+
+
+def check_verifier_failures(infos: Sequence[Optional[Mapping]], max_share: float, step: Any = None) -> dict[str, float]:
+    """The step's ERRORS_METRIC and TIMEOUTS_METRIC from its rows' reward_extra_info (one per real row; rows of a
+    reward function that does not report failures count as clean); {} when no row reports. Raises
+    VerifierFailureError when more than ``max_share`` of the rows failed: each was scored 0, a negative the update
+    would learn from."""
+    rows = [info if isinstance(info, Mapping) else {} for info in infos]
+    if not any(VERIFIER_ERROR_KEY in r or VERIFIER_TIMEOUT_KEY in r for r in rows):
+        return {}
+    errors = [str(r[VERIFIER_ERROR_KEY]) for r in rows if r.get(VERIFIER_ERROR_KEY)]
+    timeouts = [str(r[VERIFIER_TIMEOUT_KEY]) for r in rows if r.get(VERIFIER_TIMEOUT_KEY)]
+    failed = sum(bool(r.get(VERIFIER_ERROR_KEY) or r.get(VERIFIER_TIMEOUT_KEY)) for r in rows)
+    if failed / len(rows) > max_share:
+        kinds = (("error", errors), ("timeout", timeouts))
+        first = "; ".join(f"first {kind}: {texts[0]}" for kind, texts in kinds if texts)
+        raise VerifierFailureError(
+            f"step {step}: the verifier failed on {failed} of {len(rows)} rewards ({failed / len(rows):.1%}; "
+            f"{len(errors)} errors, {len(timeouts)} timeouts), more than {MAX_SHARE_KEY}={max_share:g} allows. "
+            f"Each was scored 0 and would be trained on as a wrong answer. {first}. Fix the verifier (the reward "
+            f"workers' log has the first traceback), or allow a larger share with "
+            f"++{MAX_SHARE_KEY}=<share in [0, 1]> (1 = never stop; `++`: verl's config has no such key of its own)"
+        )
+    return {ERRORS_METRIC: float(len(errors)), TIMEOUTS_METRIC: float(len(timeouts))}
+
+
+def verifier_error_metrics(batch, config, step: Any = None) -> dict[str, float]:
+    """check_verifier_failures on a training step's batch (a TransferQueue KVBatchMeta), for the POPO trainer.
+
+    verl's agent loop keeps each row's reward_extra_info in the row's `extra_fields` (verl/trainer/ppo/v1/
+    agent_loop_tq.py; read back as verl/trainer/ppo/v1/replay_buffer.py does). verl's padding rows are left out.
+    """
+    import transfer_queue as tq
+
+    real = [k for k, tag in zip(batch.keys, batch.tags) if not tag.get("is_padding", False)]
+    if not real:
+        return {}
+    data = tq.kv_batch_get(keys=real, partition_id=batch.partition_id, select_fields=["extra_fields"])
+    infos = []
+    for value in data["extra_fields"]:
+        extra = getattr(value, "data", value)
+        infos.append(extra.get("reward_extra_info") if isinstance(extra, Mapping) else None)
+    return check_verifier_failures(infos, max_verifier_error_share(config), step)

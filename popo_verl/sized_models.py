@@ -7,6 +7,7 @@ character-level tokenizer and chat template (popo_verl.tiny), so they read the t
 | size | shape | parameters |
 |---|---|---|
 | tiny | the tiny task's (hidden 64, 2 layers, 4 heads / 2 kv heads, MLP 192) | 105,280 |
+| 20m | hidden 384, 12 layers, 6 query / 2 kv heads of 64, MLP 1152 (fp32: the CPU size where compute dominates) | 20.7 M |
 | 0.5b | Qwen3-0.6B's widths (hidden 1024, MLP 3072, 16 query / 8 kv heads of 128), 32 layers (Qwen3-0.6B: 28) | 0.503 B |
 | 1.5b | Qwen3-1.7B's widths (hidden 2048, MLP 6144, 16 query / 8 kv heads of 128), 30 layers (Qwen3-1.7B: 28) | 1.510 B |
 
@@ -56,6 +57,9 @@ SIZES: dict[str, SizeSpec] = {
     # the tiny task's own architecture (popo_verl.tiny.TinySpec), randomly initialised
     "tiny": SizeSpec(hidden=64, intermediate=192, layers=2, heads=4, kv_heads=2, head_dim=16, target_params=105_280,
                      dtype="float32"),
+    # the CPU size where compute dominates a step (`cost.py --model-size 20m`): POPO's own work is measured against it
+    "20m": SizeSpec(hidden=384, intermediate=1152, layers=12, heads=6, kv_heads=2, head_dim=64, target_params=20_700_000,
+                    dtype="float32"),
     "0.5b": SizeSpec(hidden=1024, intermediate=3072, layers=32, heads=16, kv_heads=8, head_dim=128,
                      target_params=500_000_000, dtype="bfloat16"),
     "1.5b": SizeSpec(hidden=2048, intermediate=6144, layers=30, heads=16, kv_heads=8, head_dim=128,

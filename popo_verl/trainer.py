@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 import warnings
 
 import numpy as np
@@ -34,7 +35,7 @@ from verl.workers.utils.padding import response_from_nested
 
 from popo_verl import core
 from popo_verl.config import get_popo_config, validate_popo_config
-from popo_verl.engines.fsdp import POOLED_KEY
+from popo_verl.engines.fsdp import POOLED_KEY, POOLED_ONLY_KEY
 from popo_verl.layout import padded, row_to_tokens
 from popo_verl.losses import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY
 
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
 
 TRAINER_NAME = "popo"
+#: step-batch fields the actor update never reads: verl's step metrics (returns, scores) and the driver's phases
+DRIVER_ONLY_FIELDS = frozenset({"returns", "rm_scores", "token_level_scores", "token_level_rewards"})
 
 
 def _is_padding(tag: dict) -> bool:
@@ -175,6 +178,10 @@ class PopoTrainer(PPOTrainerSync):
 
         The step's positives are decided here, once, and reused by the weights phase and the metrics.
         """
+        # Rewards the verifier failed on are 0s, not wrong answers: count them, and stop past the allowed share.
+        from popo_verl.reward import verifier_error_metrics
+
+        metrics.update(verifier_error_metrics(batch, self.config, self.global_steps))
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["rm_scores"])
         positive, real, rewards = self._positive_and_real(data["rm_scores"], batch.tags)
         self._popo_positive, self._popo_real, self._popo_rewards = positive, real, rewards
@@ -191,27 +198,30 @@ class PopoTrainer(PPOTrainerSync):
         sub = _select(sub, order)
         if micro is not None:
             sub.extra_info["micro_batch_size_per_gpu"] = micro
-        ref_lp, siamese = self._siamese_forward(sub)
-        tq.kv_batch_put(
-            keys=sub.keys,
-            partition_id=sub.partition_id,
-            fields=TensorDict({"ref_log_prob": ref_lp, SIAMESE_KEY: siamese}, batch_size=len(sub)),
-        )
+        with_log_probs = self.popo.anchor == "kl"  # the cosine anchor reads the pooled states alone
+        ref_lp, siamese = self._siamese_forward(sub, with_log_probs=with_log_probs)
+        fields = {SIAMESE_KEY: siamese, **({"ref_log_prob": ref_lp} if with_log_probs else {})}
+        tq.kv_batch_put(keys=sub.keys, partition_id=sub.partition_id, fields=TensorDict(fields, batch_size=len(sub)))
         self._popo_update_batch = sub
         self._popo_n_mini = n_mini
         return batch
 
-    def _siamese_forward(self, batch: KVBatchMeta):
-        """The siamese (ref role) over `batch`: (response log-probs, nested like verl's; pooled states (B, H))."""
+    def _siamese_forward(self, batch: KVBatchMeta, with_log_probs: bool):
+        """The siamese (ref role) over `batch`: (response log-probs, nested like verl's, or None without
+        `with_log_probs`; pooled states (B, H)). Without log-probs the FSDP engine runs its LM head on one
+        position per micro-batch and nothing per token comes back (popo_verl/engines/fsdp.py `pooled_only`)."""
         saved = dict(batch.extra_info)
         batch.extra_info.update(
-            {"calculate_entropy": False, "compute_loss": False, "temperature": self.config.actor_rollout_ref.rollout.temperature}
+            {"calculate_entropy": False, "compute_loss": False, "temperature": self.config.actor_rollout_ref.rollout.temperature,
+             POOLED_ONLY_KEY: not with_log_probs}
         )
         try:
             output = self.actor_rollout_wg.compute_ref_log_prob(batch)
         finally:
             batch.extra_info = saved
         assert len(output) == len(batch)
+        if not with_log_probs:
+            return None, tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=[POOLED_KEY])[POOLED_KEY]
         data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["log_probs", "response_mask", POOLED_KEY])
         return response_from_nested(data.pop("log_probs"), data["response_mask"]), data[POOLED_KEY]
 
@@ -221,13 +231,15 @@ class PopoTrainer(PPOTrainerSync):
         every = int(self.popo.kl_monitor_interval)
         if every <= 0 or self.global_steps % every != 0 or not bool(real.any()):
             return
-        ref_lp, _ = self._siamese_forward(batch)
+        started = time.perf_counter()  # a blocking call: the driver's clock is the truth here
+        ref_lp, _ = self._siamese_forward(batch, with_log_probs=True)
         d = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=["old_log_probs", "response_mask"])
         mask = padded(d["response_mask"], 0).float() * real.float().unsqueeze(-1)
         old, ref = padded(d["old_log_probs"]).float(), padded(ref_lp).float()
         width = min(old.shape[1], ref.shape[1], mask.shape[1])
         k3 = core.k3_kl(old[:, :width], ref[:, :width]) * mask[:, :width]
         metrics["popo/kl_policy_siamese"] = float(k3.sum() / mask[:, :width].sum().clamp(min=1.0))
+        metrics["timing_s/popo_kl_monitor"] = time.perf_counter() - started
 
     def _positive_layout(self, n_pos: int, dp: int) -> tuple[int, int, int | None]:
         """(mini-batches, rows per rank and mini-batch, micro-batch size) for an update on n_pos positives.
@@ -278,14 +290,15 @@ class PopoTrainer(PPOTrainerSync):
         token_scale = 1.0 if cfg.positives_only_update else (all_tokens / pos_tokens if pos_tokens > 0 else 1.0)
 
         rows = len(batch)
-        # per-row values on verl's per-token layout; padding rows (verl's, not real) carry 0 everywhere
-        per_row = {
-            "advantages": weights,
-            "returns": weights,
-            SIM_WEIGHT_KEY: sim_w,
-            TOKEN_SCALE_KEY: torch.full_like(weights, token_scale) * real.float(),
+        # verl's advantages and returns on its per-token layout (its step metrics read both); POPO's own per-row
+        # values as [B]. Padding rows (verl's, not real) carry 0 everywhere.
+        advantages = row_to_tokens(weights, response_mask_nested)
+        fields = {
+            "advantages": advantages,
+            "returns": advantages,
+            SIM_WEIGHT_KEY: sim_w.float(),
+            TOKEN_SCALE_KEY: torch.full_like(weights, token_scale).float() * real.float(),
         }
-        nested = {k: row_to_tokens(v, response_mask_nested) for k, v in per_row.items()}
         if not cfg.positives_only_update:
             # Negatives join the update at zero weight; give them a placeholder siamese representation.
             sub_keys = set(self._popo_update_batch.keys) if self._popo_update_batch is not None else set()
@@ -297,7 +310,7 @@ class PopoTrainer(PPOTrainerSync):
                     partition_id=batch.partition_id,
                     fields=TensorDict({SIAMESE_KEY: torch.zeros(len(missing), hidden)}, batch_size=len(missing)),
                 )
-        batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(nested, batch_size=rows))
+        batch = tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=TensorDict(fields, batch_size=rows))
 
         if self._popo_update_batch is not None:
             # The synthetic padding rows of the positive batch carry nothing.
@@ -307,11 +320,10 @@ class PopoTrainer(PPOTrainerSync):
                 pm = tq.kv_batch_get(keys=pad_keys, partition_id=sub.partition_id, select_fields=["response_mask"])["response_mask"]
                 zeros = row_to_tokens(torch.zeros(len(pad_keys)), pm)
                 # (old_log_probs too: verl's padding template copied the first row's, of another length)
-                pad_fields = {k: zeros for k in ("advantages", "returns", SIM_WEIGHT_KEY, TOKEN_SCALE_KEY, "old_log_probs")}
+                pad_fields = {k: zeros for k in ("advantages", "returns", "old_log_probs")}
+                pad_fields.update({k: torch.zeros(len(pad_keys)) for k in (SIM_WEIGHT_KEY, TOKEN_SCALE_KEY)})
                 tq.kv_batch_put(keys=pad_keys, partition_id=sub.partition_id, fields=TensorDict(pad_fields, batch_size=len(pad_keys)))
-
-            # What the update reads: every field the batch has now, plus the siamese outputs.
-            sub.fields = sorted(set(batch.fields or []) | {SIAMESE_KEY, "ref_log_prob"})
+            sub.fields = self._update_fields(batch.fields)
 
         n_real = int(real.sum())
         metrics.update(
@@ -324,6 +336,12 @@ class PopoTrainer(PPOTrainerSync):
             }
         )
         return batch
+
+    def _update_fields(self, fields) -> list[str]:
+        """What the actor update reads: the step batch's fields less those only the driver's metrics use, plus the
+        siamese's outputs. Every field listed travels driver -> workers for every row of the update."""
+        siamese = {SIAMESE_KEY, "ref_log_prob"} if self.popo.anchor == "kl" else {SIAMESE_KEY}
+        return sorted((set(fields or []) - DRIVER_ONLY_FIELDS) | siamese)
 
     @staticmethod
     def _padding_keys(sub: KVBatchMeta) -> list:
@@ -343,7 +361,8 @@ class PopoTrainer(PPOTrainerSync):
             self._update_positives(batch, metrics)
         finally:
             self._clear_padding_rows(batch, metrics)
-        stats = self.actor_rollout_wg.popo_stats()
+        every = int(self.popo.drift_interval)
+        stats = self.actor_rollout_wg.popo_stats(every > 0 and self.global_steps % every == 0)
         metrics.update(stats[0] if isinstance(stats, list) else stats)
         metrics["popo/skipped_steps_total"] = float(self.popo_skipped_steps)
         return batch
@@ -365,8 +384,12 @@ class PopoTrainer(PPOTrainerSync):
             rows = n_pos
         else:
             mini_rows = self.config.actor_rollout_ref.actor.ppo_mini_batch_size * self.config.actor_rollout_ref.rollout.n
-            batch.fields = sorted(set(batch.fields or []) | {SIAMESE_KEY})
-            self._run_update(batch, metrics, mini_rows=mini_rows)
+            step_fields = batch.fields
+            batch.fields = self._update_fields(batch.fields)
+            try:
+                self._run_update(batch, metrics, mini_rows=mini_rows)
+            finally:
+                batch.fields = step_fields
             rows = sum(not _is_padding(t) for t in batch.tags)
         metrics.update({"popo/skipped_step": 0.0, "popo/rows_updated": float(rows)})
         self._maybe_log_prob_deltas(batch, metrics)
@@ -421,6 +444,7 @@ class PopoTrainer(PPOTrainerSync):
         every = int(self.popo.implicit_negative_interval)
         if every <= 0 or self.global_steps % every != 0:
             return
+        started = time.perf_counter()
         saved = dict(batch.extra_info)
         batch.extra_info.update(
             {"calculate_entropy": False, "compute_loss": False, "temperature": self.config.actor_rollout_ref.rollout.temperature}
@@ -440,3 +464,4 @@ class PopoTrainer(PPOTrainerSync):
         positive, real = self._popo_positive, self._popo_real
         metrics["popo/pos_logprob_delta"] = core.log_prob_change(new, old, mask, positive)
         metrics["popo/neg_logprob_delta"] = core.log_prob_change(new, old, mask, real & ~positive)
+        metrics["timing_s/popo_logprob_deltas"] = time.perf_counter() - started

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 import warnings
 from functools import partial
 
@@ -29,6 +28,7 @@ from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from popo_verl import checkpoint, core
+from popo_verl.timing import DeviceTimer
 from popo_verl.cpu.platform import cpu_platform_wanted
 from popo_verl.engines.fsdp import PopoFSDPEngine, is_predictor_param
 from popo_verl.losses import popo_actor_loss
@@ -55,6 +55,53 @@ def popo_engine_cls(engine) -> type:
     raise NotImplementedError(
         f"POPO supports verl's FSDP/FSDP2 and Megatron engines (strategy fsdp|fsdp2|megatron); got {type(engine).__name__}"
     )
+
+
+def optimizer_step_count(optimizer: torch.optim.Optimizer, group: dict, state: dict):
+    """Adam's step count t for one parameter: in its state (torch's Adam/AdamW), or in its param group (Transformer
+    Engine's and Apex's FusedAdam, which megatron-core uses when they are installed). None before the first step."""
+    step = state.get("step", group.get("step"))
+    if step is None:
+        return None
+    return step.to(torch.float64) if isinstance(step, torch.Tensor) else float(step)
+
+
+@torch.no_grad()
+def adam_direction_sq(optimizers, skip_ids: set[int]) -> tuple[torch.Tensor, int]:
+    """sum over parameters of ||m_hat / (sqrt(v_hat) + eps)||^2, on the parameters' device, in one pass and without a
+    host sync (a step count kept as a device tensor stays there). Returns (float64 scalar, parameters counted)."""
+    total, found = None, 0
+    for opt in optimizers:
+        for group in opt.param_groups:
+            betas, eps = group.get("betas"), group.get("eps")
+            if betas is None or eps is None:
+                continue
+            for p in group["params"]:
+                st = opt.state.get(p, {})
+                if id(p) in skip_ids or "exp_avg" not in st:
+                    continue
+                step = optimizer_step_count(opt, group, st)
+                if step is None:
+                    continue
+                m, v = _local(st["exp_avg"]), _local(st["exp_avg_sq"])
+                if isinstance(step, torch.Tensor):
+                    step = step.to(m.device)
+                c1, c2 = 1 - betas[0] ** step, 1 - betas[1] ** step
+                u = (m.float() / c1) / ((v.float() / c2).sqrt() + eps)
+                sq = u.pow(2).sum(dtype=torch.float64)
+                total = sq if total is None else total + sq.to(total.device)
+                found += 1
+    return (total if total is not None else torch.zeros((), dtype=torch.float64)), found
+
+
+@torch.no_grad()
+def parameter_distance_sq(targets: list[torch.Tensor], onlines: list[torch.Tensor]) -> torch.Tensor:
+    """sum_k ||theta_k - xi_k||^2 over local tensors, on the online weights' device (a siamese kept on the host comes
+    to it a tensor at a time): a per-tensor difference (one temporary at a time, not a copy of the model) and one
+    float64 sum, no host transfer."""
+    norms = [torch.linalg.vector_norm(theta.float() - xi.to(device=theta.device, dtype=torch.float32, non_blocking=True))
+             for xi, theta in zip(targets, onlines, strict=True)]
+    return torch.stack(norms).double().pow(2).sum()
 
 
 class PopoTrainingWorker(TrainingWorker):
@@ -109,6 +156,8 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         # Feature noise is seeded from (seed, optimizer steps so far), which the checkpoint restores, and
         # keyed by each row's tokens: a resumed run, or one on another number of ranks, draws the same noise.
         self._noise_seed = int(self.config.actor.get("data_loader_seed", 0) or 0)
+        # POPO's own per-step work, timed on the device (popo_verl/timing.py): read once a step, in popo_stats
+        self.noise_timer, self.ema_timer, self.drift_timer = DeviceTimer(), DeviceTimer(), DeviceTimer()
         self.loss_fn = partial(
             popo_actor_loss,
             config=actor_config,
@@ -119,14 +168,16 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
             noise_seed=self._step_noise_seed,
             anchor=str(popo.get("anchor", "cosine")),
             nll_norm=str(popo.get("nll_norm", "token")),
+            noise_timer=self.noise_timer,
         )
         self.actor.set_loss_fn(self.loss_fn)
 
         self.tau = float(popo.get("tau", 0.995))
         self.ema_steps = 0
-        self.max_update_norm = 0.0
+        self.max_update_norm = 0.0  # G_max of Lemma 3.2 up to the last popo_stats; the steps since then are in:
+        self._max_update_norm_dev: torch.Tensor | None = None  # a device scalar (no host sync per optimizer step)
         self.last_lr = 0.0
-        self.ema_seconds = 0.0
+        self._predictor_ids: set[int] | None = None
         self.siamese = None  # Megatron: the fp32 shadow of verl's bf16 ref model (popo_verl/engines/megatron.py)
         if type(self.actor.engine).__name__ == "PopoMegatronEngine":
             from popo_verl.engines.megatron import MegatronSiamese
@@ -183,78 +234,107 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         for xi, theta in zip(targets, onlines, strict=True):
             xi.copy_(theta.to(device=xi.device, dtype=xi.dtype))
 
+    def _work_device(self) -> torch.device:
+        """Where the actor's weights are (the EMA's and the drift's work runs there)."""
+        first = next(iter(self._actor_params().values()), None)
+        return _local(first.data).device if first is not None else torch.device("cpu")
+
     def _after_optimizer_step(self, grad_norm: float) -> None:
-        t0 = time.perf_counter()
-        if self.siamese is not None:
-            self.siamese.ema(self.tau)
-        else:
-            core.ema_update_(*self._paired_locals(), self.tau)
-        self.ema_seconds += time.perf_counter() - t0
+        with self.ema_timer.span(self._work_device()):
+            if self.siamese is not None:
+                self.siamese.ema(self.tau)
+            else:
+                core.ema_update_(*self._paired_locals(), self.tau)
+            g = self._update_direction_norm(grad_norm)
+            prev = self._max_update_norm_dev
+            self._max_update_norm_dev = g if prev is None else torch.maximum(prev, g.to(prev.device))
         self.ema_steps += 1
-        self.max_update_norm = max(self.max_update_norm, self._update_direction_norm(grad_norm))
         groups = self.actor.engine.optimizer.param_groups
         self.last_lr = float(groups[0]["lr"]) if groups else 0.0
 
+    def _predictor_param_ids(self) -> set[int]:
+        if self._predictor_ids is None:  # the parameters never change identity: name them once
+            engine = self.actor.engine
+            if self.siamese is not None:
+                self._predictor_ids = set().union(*engine._popo_head_shards.values())
+            else:
+                self._predictor_ids = {id(p) for n, p in engine.module.named_parameters() if is_predictor_param(n)}
+        return self._predictor_ids
+
     @torch.no_grad()
-    def _update_direction_norm(self, grad_norm: float) -> float:
-        """G_t of Lemma 3.2: the norm of the step direction just applied (theta_t = theta_{t-1} - lr * u_t).
+    def _update_direction_norm(self, grad_norm: float) -> torch.Tensor:
+        """G_t of Lemma 3.2: the norm of the step direction just applied (theta_t = theta_{t-1} - lr * u_t), a float64
+        device scalar (no host sync).
 
         For Adam(W) u_t = m_hat / (sqrt(v_hat) + eps), read from the optimizer state (weight decay left
-        out); for other optimizers the clipped gradient norm.
+        out) in one pass on the device; for other optimizers the clipped gradient norm.
         """
         engine = self.actor.engine
         if self.siamese is not None:  # Megatron: the torch optimizers inside its (chained) optimizer, on main shards
             optimizers = [o.optimizer for o in engine._sub_optimizers()]
-            predictor = set().union(*engine._popo_head_shards.values())
         else:
             optimizers = [engine.optimizer]
-            predictor = {id(p) for n, p in engine.module.named_parameters() if is_predictor_param(n)}
-        sq = torch.zeros(2, dtype=torch.float64)  # (sum of squares, parameters found)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                betas, eps = group.get("betas"), group.get("eps")
-                if betas is None or eps is None:
-                    continue
-                for p in group["params"]:
-                    st = opt.state.get(p, {})
-                    if id(p) in predictor or "exp_avg" not in st:
-                        continue
-                    step = float(st["step"])
-                    m = _local(st["exp_avg"]).double() / (1 - betas[0] ** step)
-                    v = _local(st["exp_avg_sq"]).double() / (1 - betas[1] ** step)
-                    sq[0] += (m / (v.sqrt() + eps)).pow(2).sum().cpu()
-                    sq[1] += 1
+        total, found = adam_direction_sq(optimizers, self._predictor_param_ids())
+        clip = engine.optimizer_config.clip_grad
+        clipped_grad_norm = min(grad_norm, clip) if clip else grad_norm
         if self.siamese is not None and dist.is_initialized():
-            dist.all_reduce(sq, op=dist.ReduceOp.SUM)  # every rank: a Megatron rank may hold no optimizer shard
-        if not sq[1]:
-            clip = engine.optimizer_config.clip_grad
-            return min(grad_norm, clip) if clip else grad_norm
-        if self.siamese is None and dist.is_initialized():
-            dist.all_reduce(sq, op=dist.ReduceOp.SUM)
-        return math.sqrt(float(sq[0]))
-
-    def _global_distance(self) -> float:
-        # Megatron: each weight once (data-parallel replicas and tensor-parallel duplicates left out)
-        targets, onlines = self.siamese.counted_pairs() if self.siamese is not None else self._paired_locals()
-        sq = torch.zeros((), dtype=torch.float64)
-        for xi, theta in zip(targets, onlines, strict=True):
-            sq += (theta.detach().double().cpu() - xi.detach().double().cpu()).pow(2).sum()
+            # every rank joins: a Megatron rank may hold no optimizer shard; the count rides along (no host sync)
+            both = torch.stack([total.to(self._collective_device()),
+                                torch.tensor(float(found), dtype=torch.float64, device=self._collective_device())])
+            dist.all_reduce(both, op=dist.ReduceOp.SUM)
+            return torch.where(both[1] > 0, both[0].sqrt(), torch.full_like(both[0], clipped_grad_norm))
+        if not found:
+            return torch.tensor(clipped_grad_norm, dtype=torch.float64)
         if dist.is_initialized():
-            dist.all_reduce(sq, op=dist.ReduceOp.SUM)
-        return math.sqrt(float(sq))
+            total = total.to(self._collective_device())
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total.sqrt()
+
+    @torch.no_grad()
+    def _global_distance_sq(self) -> torch.Tensor:
+        """||theta - xi||^2 over this rank's shards, on the device (float64 scalar; sum it over ranks)."""
+        if self.siamese is not None:  # Megatron: each weight once, on the device (the shadow may live on the host)
+            return self.siamese.distance_sq()
+        targets, onlines = self._paired_locals()
+        if not targets:
+            return torch.zeros((), dtype=torch.float64)
+        return parameter_distance_sq(targets, onlines)
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
-    def popo_stats(self) -> dict:
-        """||theta - xi||, the Lemma 3.2 bound and EMA bookkeeping (collective: call on all ranks)."""
-        drift = self._global_distance()
+    def popo_stats(self, with_drift: bool = True) -> dict:
+        """||theta - xi|| (when `with_drift`), the Lemma 3.2 bound and EMA bookkeeping (collective: call on all ranks).
+
+        One host transfer: the device scalars of the step (drift, G_max) come back together."""
+        device_values = []
+        if with_drift:
+            with self.drift_timer.span(self._work_device()):
+                sq = self._global_distance_sq()
+                if dist.is_initialized():
+                    sq = sq.to(self._collective_device())
+                    dist.all_reduce(sq, op=dist.ReduceOp.SUM)
+            device_values.append(sq)
+        if self._max_update_norm_dev is not None:
+            device_values.append(self._max_update_norm_dev.to(device_values[0].device) if device_values else self._max_update_norm_dev)
+        host = torch.stack(device_values).tolist() if device_values else []
+        if self._max_update_norm_dev is not None:
+            self.max_update_norm = max(self.max_update_norm, host.pop())
+            self._max_update_norm_dev = None
         bound = core.drift_bound(self.tau, self.last_lr, self.max_update_norm) if self.ema_steps else 0.0
-        ema_seconds, self.ema_seconds = self.ema_seconds, 0.0
-        return {
-            "timing_s/ema_update": ema_seconds,
-            "popo/drift": drift,
+        stats = {
+            "timing_s/ema_update": self.ema_timer.pop_seconds(),
+            "timing_s/popo_noise": self.noise_timer.pop_seconds(),
             "popo/drift_bound": bound,
             "popo/ema_steps": float(self.ema_steps),
         }
+        if with_drift:
+            stats["popo/drift"] = math.sqrt(host.pop())
+            stats["timing_s/popo_drift"] = self.drift_timer.pop_seconds()
+        return stats
+
+    def _collective_device(self) -> torch.device:
+        from verl.utils.device import get_device_id, get_device_name
+
+        return torch.device("cpu") if get_device_name() == "cpu" else torch.device(get_device_name(), get_device_id())
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def popo_skipped_step(self) -> float:
@@ -292,6 +372,9 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
 
             strip_predictor_from_hf_dir(os.path.join(local_path, "huggingface"))
         targets = {n: _local(p.data).detach().cpu().clone() for n, p in self._siamese_params().items()}
+        if self._max_update_norm_dev is not None:  # steps since the last popo_stats (a save comes after it; to be safe)
+            self.max_update_norm = max(self.max_update_norm, float(self._max_update_norm_dev))
+            self._max_update_norm_dev = None
         state = {
             "siamese": targets,
             "ema_steps": self.ema_steps,
@@ -318,12 +401,13 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
             logger.warning(msg)
             self.copy_actor_to_siamese()
             return
-        params = self._siamese_params()
-        with torch.no_grad():
-            for n, p in params.items():
-                _local(p.data).copy_(state["siamese"][n].to(_local(p.data).device))
-        if self.siamese is not None:
-            self.siamese.write_to_model()
+        if self.siamese is not None:  # Megatron: this rank's shard of the main parameters, or a whole saved tensor
+            with torch.no_grad():
+                self.siamese.load(state["siamese"])
+        else:
+            with torch.no_grad():
+                for n, p in self._siamese_params().items():
+                    _local(p.data).copy_(state["siamese"][n].to(_local(p.data).device))
         self.ema_steps = int(state["ema_steps"])
         self.max_update_norm = float(state["max_update_norm"])
         self.last_lr = float(state["last_lr"])

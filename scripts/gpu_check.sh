@@ -6,6 +6,7 @@
 #   bash scripts/gpu_check.sh                          # FSDP2 engine
 #   bash scripts/gpu_check.sh megatron                 # verl's Megatron engine (pip install -e ".[megatron]")
 #   ROLLOUT=hf STEPS=8 bash scripts/gpu_check.sh trainer.n_gpus_per_node=1   # hydra overrides go to both runs
+#   ALGOS= bash scripts/gpu_check.sh                   # the tests alone (minutes), e.g. on a short GPU loan
 # Exit status: 0 every stage passed, 1 a stage failed, 2 no usable GPU (or a missing requirement), said in one line.
 # Everything lands in OUT_DIR (tests.log, popo.log, grpo.log, each run's console, report.txt, report.json).
 set -euo pipefail
@@ -19,10 +20,12 @@ if [[ $# -gt 0 && "$1" != *=* ]]; then
 fi
 STEPS=${STEPS:-5}                              # training steps per algorithm (the first is warm-up, not measured)
 ROLLOUT=${ROLLOUT:-auto}                       # hf, vllm, or auto: vllm where `import vllm` works, else hf
-# the suite's GPU-relevant tests (TESTS= skips them). Not tests/test_megatron_engine.py: it runs megatron-core on
-# the CPU stand-in (popo_verl/engines/mcore_cpu.py), which refuses a machine with a GPU; here the Megatron engine is
-# checked through the runs below.
+# the suite's GPU-relevant tests (TESTS= skips them; tests/test_gpu_rollout.py holds the CUDA ones, the two-process
+# CUDA-IPC weight sync among them). Not tests/test_megatron_engine.py: it runs megatron-core on the CPU stand-in
+# (popo_verl/engines/mcore_cpu.py), which refuses a machine with a GPU; here the Megatron engine is checked through
+# the runs below.
 TESTS=${TESTS-tests/test_gpu_rollout.py tests/test_engine.py tests/test_cpu_backend.py tests/test_plugin.py}
+ALGOS=${ALGOS-popo grpo}                       # the runs after the tests (ALGOS= none)
 OUT_DIR=${OUT_DIR:-$PWD/runs/gpu_check_${ENGINE}_$(date +%Y%m%d_%H%M%S)}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
@@ -42,7 +45,7 @@ GPU=$(python -m popo_verl.gpu_check device) || exit 2
 if [[ "$ROLLOUT" == auto ]]; then
   if python -c "import vllm" >/dev/null 2>&1; then ROLLOUT=vllm; else ROLLOUT=hf; fi
 fi
-GPU_ARGS_TEXT=$(python -m popo_verl.gpu_check overrides --rollout "$ROLLOUT")
+GPU_ARGS_TEXT=$(python -m popo_verl.gpu_check overrides --rollout "$ROLLOUT" --engine "$ENGINE")
 mapfile -t GPU_ARGS <<< "$GPU_ARGS_TEXT"
 mkdir -p "$OUT_DIR"
 echo "gpu_check: $GPU; engine $ENGINE; rollout $ROLLOUT; $STEPS steps per algorithm; output in $OUT_DIR"
@@ -52,8 +55,9 @@ STAGES=()
 if [[ -n "$TESTS" ]]; then
   echo "gpu_check: tests: $TESTS"
   tests_rc=0
+  # -rs: a CUDA test that skipped says why in the log (it should not skip here)
   # shellcheck disable=SC2086  # TESTS is a list of paths
-  (cd "$ROOT" && python -m pytest -q -p no:cacheprovider $TESTS) > "$OUT_DIR/tests.log" 2>&1 || tests_rc=$?
+  (cd "$ROOT" && python -m pytest -q -rs -p no:cacheprovider $TESTS) > "$OUT_DIR/tests.log" 2>&1 || tests_rc=$?
   tail -n 1 "$OUT_DIR/tests.log"
   STAGES+=(--stage "tests=$tests_rc")
 fi
@@ -72,7 +76,7 @@ run_algo() {
   [[ $rc == 0 ]] || tail -n 20 "$OUT_DIR/$algo.console" >&2
   return $rc
 }
-for algo in popo grpo; do
+for algo in $ALGOS; do
   rc=0; run_algo "$algo" "$@" || rc=$?
   STAGES+=(--stage "$algo=$rc")
 done

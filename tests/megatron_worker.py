@@ -12,6 +12,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -31,6 +32,17 @@ from popo_verl.engines.megatron import MegatronSiamese, PopoMegatronEngine, name
 
 TP, PP, CP = (int(os.environ.get(k, "1")) for k in ("TP", "PP", "CP"))
 RMPAD = os.environ.get("RMPAD", "1") == "1"
+# the bf16 siamese's actor: megatron's distributed optimizer (verl's default) on the THD layouts, its
+# Float16OptimizerWithFloat16Params (`use_distributed_optimizer=False`) on the BSHD ones
+DIST_OPT = RMPAD
+TARGET = torch.randn(4, 32, generator=torch.Generator().manual_seed(3))
+
+
+def loss_of(out):
+    """A loss on the log-probs and the head's prediction (against a fixed target)."""
+    rows = out[PRED_KEY].shape[0]
+    t = TARGET[:rows] if rows == 2 else TARGET
+    return 0.01 * out["log_probs"].values().sum() - 5.0 * F.cosine_similarity(out[PRED_KEY], t, dim=-1).sum()
 
 
 def build(model_path, dtype="float32", forward_only=False, clip_grad=1.0, predictor_clip_grad=0.0, checkpoint=None,
@@ -74,15 +86,134 @@ def norm(ts):
 
 
 def round_trip(e, ckpt) -> dict[str, bool]:
-    """Save, move every local parameter (head included), load: whether each came back exactly."""
-    saved = {k: p.detach().clone() for k, p in named_local_params(e, with_head=True).items()}
+    """Save, move every local parameter (head included), load: whether each came back exactly. The parameters are
+    read and moved on the device (eval_mode onloads them where verl offloads them: param_offload)."""
+    with e.eval_mode():
+        saved = {k: p.detach().clone() for k, p in named_local_params(e, with_head=True).items()}
     e.save_checkpoint(ckpt, global_step=1)
-    with torch.no_grad():
+    with e.eval_mode(), torch.no_grad():
         for p in named_local_params(e, with_head=True).values():
             p.add_(1.0)
     e.load_checkpoint(ckpt, del_local_after_load=False)
-    now = named_local_params(e, with_head=True)
+    with e.eval_mode():
+        now = {k: p.detach().clone() for k, p in named_local_params(e, with_head=True).items()}
     return {k: bool(torch.equal(now[k], v)) for k, v in saved.items()}
+
+
+class PinnedAllocations(TorchFunctionMode):
+    """Records the storage of every tensor allocated in pinned host memory (`device="cpu", pin_memory=True`: on a
+    GPU machine page-locked host memory; the CPU stand-in drops the pinning after this mode has seen the call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ptrs = set()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if kwargs.get("pin_memory") and str(kwargs.get("device")) == "cpu" and isinstance(out, torch.Tensor):
+            self.ptrs.add(out.data_ptr())
+        return out
+
+
+def owned_range(engine, p):
+    """The range of the flat parameter p whose fp32 main values this rank's optimizer steps (megatron's own map)."""
+    for opt in engine._sub_optimizers():
+        if p in getattr(opt, "model_param_gbuf_map", {}):
+            r = opt._get_model_param_range_map(p)["param"]
+            return r.start, r.end
+    return None
+
+
+def whole(engine, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each local parameter's values in full (fp32, CPU) from this rank's `values` (its owned range, under the
+    distributed optimizer with several data-parallel ranks; summed over them: one owner per element)."""
+    from megatron.core import parallel_state as mpu
+
+    group = mpu.get_data_parallel_group(with_context_parallel=True)
+    distributed = any(hasattr(o, "model_param_gbuf_map") for o in engine._sub_optimizers())
+    sharded = distributed and dist.get_world_size(group) > 1
+    out = {}
+    for k, p in sorted(named_local_params(engine).items()):
+        v = values[k].detach().float().cpu().clone()
+        if not sharded:
+            out[k] = v.reshape(p.shape)
+            continue
+        full = torch.zeros(p.numel())
+        r = owned_range(engine, p)
+        if r is not None:
+            flat = v.reshape(-1)
+            if flat.numel() == p.numel():  # the whole parameter held here (a shadow kept whole): its owned range
+                flat = flat[r[0]:r[1]]
+            full[r[0]:r[1]] = flat
+        dist.all_reduce(full, group=group)
+        out[k] = full.reshape(p.shape)
+    return out
+
+
+def main_values(engine) -> dict[str, torch.Tensor]:
+    """theta's fp32 main values on this rank: the handle megatron's mixed-precision optimizers give each bf16
+    parameter (`param.main_param`: the owned shard under the distributed optimizer, a whole fp32 copy without)."""
+    out = {}
+    for k, p in named_local_params(engine).items():
+        out[k] = p.main_param if getattr(p, "main_param", None) is not None else torch.empty(0)
+    return out
+
+
+def bf16_siamese_step(actor, ref, res, got, data) -> None:
+    """The siamese of a bf16 actor that verl offloads between steps: its shadow is allocated in pinned host memory and
+    stays there; one step at lr 1e-6 (far below bf16's resolution of the weights, about 1e-4 at 0.02) with the EMA
+    (tau 0.5) where the POPO worker runs it, inside optimizer_step: the shadow follows theta's fp32 main values."""
+    pinned = PinnedAllocations()
+    with pinned:
+        sia = MegatronSiamese(actor, ref)
+    sia.copy_from_actor()
+    main0 = whole(actor, main_values(actor))
+    for opt in actor._sub_optimizers():
+        for group in opt.optimizer.param_groups:
+            group["lr"] = 1e-6
+    seen = {}
+
+    def ema_in_step(grad_norm):
+        seen["lr"] = actor._sub_optimizers()[0].optimizer.param_groups[0]["lr"]
+        seen["model"] = {k: p.detach().float().clone() for k, p in named_local_params(actor).items()}
+        sia.ema(0.5)
+
+    def in_pinned_memory():
+        return all(t.device.type == "cpu" and t.data_ptr() in pinned.ptrs for t in sia.shadow.values() if t.numel())
+
+    res["bf16_shadow_on_host"] = getattr(sia, "on_host", None)
+    res["bf16_shadow_pinned"] = in_pinned_memory()
+    actor.popo_after_optimizer_step = ema_in_step
+    with actor.train_mode():  # collective: every stage runs it
+        actor.train_batch(data, loss_function=capture(got, loss_of))
+    del actor.popo_after_optimizer_step
+    res["bf16_shadow_stays_pinned"] = in_pinned_memory()
+    main1, shadow1 = whole(actor, main_values(actor)), whole(actor, sia.shadow)
+    still = {k: seen["model"][k] == main0[k] for k in main0}  # elements whose bf16 weight the step left as it was
+    res["bf16_lr"] = seen["lr"]
+    res["bf16_main_moved"] = sum(int((main1[k] != main0[k]).sum()) for k in main0)
+    res["bf16_still"] = sum(int(m.sum()) for m in still.values())
+    res["bf16_still_shadow_moved"] = sum(int((still[k] & (shadow1[k] != main0[k])).sum()) for k in main0)
+    res["bf16_main_ema_err"] = max(float((shadow1[k] - torch.lerp(main0[k], main1[k], 0.5)).abs().max()) for k in main0)
+    res["bf16_ref_is_shadow"] = all(torch.equal(p.detach().float(), shadow1[k].to(torch.bfloat16).float())
+                                    for k, p in named_local_params(ref).items())
+    # ||theta - xi||^2 summed over all ranks, each weight once: from the whole tensors (the first data-/context-
+    # parallel replica; tensor-parallel duplicates and the last stage's copy of tied embeddings left out, as
+    # megatron's grad norm does), against the siamese's own sums
+    from megatron.core import parallel_state as mpu
+    from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    first = mpu.get_data_parallel_rank(with_context_parallel=True) == 0
+    sums = torch.tensor([
+        sum(float((main1[k] - shadow1[k]).double().square().sum()) for k, p in named_local_params(actor).items()
+            if first and param_is_not_tensor_parallel_duplicate(p) and param_is_not_shared(p)),
+        sum(float((theta.float().cpu() - xi.cpu()).double().square().sum()) for xi, theta in zip(*sia.counted_pairs())),
+        float(sia.distance_sq()) if hasattr(sia, "distance_sq") else float("nan"),
+    ], dtype=torch.float64)
+    dist.all_reduce(sums)
+    res["bf16_distance_sq"] = sums.tolist()  # [whole tensors, counted_pairs, distance_sq]
 
 
 def main(model_path: str, out_dir: str) -> None:
@@ -127,14 +258,8 @@ def main(model_path: str, out_dir: str) -> None:
     sub.prepare_grads, sub.optimizer.step = recording_prepare, recording_step
     steps = []
     e.popo_after_optimizer_step = steps.append
-    target = torch.randn(4, 32, generator=torch.Generator().manual_seed(3))
     data, _, _ = batch(seed=4)
-
-    def loss(out):
-        rows = out[PRED_KEY].shape[0]
-        t = target[:rows] if rows == 2 else target
-        return 0.01 * out["log_probs"].values().sum() - 5.0 * F.cosine_similarity(out[PRED_KEY], t, dim=-1).sum()
-
+    loss = loss_of
     with e.train_mode():
         out = e.train_batch(data, loss_function=capture({}, loss))
     metrics = out.get("metrics", {}) if isinstance(out, dict) else {}
@@ -149,15 +274,18 @@ def main(model_path: str, out_dir: str) -> None:
     res["ref_heads"] = len(ref.popo_heads())
     sia = MegatronSiamese(e, ref)
     sia.copy_from_actor()
-    res["copy_exact"] = all(torch.equal(xi, th.float()) for xi, th in zip(*sia.pairs()))
+    actor_now = {k: p.detach().float().clone() for k, p in sia.actor_params().items()}
+    res["copy_exact"] = all(torch.equal(v, actor_now[k]) for k, v in whole(e, sia.shadow).items())
     with e.train_mode():
         e.train_batch(batch(seed=5)[0], loss_function=capture({}, loss))
-    old = {k: v.clone() for k, v in sia.shadow.items()}
+    old = whole(e, sia.shadow)
     actor_now = {k: p.detach().float().clone() for k, p in sia.actor_params().items()}
     sia.ema(0.9)
-    res["ema_err"] = max(float((sia.shadow[k] - (0.9 * old[k] + 0.1 * actor_now[k])).abs().max()) for k in old)
-    res["ema_moved"] = max(float((sia.shadow[k] - old[k]).abs().max()) for k in old)
-    res["ref_is_shadow"] = all(torch.equal(p.detach().float(), sia.shadow[k]) for k, p in named_local_params(ref).items())
+    new = whole(e, sia.shadow)
+    res["ema_err"] = max(float((new[k] - (0.9 * old[k] + 0.1 * actor_now[k])).abs().max()) for k in old)
+    res["ema_moved"] = max(float((new[k] - old[k]).abs().max()) for k in old)
+    res["ref_is_shadow"] = all(torch.equal(p.detach().float(), new[k]) for k, p in named_local_params(ref).items())
+    res["shadow_on_host"] = getattr(sia, "on_host", None)  # nothing offloaded: the shadow stays on the device
     got = {}
     with ref.eval_mode():
         ref.infer_batch(batch(seed=0)[0], loss_function=capture(got))
@@ -204,14 +332,25 @@ def main(model_path: str, out_dir: str) -> None:
         res["dist_start_hf_files"] = sorted(os.listdir(get_hf_model_checkpoint_path(d_ckpt)))
         res["dist_start_model_keys"] = sorted(dist_checkpointing.load_tensors_metadata(
             get_model_dist_checkpoint_path(d_ckpt)))
-    # bf16 model (verl's default dtype): the head is stored and computed in fp32
-    b = build(model_path, dtype="bfloat16")
+    # bf16 model (verl's default dtype), its parameters offloaded between steps (param_offload): the head is stored
+    # and computed in fp32
+    b = build(model_path, dtype="bfloat16", param_offload=True)
     heads = b.popo_heads()
-    state = {k: v.detach().cpu().clone() for k, v in heads[0].state_dict().items()} if heads else None
+    with b.eval_mode():
+        state = {k: v.detach().cpu().clone() for k, v in heads[0].state_dict().items()} if heads else None
     got = {}
-    with b.train_mode():  # collective: every stage runs it
-        b.train_batch(batch(seed=1)[0], loss_function=capture(got, lambda out: out[PRED_KEY].sum() * 0.0
-                                                              + out["log_probs"].values().sum() * 0.0))
+    rb = build(model_path, dtype="bfloat16", forward_only=True)  # a bf16 siamese
+    if DIST_OPT:
+        bf16_siamese_step(b, rb, res, got, batch(seed=1)[0])
+    else:
+        with b.train_mode():  # collective: every stage runs it
+            b.train_batch(batch(seed=1)[0], loss_function=capture(got, loss))
+        # megatron's non-distributed optimizer, on an actor of its own: not round-tripped (its checkpoints cannot hold
+        # an fp32 parameter in a bf16 model: Float16OptimizerWithFloat16Params.sharded_state_dict pairs its states with
+        # float16 parameters only); offloaded with optimizer_offload (verl's param_offload needs the distributed
+        # optimizer's parameter buffers)
+        n = build(model_path, dtype="bfloat16", optimizer_offload=True, use_distributed_optimizer=False)
+        bf16_siamese_step(n, rb, res, {}, batch(seed=1)[0])
     # its checkpoint round-trips: the fp32 head makes the optimizer's groups mixed-dtype
     # (popo_verl/engines/megatron.py reindex_mixed_dtype_groups)
     res["bf16_state_lookup_ok"] = all(

@@ -241,6 +241,55 @@ def test_rollout_learning_report_lays_out_popo_by_rollout_seed(rollout_learning,
     assert "| POPO | vllm, rollout seed 7 |" in text
 
 
+def _cost_run(algo, kl_at=None):
+    """A run as cost.run_once returns it: steps 1-4 of verl's metrics (POPO's KL metric at kl_at)."""
+    steps = {}
+    for step in (1, 2, 3, 4):
+        m = {"timing_s/gen": 1.0, "timing_s/ref": 0.5, "timing_s/update_actor": 0.4, "timing_s/step": 2.0}
+        if algo == "popo":
+            m["popo/positive_ratio"] = 0.25
+            if step == kl_at:
+                m["popo/kl_policy_siamese"] = 0.001
+        steps[step] = m
+    return {"algo": algo, "steps": steps, "wall_s": 60.0, "peak_rss_gb": {"driver": 0.5}, "peak_gpu_gb": {},
+            "rollout_peak_gb": float("nan")}
+
+
+def test_cost_quick_writes_its_own_files_and_measures_the_kl_monitor(cost, tmp_path, monkeypatch, capsys):
+    """--quick wrote over the full run's cost.{md,json,png}; its runs (4 steps) never reached the KL monitor's
+    default interval (10), so no measured step paid for its siamese forward."""
+    import popo_verl.tiny
+
+    out = tmp_path / "results"
+    for suffix in ("md", "json", "png"):
+        (out / f"cost.{suffix}").parent.mkdir(exist_ok=True)
+        (out / f"cost.{suffix}").write_text("the full run's")
+    calls = []
+
+    def fake_run_once(algo, steps, workdir, seed, gpu, extra, env_extra=None):  # the training runs: many minutes
+        calls.append((algo, steps, list(extra)))
+        interval = [int(o.split("=")[1]) for o in extra if o.startswith("algorithm.popo.kl_monitor_interval=")]
+        return _cost_run(algo, kl_at=interval[-1] if interval else None)
+
+    monkeypatch.setattr(cost, "run_once", fake_run_once)
+    monkeypatch.setattr(popo_verl.tiny, "ensure_built", lambda *a, **k: {"model": str(tmp_path)})
+    assert cost.main(["--quick", "--out", str(out), "--workdir", str(tmp_path / "w"), "trainer.foo=1"]) == 0
+    assert calls == [("popo", 4, ["algorithm.popo.kl_monitor_interval=4", "trainer.foo=1"]), ("grpo", 4, ["trainer.foo=1"])] * 2
+    assert all((out / f"cost.{suffix}").read_text() == "the full run's" for suffix in ("md", "json", "png"))
+    assert {f.name for f in out.iterdir()} == {f"cost{q}.{x}" for q in ("", "_quick") for x in ("md", "json", "png")}
+    text = (out / "cost_quick.md").read_text()
+    assert "POPO's KL monitor (an extra siamese forward over the whole batch, in the `ref` phase): at measured step 4 " in text
+    assert json.loads((out / "cost_quick.json").read_text())["kl_monitor_steps"] == [4]
+
+    parser = cost.build_parser()
+    gpu = parser.parse_args(["--quick", "--gpu", "--model-size", "0.5b"])
+    assert cost.result_stem(gpu, {"device": "gpu", "rollout": "hf"}) == "cost_gpu_0.5b_hf_quick"
+    assert cost.result_stem(parser.parse_args([]), {}) == "cost", "the full run keeps its names"
+    assert cost.rollout_stem(parser.parse_args(["--rollout", "vllm", "--quick"])) == "cost_cpu_rollout_vllm_vs_hf_quick"
+    assert cost.rollout_stem(parser.parse_args(["--rollout", "vllm"])) == "cost_cpu_rollout_vllm_vs_hf"
+    assert cost.kl_monitor_overrides("popo", 1) == [], "a one-step run has no measured step"
+
+
 def test_rollout_rss_counts_each_rollout_process_once(cost):
     """Ray renames a process per task it runs; the sampler keeps a peak per name. The rollout engine's RSS takes
     each process's largest and leaves the trainer's processes out."""

@@ -910,6 +910,49 @@ def test_drift_bound_rejects_bad_inputs(tau, lr, g):
         core.drift_bound(tau, lr, g)
 
 
+_U64 = (1 << 64) - 1
+_GAMMA = 0x9E3779B97F4A7C15
+
+
+def python_mix64(z: int) -> int:
+    """SplitMix64's finaliser in Python integers (the reference for core.mix64's int64 wrap-around)."""
+    z &= _U64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _U64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _U64
+    return z ^ (z >> 31)
+
+
+def _signed(u: int) -> int:
+    return u - (1 << 64) if u >= 1 << 63 else u
+
+
+def python_row_hash(ids: list[int]) -> int:
+    return _signed(sum(python_mix64(python_mix64(i + _GAMMA) + j * _GAMMA) for j, i in enumerate(ids)) & _U64)
+
+
+def test_mix64_and_row_hash_wrap_like_uint64():
+    values = [0, 1, -1, -5, 2**62 + 12345, -(2**63), 2**63 - 1]
+    got = core.mix64(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert got == [_signed(python_mix64(v)) for v in values]
+    rows = [[5, 6, 7], [8, 9], [5, 6, 7], [151_000, 3, 0, 42]]
+    flat = torch.tensor([i for r in rows for i in r])
+    offsets = torch.tensor([0, 3, 5, 8, 12])
+    assert core.row_hash(flat, offsets).tolist() == [python_row_hash(r) for r in rows]
+
+
+def test_feature_noise_is_box_muller_on_splitmix64_streams():
+    """eps_bj from the (seed, key) stream, recomputed in Python: the draws are pinned by their formula."""
+    import math
+
+    seed, key, dim = 3, -77, 5
+    seed_mix = python_mix64((seed + _GAMMA) & _U64)
+    base = python_mix64((key & _U64) ^ seed_mix)
+    u = [((python_mix64((base + (i + 1) * _GAMMA) & _U64) >> 11) + 0.5) * 2.0**-53 for i in range(2 * dim)]
+    expected = [math.sqrt(-2 * math.log(u[2 * j])) * math.cos(2 * math.pi * u[2 * j + 1]) for j in range(dim)]
+    got = core.feature_noise([key], dim, seed, torch.float64)[0].tolist()
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-12)
+
+
 def test_feature_noise_is_keyed_by_row_and_seed():
     a = core.feature_noise([5, 9, 5], 64, seed=3)
     assert a.shape == (3, 64)

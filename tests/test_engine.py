@@ -226,6 +226,28 @@ def test_forward_only_engine_has_no_predictor(process_group, tiny_random_model):
     assert POOLED_KEY in got and PRED_KEY not in got
 
 
+@pytest.mark.parametrize("rmpad", [True, False], ids=["remove_padding", "padded"])
+def test_pooled_only_forward_skips_the_lm_head_and_the_log_probs(process_group, tiny_random_model, rmpad):
+    """The siamese under anchor=cosine: the same pooled states, the LM head on one position per micro-batch, and no
+    per-token log-probs in the output (nothing per token goes back to the driver)."""
+    e = build_engine(tiny_random_model, "fp32", forward_only=True, rmpad=rmpad)
+    positions = []
+    hook = e.module.lm_head.register_forward_hook(lambda m, i, o: positions.append(i[0].shape[-2]))
+    outputs = {}
+    for only in (False, True):
+        data, _, _ = make_batch(seed=3, rmpad=rmpad)
+        tu.assign_non_tensor(data, popo_pooled_only=only)
+        with e.eval_mode():
+            outputs[only] = e.infer_batch(data, loss_function=None)["model_output"]
+    hook.remove()
+    full, pooled_only = outputs[False], outputs[True]
+    assert "log_probs" in full and "log_probs" not in pooled_only
+    assert positions[0] > 1 and positions[1] == 1, positions
+    a, b = full[POOLED_KEY], pooled_only[POOLED_KEY]
+    a, b = (t.to_padded_tensor(0.0) if t.is_nested else t for t in (a, b))
+    assert torch.equal(a, b)
+
+
 # ------------------------------------------------------------------------------------ Ulysses SP
 def _sp_rank(rank: int, port: int, model_path: str, out_dir: str) -> None:
     from verl.utils.ulysses import ulysses_pad

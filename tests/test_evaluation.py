@@ -4,6 +4,7 @@ import itertools
 import json
 import math
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,13 +135,13 @@ def test_explicit_options_override_the_preset(captured_evaluate):
 def test_whole_completion_verifier_is_the_references():
     """math-verify over the whole completion: an unboxed final expression counts, which last-boxed does not see."""
     unboxed = "Adding them gives 12, and halving gives x = 6"
-    assert ev.compute_score("s", unboxed, "6", verifier="whole") == 1.0
-    assert ev.compute_score("s", unboxed, "6", verifier="last-boxed") == 0.0
+    assert ev.score_response(unboxed, "6", verifier="whole").score == 1.0
+    assert ev.score_response(unboxed, "6", verifier="last-boxed").score == 0.0
     for verifier in ev.VERIFIERS:  # both agree on a box
-        assert ev.compute_score("s", "so \\boxed{\\frac{1}{2}}", "0.5", verifier=verifier) == 1.0
-        assert ev.compute_score("s", "so \\boxed{3}", "4", verifier=verifier) == 0.0
+        assert ev.score_response("so \\boxed{\\frac{1}{2}}", "0.5", verifier=verifier).score == 1.0
+        assert ev.score_response("so \\boxed{3}", "4", verifier=verifier).score == 0.0
     with pytest.raises(ValueError, match="verifier"):
-        ev.compute_score("s", "\\boxed{1}", "1", verifier="nope")
+        ev.score_response("\\boxed{1}", "1", verifier="nope")
 
 
 # ------------------------------------------------------------------------------------ runs on a tiny model
@@ -210,6 +211,29 @@ def test_greedy_draws_once_per_problem(char_model, bench_files):
     row = res["benchmarks"]["math500"]
     assert row["n"] == 3 and row["avg@n"] in (0.0, 0.5, 1.0)  # three identical answers per problem
     assert row["pass@1"] == row["pass@3"]
+    assert row["verifier_errors"] == row["verifier_timeouts"] == 0
+    assert ev.markdown(res).endswith("\nverifier failures: 0 errors, 0 timeouts")
+
+
+def test_verifier_failures_are_counted_not_passed_off_as_wrong(char_model, bench_files, monkeypatch):
+    """math-verify cannot be imported: every response of the whole-completion verifier fails, and the report says so
+    instead of showing a model that is always wrong."""
+    from popo_verl import reward
+
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    monkeypatch.setattr(reward, "_warned", set())
+    reward._mv.cache_clear()
+    try:
+        res = ev.evaluate(char_model, bench_files[1:], n=2, temperature=1.0, max_new_tokens=4, limit=1,
+                          show_progress=False, verifier="whole")  # fmt: skip
+    finally:
+        reward._mv.cache_clear()
+    row = res["benchmarks"]["math500"]
+    assert (row["avg@n"], row["verifier_errors"], row["verifier_timeouts"]) == (0.0, 2, 0)
+    saved = json.loads(json.dumps(res))  # what eval.json holds
+    assert (saved["verifier_errors"], saved["verifier_timeouts"]) == (2, 0)
+    assert saved["verifier_first_failure"].startswith("ModuleNotFoundError: import of math_verify halted")
+    assert "verifier failures: 2 errors, 0 timeouts (each scored 0; first: ModuleNotFoundError" in ev.markdown(res)
 
 
 @pytest.mark.parametrize("name", ["qwen_math", "r1", "llama", "deepseek"])

@@ -39,7 +39,7 @@ def vocab():
     return len(build_tokenizer())
 
 
-@pytest.mark.parametrize("size", ["tiny", "0.5b", "1.5b"])
+@pytest.mark.parametrize("size", ["tiny", "20m", "0.5b", "1.5b"])
 def test_each_size_has_about_the_parameters_its_name_says(size, vocab):
     """Counted on the meta device (no weights allocated) and from the shapes by hand: the two agree, and the count
     is within 2 % of the size named (the tiny size is exactly the tiny task's model)."""
@@ -268,13 +268,49 @@ def test_parse_gpu_apps_sums_per_pid_in_gb(cost):
 def test_gpu_overrides(cost):
     assert cost.gpu_overrides("hf") == [
         "trainer.device=cuda",
-        "actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=bf16",
-        "actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=bf16",
+        "++actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=bf16",
+        "++actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=bf16",
         "actor_rollout_ref.rollout.name=hf",
     ]
     assert cost.gpu_overrides("vllm")[-1] == "actor_rollout_ref.rollout.name=vllm"
     with pytest.raises(ValueError, match="hf or vllm"):
         cost.gpu_overrides("sglang")
+    with pytest.raises(ValueError, match="engine must be one of fsdp, fsdp2, megatron"):
+        cost.gpu_overrides("hf", "torchtitan")
+
+
+#: what the GPU overrides follow: scripts/run_tiny_cpu.sh's ENGINE blocks (their dtype and engine keys), and for plain
+#: fsdp (no block of the script's) verl's own config alone
+ENGINE_ARGS = {
+    "fsdp": ["actor_rollout_ref.actor.strategy=fsdp", "actor_rollout_ref.ref.strategy=fsdp"],
+    "fsdp2": ["actor_rollout_ref.actor.strategy=fsdp2", "actor_rollout_ref.ref.strategy=fsdp2",
+              "+actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32",
+              "+actor_rollout_ref.ref.fsdp_config.mixed_precision.param_dtype=fp32"],
+    "megatron": ["model_engine=megatron", "actor_rollout_ref.actor.megatron.vanilla_mbridge=true",
+                 "actor_rollout_ref.ref.megatron.vanilla_mbridge=true"],
+}
+
+
+def test_gpu_overrides_compose_with_verls_config_for_every_engine():
+    """`bash scripts/gpu_check.sh megatron` passed FSDP's dtype key to the Megatron actor, which has no fsdp_config:
+    hydra refused the run. Each engine's overrides compose with verl's real config (hydra's compose API, verl's
+    config directory) and its engine config accepts them (verl's own dataclass, which checks the dtype)."""
+    import verl
+    from hydra import compose, initialize_config_dir
+    from verl.utils.config import omega_conf_to_dataclass
+
+    with initialize_config_dir(config_dir=str(Path(verl.__file__).parent / "trainer" / "config"), version_base=None):
+        for engine, script in ENGINE_ARGS.items():
+            cfg = compose("ppo_trainer", overrides=script + gpu_check.gpu_overrides("hf", engine))
+            arr = cfg.actor_rollout_ref
+            assert (arr.actor.strategy, arr.rollout.name, cfg.trainer.device) == (engine, "hf", "cuda")
+            for role in (arr.actor, arr.ref):
+                if engine == "megatron":
+                    assert "fsdp_config" not in role and role.megatron.dtype == "bfloat16"
+                    assert omega_conf_to_dataclass(role.megatron).dtype == "bfloat16"
+                else:
+                    assert role.fsdp_config.mixed_precision.param_dtype == "bf16"
+                    assert omega_conf_to_dataclass(role.fsdp_config).mixed_precision["param_dtype"] == "bf16"
 
 
 def test_help_and_the_default_cpu_arguments_are_unchanged(cost):
@@ -377,6 +413,33 @@ def test_report_default_and_extended(cost, tmp_path, capsys):
     assert (out / "cost_gpu_0.5b_hf_p0.25.png").is_file()
 
 
+def test_gpu_memory_falls_back_to_torch_where_nvidia_smi_names_no_process(cost, tmp_path):
+    """In a container nvidia-smi lists host PIDs: the per-process table came out empty. Then each role's
+    torch.cuda.max_memory_allocated is shown: the trainer worker's from verl's metric, the hf rollout server's from the
+    line popo_verl/gpu_rollout.py prints (parsed from the run's log)."""
+    log = "\n".join(["(TaskRunner pid=1) step:1 - x:1", "(HFGPURolloutServer pid=9) popo-verl hf rollout: "
+                     "max_memory_allocated_gb=3.250", "(HFGPURolloutServer pid=9) popo-verl hf rollout: "
+                     "max_memory_allocated_gb=3.500"])
+    assert cost.rollout_peak_gb(log) == 3.5 and cost.rollout_peak_gb("no such line") != cost.rollout_peak_gb("no such line")
+    runs = [_fake_run("popo", 0.3, 3.0, 5.0, pos=0.25), _fake_run("grpo", 1.0, 4.0, 4.5)]
+    for r, peak in zip(runs, (3.5, 2.75)):
+        r["peak_gpu_gb"], r["rollout_peak_gb"] = {}, peak  # nvidia-smi named none of the run's processes
+    info = {"device": "gpu", "gpu": "1 x NVIDIA H100", "rollout": "hf", "model_size": "0.5b", "n_params": 2**28,
+            "ranks": 1, "rows_per_step": 128, "positive_fraction_requested": 0.25, "response_length": 256}
+    result = cost.report(runs, tmp_path, info, "cost_gpu")
+    md = (tmp_path / "cost_gpu.md").read_text()
+    assert "nvidia-smi, `" not in md and result["gpu_memory_source"] == "torch.cuda.max_memory_allocated"
+    head = "| GPU, torch max_memory_allocated (nvidia-smi named no process of the run), "
+    assert f"{head}trainer worker (actor + siamese/reference) | 5.30 | 4.80 |" in md
+    assert f"{head}hf rollout server | 3.50 | 2.75 |" in md
+    # where nvidia-smi does name them, its table; verl's vLLM rollout prints no peak: that role is left out
+    rows, source = cost.gpu_memory_rows({"popo": {"ray::WorkerDict": 7.0}, "grpo": {}}, {})
+    assert (rows, source) == (["| GPU, nvidia-smi, `ray::WorkerDict` | 7.00 | 0.00 |"], "nvidia-smi")
+    rows, _ = cost.gpu_memory_rows({}, {"popo": {cost.TRAINER_ROLE: 5.0, cost.ROLLOUT_ROLE: float("nan")},
+                                        "grpo": {cost.TRAINER_ROLE: 4.0, cost.ROLLOUT_ROLE: float("nan")}})
+    assert rows == [f"{head}trainer worker (actor + siamese/reference) | 5.00 | 4.00 |"]
+
+
 # ================================================================================================ scripts/gpu_check.sh
 def _bin_without_gpu(tmp_path, nvidia_smi: str | None = None) -> Path:
     """A PATH with only what the script needs before its GPU check (and, if given, a stand-in nvidia-smi)."""
@@ -448,6 +511,8 @@ def test_script_megatron_without_megatron_core(tmp_path):
 def test_overrides_command_prints_the_gpu_overrides(capsys):
     assert gpu_check.main(["overrides", "--rollout", "vllm"]) == 0
     assert capsys.readouterr().out.splitlines() == gpu_check.gpu_overrides("vllm")
+    assert gpu_check.main(["overrides", "--rollout", "hf", "--engine", "megatron"]) == 0
+    assert capsys.readouterr().out.splitlines() == gpu_check.gpu_overrides("hf", "megatron")
 
 
 def _log(steps: dict[int, dict[str, float]]) -> str:

@@ -1,16 +1,23 @@
 """The hf rollout on a GPU (popo_verl/gpu_rollout.py). On the CPU: the device and dtype choice (CUDA faked), the
-registration on a (faked) GPU machine, the sampler, sleep/wake moving the weights off and back on (the CPU standing
-in for the GPU), and the weight sync through verl's own bucketed transfer (shared memory where CUDA IPC is missing).
-The tests at the end run only where CUDA exists (scripts/gpu_check.sh runs them)."""
+registration on a (faked) GPU machine, the sampler, the KV-cache budget and its chunks, sleep/wake moving the weights
+off and back on (the CPU standing in for the GPU), the CUDA device of every worker thread (torch.cuda.device recorded,
+as no GPU exists here), and the weight sync through verl's own bucketed transfer (shared memory where CUDA IPC is
+missing). The tests at the end run only where CUDA exists (scripts/gpu_check.sh runs them)."""
 
 import asyncio
+import os
+import subprocess
+import sys
 import threading
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from popo_verl.gpu_rollout import HFGPURolloutServer, HFGPUServerAdapter, cuda_index, rollout_placement
+from popo_verl import gpu_rollout
+from popo_verl.gpu_rollout import (HFGPURolloutServer, HFGPUServerAdapter, RowUniforms, cuda_index, inverse_cdf_sample,
+                                   kv_budget_bytes, kv_bytes_per_token, kv_fraction, rollout_placement,
+                                   sequences_per_chunk)
 from test_cpu_backend import _FAKE_GPU_MACHINE, _run
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (scripts/gpu_check.sh)")
@@ -78,15 +85,93 @@ def test_registration_follows_the_machine_and_the_env():
 
 
 # ------------------------------------------------------------------------------------------------ sampling
+def _uniforms(seeds, block=gpu_rollout.UNIFORM_BLOCK):
+    return RowUniforms([torch.Generator().manual_seed(s) for s in seeds], torch.device("cpu"), block)
+
+
 def test_inverse_cdf_sampler_follows_the_distribution_and_skips_zero_mass():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2]]).repeat(4000, 1)
-    gens = [torch.Generator().manual_seed(s) for s in range(4000)]
-    tok = HFGPURolloutServer._sample(None, probs, gens)
+    tok = inverse_cdf_sample(probs, _uniforms(range(4000)).next())
     counts = torch.bincount(tok, minlength=5).float() / 4000
     assert counts[0] == 0 and counts[2] == 0
     assert torch.allclose(counts, probs[0], atol=0.03), counts
-    again = HFGPURolloutServer._sample(None, probs[:3], [torch.Generator().manual_seed(s) for s in range(3)])
+    again = inverse_cdf_sample(probs[:3], _uniforms(range(3)).next())
     assert again.tolist() == tok[:3].tolist(), "a request's draw depends on its own generator only"
+
+
+def test_uniforms_are_drawn_in_blocks_yet_equal_one_draw_per_step():
+    """One host draw per row and block, not per row and step; each row's stream is what a draw per step gives (so the
+    sampled tokens are those of the per-step sampler this replaced), across block boundaries."""
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    per_step = [torch.stack([1.0 - torch.rand((), generator=g, dtype=torch.float64) for g in gens]) for _ in range(10)]
+    blocks = _uniforms((1, 2, 3), block=4)
+    assert all(torch.equal(blocks.next(), ref) for ref in per_step)
+    assert blocks._buf.shape == (3, 4), "10 steps took 3 blocks of 4"
+
+
+# ------------------------------------------------------------------------------------------------ KV-cache budget
+def test_kv_budget_arithmetic():
+    """The issue's case: 256 sequences x 4.6k tokens of a 7B (Qwen2.5-7B: 28 layers, 4 KV heads of 128, bf16) take
+    about 68 GB of KV cache; with 40 GiB free and the default fraction 0.5, 81 of them generate at once."""
+    qwen7b = SimpleNamespace(num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, hidden_size=3584)
+    per_token = kv_bytes_per_token(qwen7b, torch.bfloat16)
+    assert per_token == 2 * 28 * 4 * 128 * 2
+    assert 256 * 4600 * per_token / 1e9 == pytest.approx(67.5, abs=0.1)
+    budget = kv_budget_bytes(40 * 2**30, kv_fraction(_config()))
+    assert budget == 20 * 2**30
+    assert sequences_per_chunk(budget, per_token, 4600, 256) == 20 * 2**30 // (per_token * 4600) == 81
+    assert sequences_per_chunk(budget, per_token, 100, 256) == 256, "no more than the batch"
+    assert sequences_per_chunk(10, per_token, 4600, 256) == 1, "at least one sequence"
+    qwen3 = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_size=64)
+    assert kv_bytes_per_token(qwen3, torch.float32) == 2 * 2 * 2 * 8 * 4, "an explicit head_dim wins over hidden/heads"
+
+
+def test_kv_fraction_key():
+    """A key of verl's per-engine extra arguments: it composes (with `+`) and passes verl's RolloutConfig unchanged."""
+    import verl
+    from hydra import compose, initialize_config_dir
+    from verl.utils.config import omega_conf_to_dataclass
+
+    with initialize_config_dir(config_dir=os.path.join(os.path.dirname(verl.__file__), "trainer", "config"), version_base=None):
+        cfg = compose("ppo_trainer", overrides=["actor_rollout_ref.rollout.name=hf",
+                                                "+actor_rollout_ref.rollout.engine_kwargs.hf.kv_cache_memory_fraction=0.3"])
+    assert kv_fraction(omega_conf_to_dataclass(cfg.actor_rollout_ref.rollout)) == 0.3
+    assert kv_fraction(_config()) == 0.5
+    assert kv_fraction(_config(engine_kwargs={"vllm": {}, "hf": {"kv_cache_memory_fraction": 0.3}})) == 0.3
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"rollout\.engine_kwargs\.hf\.kv_cache_memory_fraction must lie in"):
+            kv_fraction(_config(engine_kwargs={"hf": {"kv_cache_memory_fraction": bad}}))
+
+
+def _record_prefill_sizes(server, monkeypatch) -> list[int]:
+    sizes, forward = [], server.model.forward
+
+    def recording(*a, **k):
+        if k.get("past_key_values") is None:
+            sizes.append(k["input_ids"].shape[0])
+        return forward(*a, **k)
+
+    monkeypatch.setattr(server.model, "forward", recording)
+    return sizes
+
+
+def test_a_small_kv_budget_generates_in_chunks_with_the_same_outputs(server, monkeypatch):
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13], [5, 6, 7, 8], [14]]
+    key = (1.0, 1.0, -1, 8, True)
+    sizes = _record_prefill_sizes(server, monkeypatch)
+    server.global_steps = 3
+    whole = server._generate_batch(prompts, key)
+    assert sizes == [5], "off a GPU there is no budget: one batch"
+    # the GPU's free memory (torch.cuda.mem_get_info) stood in for: room for two sequences of 4 + 8 tokens
+    per_sequence = kv_bytes_per_token(server.model.config, server.dtype) * (4 + 8)
+    monkeypatch.setattr(server, "_free_bytes", lambda: int(2 * per_sequence / server.kv_fraction) + 1)
+    server._seen_step = None  # a fresh server at the same step
+    sizes.clear()
+    chunked = server._generate_batch(prompts, key)
+    assert sizes == [2, 2, 1]
+    assert [t for t, _ in chunked] == [t for t, _ in whole], "each request samples what it did in one batch"
+    assert max(abs(a - b) for (_, x), (_, y) in zip(chunked, whole) for a, b in zip(x, y)) < 1e-4
+    assert server.num_generated == 10
 
 
 def _full_logprobs(model, prompt, response, temperature):
@@ -114,6 +199,76 @@ def test_loads_in_the_rollout_dtype(tiny_random_model):
     assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
     (toks, lps), = bf16._generate_batch([[5, 6]], (1.0, 1.0, -1, 6, True))
     assert len(toks) == 6 and all(lp <= 0 for lp in lps)
+
+
+# ------------------------------------------------------------------------------------------------ threads' device
+class _RecordedDevice:
+    """Stands in for torch.cuda.device (no GPU here): which index each thread has entered."""
+
+    current = threading.local()
+
+    def __init__(self, index):
+        self.index = index
+
+    def __enter__(self):
+        self.prev = getattr(self.current, "index", None)
+        self.current.index = self.index
+
+    def __exit__(self, *exc):
+        self.current.index = self.prev
+        return False
+
+
+def test_every_thread_body_runs_on_the_rollouts_gpu(server, monkeypatch):
+    """A replica on GPU 1: generation, sleep, wake and the weight receipt run in asyncio.to_thread threads, whose
+    current CUDA device is GPU 0 unless they select the rollout's (verl's receiver synchronizes the current device)."""
+    monkeypatch.setattr(torch.cuda, "device", _RecordedDevice)
+    server._cuda_index = 1
+    phase, seen = ["generate"], []
+
+    def probe(fn):
+        def probed(*a, **k):
+            in_thread = threading.current_thread() is not threading.main_thread()
+            seen.append((phase[0], in_thread, getattr(_RecordedDevice.current, "index", None)))
+            return fn(*a, **k)
+        return probed
+
+    monkeypatch.setattr(server.model, "forward", probe(server.model.forward))
+    monkeypatch.setattr(server.model, "state_dict", probe(server.model.state_dict))
+    monkeypatch.setattr(server, "_tensors", probe(server._tensors))
+
+    async def lifecycle():
+        await server.generate([5, 6], {"temperature": 1.0, "max_tokens": 2}, "r0")
+        phase[0] = "sleep"
+        await server.sleep()
+        phase[0] = "wake"
+        await server.wake_up(tags=["weights"])
+
+    asyncio.run(lifecycle())
+    phase[0] = "update_weights"  # a plain Ray method: the actor's own thread
+    server.update_weights({"model.norm.weight": torch.ones_like(server.model.model.norm.weight)})
+    phase[0] = "receive"
+    adapter = _adapter(server)
+    adapter.use_shm = True  # the server's tensors are on the CPU even where a GPU exists
+    asyncio.run(adapter.update_weights(iter([("model.norm.weight", torch.zeros_like(server.model.model.norm.weight))])))
+    assert {p for p, _, _ in seen} == {"generate", "sleep", "wake", "update_weights", "receive"}
+    assert all(in_thread for p, in_thread, _ in seen if p != "update_weights"), "the bodies that run in worker threads"
+    assert [(p, index) for p, _, index in seen if index != 1] == [], "every body on the rollout's GPU"
+
+
+def test_the_peak_memory_line_is_printed_as_it_grows_and_read_by_cost_py(server, monkeypatch, capsys, cost):
+    """benchmarks/cost.py's memory table takes the server's peak from this line where nvidia-smi cannot name the
+    server's process (a container)."""
+    peak = [2.5 * 2**30]
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: peak[0])  # no GPU here
+    server.device = torch.device("cuda", 1)
+    server._report_peak()
+    server._report_peak()
+    peak[0] = 3.5 * 2**30
+    server._report_peak()
+    out = capsys.readouterr().out
+    assert out.splitlines() == [gpu_rollout.peak_line(2.5), gpu_rollout.peak_line(3.5)], "once per new peak"
+    assert cost.rollout_peak_gb(f"(HFGPURolloutServer pid=7) {out}") == 3.5
 
 
 # ------------------------------------------------------------------------------------------------ sleep / wake
@@ -195,7 +350,7 @@ def test_weight_sync_through_verls_bucketed_transfer(server):
     """The actor's full fp32 tensors (and POPO's predictor head, which must not arrive) reach the server through verl's
     BucketedWeightSender/Receiver; here over shared memory (no CUDA IPC on the CPU)."""
     adapter = _adapter(server, bucket_mb=1)
-    assert adapter.use_shm, "no CUDA IPC on this machine"
+    adapter.use_shm = True  # what verl picks without CUDA IPC; a GPU machine would offer IPC to this CPU server too
     big = {k: torch.randn_like(v, dtype=torch.float32) for k, v in server.model.state_dict().items()}
     big["lm_head.weight"] = big["model.embed_tokens.weight"]  # tied, as in the actor's state
 
@@ -283,3 +438,62 @@ def test_on_the_gpu_weight_sync_goes_through_cuda_ipc(tiny_random_model):
     asyncio.run(adapter.update_weights(iter(new.items()), global_steps=2))
     state = s.model.state_dict()
     assert all(torch.equal(state[k], new[k].to(torch.bfloat16)) for k in state)
+
+
+_IPC_SENDER = """
+import asyncio, sys, torch
+from popo_verl.gpu_rollout import bucketed_weight_transfer
+weights = {k: v.cuda() for k, v in torch.load(sys.argv[2]).items()}
+sender = bucketed_weight_transfer().BucketedWeightSender(zmq_handle=sys.argv[1], bucket_size_mb=1, use_shm=False)
+asyncio.run(sender.async_send_weights(iter(weights.items())))
+print("sent from cuda", torch.cuda.current_device(), flush=True)
+"""
+
+_IPC_RECEIVER = """
+import asyncio, sys, torch
+from types import SimpleNamespace
+from popo_verl.gpu_rollout import HFGPURolloutServer
+handle, weights_file, model, index = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+cfg = SimpleNamespace(prompt_length=16, response_length=12, max_num_seqs=64, seed=3, dtype="bfloat16", free_cache_engine=True)
+s = HFGPURolloutServer(cfg, SimpleNamespace(path=model, local_path=model, trust_remote_code=False), device=f"cuda:{index}")
+n = asyncio.run(s.update_weights_from_ipc(handle, use_shm=False, global_steps=2))
+expected = torch.load(weights_file)
+wrong = [k for k, v in s.model.state_dict().items() if not torch.equal(v.cpu(), expected[k].to(v.dtype))]
+has_context = getattr(torch._C, "_cuda_hasPrimaryContext", None)
+print("received", n, "wrong", wrong, "context on GPU 0", has_context(0) if has_context and index != 0 else "n/a", flush=True)
+"""
+
+
+@needs_cuda
+@pytest.mark.timeout(600)
+def test_on_the_gpu_weight_sync_between_two_processes(tiny_random_model, tmp_path):
+    """verl's CUDA-IPC transfer as a run uses it: the trainer worker (sender) sees only its GPU, as cuda:0; the hf
+    server (receiver, another process) sees every GPU and holds the same one at its index there, 1 where the machine
+    has two (else both at 0, still two processes). Every tensor must arrive, and a receiver on GPU 1 must never open
+    a context on GPU 0 (its worker threads' default device)."""
+    from transformers import AutoModelForCausalLM
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else [str(i) for i in range(torch.cuda.device_count())]
+    index = min(1, len(ids) - 1)
+    state = AutoModelForCausalLM.from_pretrained(tiny_random_model).state_dict()
+    weights = {k: torch.randn(v.shape) for k, v in state.items()}
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"]  # tied, as in the actor's state
+    torch.save(weights, tmp_path / "weights.pt")
+    handle = f"ipc://{tmp_path}/weights.sock"
+    env = dict(os.environ)
+    receiver = subprocess.Popen([sys.executable, "-c", _IPC_RECEIVER, handle, str(tmp_path / "weights.pt"), tiny_random_model,
+                                 str(index)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sender = subprocess.Popen([sys.executable, "-c", _IPC_SENDER, handle, str(tmp_path / "weights.pt")],
+                              env=dict(env, CUDA_VISIBLE_DEVICES=ids[index]), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        sent, received = sender.communicate(timeout=300)[0], receiver.communicate(timeout=300)[0]
+    finally:
+        for p in (sender, receiver):
+            if p.poll() is None:
+                p.kill()
+    assert sender.returncode == 0 and "sent from cuda 0" in sent, sent[-3000:]
+    assert receiver.returncode == 0, received[-3000:]
+    line = received.strip().splitlines()[-1]
+    assert line == f"received {len(state)} wrong [] context on GPU 0 {False if index else 'n/a'}", received[-3000:]

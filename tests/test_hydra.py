@@ -71,7 +71,7 @@ def test_stock_hydra_refuses_the_bare_spelling():
 
 
 def test_defaults_match_popo_md():
-    assert popo_defaults() == {**POPO_MD_DEFAULTS, "kl_monitor_interval": 10, "anchor": "cosine",
+    assert popo_defaults() == {**POPO_MD_DEFAULTS, "kl_monitor_interval": 10, "drift_interval": 1, "anchor": "cosine",
                                "implicit_negative_interval": 0, "nll_norm": "token", "predictor_clip_grad": 0.0}
 
 
@@ -83,6 +83,7 @@ def test_defaults_match_popo_md():
         ("alpha", -1.0, "algorithm.popo.alpha"),
         ("beta", -0.5, "algorithm.popo.beta"),
         ("feature_noise_std", -0.01, "algorithm.popo.feature_noise_std"),
+        ("drift_interval", -1, "algorithm.popo.drift_interval"),
         ("predictor_layers", 1, "algorithm.popo.predictor_layers"),
         ("weight_mode", "greedy", "algorithm.popo.weight_mode"),
         ("entropy_on", "negatives", "algorithm.popo.entropy_on"),

@@ -11,7 +11,8 @@ from verl.utils.metric import Metric
 from verl.workers.config import FSDPActorConfig
 
 from popo_verl import core
-from popo_verl.losses import TOKEN_SCALE_KEY, popo_actor_loss, row_keys
+from popo_verl.losses import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY, popo_actor_loss, row_keys
+from test_core import python_row_hash  # the Python-integer reference of core.row_hash
 from popo_verl.trainer import spread_padding_order
 
 
@@ -79,26 +80,25 @@ def test_feature_noise_follows_the_row_not_its_position(micro_batch):
     assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-9)
 
 
-def test_row_keys_hash_each_rows_own_token_bytes(micro_batch):
-    """The noise keys of every run so far: blake2b-64 of each row's int64 ids, whether the batch is nested (the
-    engine's layout), a nested view with gaps between its rows (torch.nested.narrow) or a padded tensor. The ids reach
-    the host in one copy; a change of the key would change every run's feature noise."""
-    import hashlib
-
-    def key(row):
-        return int.from_bytes(hashlib.blake2b(row.numpy().tobytes(), digest_size=8).digest(), "little")
-
+def test_row_keys_are_the_row_hash_of_each_rows_own_tokens(micro_batch):
+    """The noise keys: core.row_hash of each row's ids (a uint64 sum of SplitMix64-mixed (id, position) pairs, here
+    recomputed in Python integers), whether the batch is nested (the engine's layout), a nested view with gaps between
+    its rows (torch.nested.narrow) or a padded tensor. Computed where the ids are: a tensor, not a host list."""
     data, _, _ = micro_batch(seed=5)
     rows = list(data["input_ids"].unbind())
-    assert row_keys(data) == [key(r) for r in rows]
-    assert len(set(row_keys(data))) == len(rows)
+    keys = row_keys(data)
+    assert isinstance(keys, torch.Tensor) and keys.dtype == torch.int64
+    assert keys.tolist() == [python_row_hash(r.tolist()) for r in rows]
+    assert len(set(keys.tolist())) == len(rows)
     lengths = torch.tensor([len(r) for r in rows])
     flat = torch.cat(rows).expand(len(rows), -1).contiguous()  # row i of the view: its own slice of every row
     view = torch.nested.narrow(flat, 1, lengths.cumsum(0) - lengths, lengths, layout=torch.jagged)
     assert view.lengths() is not None
-    assert row_keys({"input_ids": view}) == [key(r) for r in rows]
+    assert row_keys({"input_ids": view}).tolist() == keys.tolist()
     padded = torch.stack([torch.arange(5), torch.arange(5) + 1])
-    assert row_keys({"input_ids": padded}) == [key(padded[0]), key(padded[1])]
+    assert row_keys({"input_ids": padded}).tolist() == [python_row_hash(list(range(5))), python_row_hash(list(range(1, 6)))]
+    swapped = row_keys({"input_ids": torch.tensor([[7, 9, 4], [9, 7, 4]])}).tolist()
+    assert swapped[0] != swapped[1], "the position of a token is part of the key"
 
 
 def test_negatives_get_no_gradient_and_an_all_negative_batch_is_finite(micro_batch):
@@ -245,3 +245,17 @@ def test_nll_norm_sequence_weighs_each_response_by_w_whatever_its_length(micro_b
                 for idx in ([0, 1, 2], [3, 4, 5])]
     assert sum(l.item() for l, _ in per_rank) / 2 == pytest.approx(expected.item(), rel=1e-9)
     assert Metric.aggregate_dp([m["actor/pg_loss"] for _, m in per_rank]) == pytest.approx(expected.item(), rel=1e-9)
+
+
+def test_the_update_batch_carries_what_the_update_reads():
+    """The driver sends the actor update only what it reads: verl's returns and rewards stay behind (its step metrics
+    read them on the driver), the siamese's log-probs travel only with anchor=kl (the cosine reads pooled states)."""
+    from types import SimpleNamespace
+
+    from popo_verl.trainer import PopoTrainer
+
+    step = ["input_ids", "prompts", "responses", "response_mask", "old_log_probs", "advantages", "returns", "rm_scores",
+            "token_level_rewards", "uid", SIM_WEIGHT_KEY, TOKEN_SCALE_KEY]
+    for anchor, siamese in (("cosine", {SIAMESE_KEY}), ("kl", {SIAMESE_KEY, "ref_log_prob"})):
+        fields = PopoTrainer._update_fields(SimpleNamespace(popo=SimpleNamespace(anchor=anchor)), step)
+        assert set(fields) == (set(step) - {"returns", "rm_scores", "token_level_rewards"}) | siamese

@@ -108,6 +108,103 @@ def test_siamese_is_the_ema_of_the_actor_in_fp32(layout):
     for r in ranks:
         assert r["copy_exact"] and r["ref_is_shadow"]
         assert r["ema_moved"] > 1e-4 and r["ema_err"] < 1e-6, (r["ema_moved"], r["ema_err"])
+        assert not r["shadow_on_host"], "nothing offloaded: the shadow stays on the device"
+
+
+def test_siamese_of_a_bf16_actor_follows_the_fp32_main_parameters(layout):
+    """bf16 actor (verl's dtype), one step at lr 1e-6 (far below bf16's resolution of the weights), the EMA (tau 0.5)
+    run inside optimizer_step as the POPO worker runs it: the shadow is the EMA of the optimizer's fp32 main
+    parameters (the distributed optimizer's owned shards on THD layouts, whole fp32 copies without it on BSHD), so
+    it moves where the bf16 weights did not (an EMA of the bf16 weights stays put there), and the bf16 ref model
+    holds it, every rank's shard included."""
+    _, ranks = layout
+    for r in ranks:
+        assert r["bf16_lr"] == 1e-6 and r["bf16_main_moved"] > 0
+        assert r["bf16_still"] > 0, "the step changed every bf16 weight: it tells nothing"
+        assert r["bf16_still_shadow_moved"] > 0.5 * r["bf16_still"], (r["bf16_still_shadow_moved"], r["bf16_still"])
+        assert r["bf16_main_ema_err"] == 0.0
+        assert r["bf16_ref_is_shadow"]
+        whole, pairs, on_device = r["bf16_distance_sq"]  # ||theta - xi||^2 (the drift), each weight once over ranks
+        assert whole > 0 and pairs == pytest.approx(whole, rel=1e-5) and on_device == pytest.approx(whole, rel=1e-5)
+
+
+def test_siamese_shadow_lives_in_pinned_host_memory_when_the_actor_is_offloaded(layout):
+    """The actor offloaded (param_offload; optimizer_offload on the BSHD layouts, without the distributed optimizer,
+    which verl's param_offload needs): the shadow is allocated in pinned host memory (recorded as requested: on the CPU
+    stand-in there is no page-locked memory, and verl's offload moves nothing) and is still that storage after a step
+    whose EMA ran, so it takes no device memory between steps. A proxy: no device to tell it from on the CPU."""
+    _, ranks = layout
+    for r in ranks:
+        assert r["bf16_shadow_on_host"] and r["bf16_shadow_pinned"] and r["bf16_shadow_stays_pinned"]
+
+
+class _Range:
+    def __init__(self, start, end):
+        self.start, self.end = start, end
+
+
+class _ShardOwner:
+    """A distributed optimizer as `_gather_head_from_its_owners` reads it: this rank owns [start, end) of p."""
+
+    def __init__(self, p, start, end):
+        self.model_param_gbuf_map = {p: None}
+        self._range = _Range(start, end)
+
+    def _get_model_param_range_map(self, p):
+        return {"param": self._range}
+
+
+def _gather_head(monkeypatch, p, start, end, other_rank):
+    """Run PopoMegatronEngine._gather_head_from_its_owners on a head of one parameter p, as one of two data-parallel
+    replicas; the other owns `other_rank` (its values, its owner counts), which the all-reduce adds."""
+    import types
+
+    from popo_verl.engines import megatron
+
+    reduced = iter(other_rank)
+
+    def all_reduce(t, group=None):
+        assert t.device == p.device, f"all-reduce of a {t.device} tensor for a head on {p.device} (NCCL: device only)"
+        t.add_(next(reduced))
+
+    monkeypatch.setattr(megatron.mpu, "get_data_parallel_group", lambda with_context_parallel=False: "dp")
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    head = torch.nn.Module()
+    head.w = p
+    engine = types.SimpleNamespace(optimizer=object(), is_param_offload_enabled=False, module=[],
+                                   popo_heads=lambda: [head], _sub_optimizers=lambda: [_ShardOwner(p, start, end)])
+    engine._model_onloaded = lambda: megatron.PopoMegatronEngine._model_onloaded(engine)
+    with torch.no_grad():
+        megatron.PopoMegatronEngine._gather_head_from_its_owners(engine)
+
+
+def test_head_reload_averages_each_element_over_its_owners(monkeypatch):
+    p = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0, 4.0]))  # this rank owns [0, 2); the other rank [2, 3)
+    _gather_head(monkeypatch, p, 0, 2, [torch.tensor([0.0, 0.0, 30.0, 0.0]), torch.tensor([0.0, 0.0, 1.0, 0.0])])
+    assert torch.equal(p.detach(), torch.tensor([1.0, 2.0, 30.0, 4.0]))  # element 3 has no owner: left as it was
+
+
+def test_head_reload_stays_on_the_head_device(monkeypatch):
+    """Issue 32 item 9: the owners' count was made on the CPU (`torch.zeros(n)`), the values on the head's device:
+    on a GPU the division mixed devices, and NCCL cannot all-reduce a CPU tensor. A head on another device than the
+    CPU ("meta", which exists without an accelerator) shows it."""
+    p = torch.nn.Parameter(torch.empty(4, device="meta"))
+    _gather_head(monkeypatch, p, 0, 2, [torch.zeros(4, device="meta"), torch.zeros(4, device="meta")])
+    assert p.device.type == "meta"
+
+
+@pytest.mark.parametrize("cast", ["to_bf16", "half", "bfloat16"])
+def test_fp32_head_keeps_its_device_under_a_dtype_cast(cast):
+    """Issue 32 item 11: Float16Module casts the model (`module.bfloat16()`) after mbridge's `.cuda()`; a dtype-only
+    cast must leave the head fp32 where it is (a CPU probe moved it to the CPU). "meta" stands for the GPU."""
+    from popo_verl.engines.megatron import Fp32PredictorHead
+
+    head = Fp32PredictorHead(8, 4, 2).to("meta", torch.bfloat16)  # a device move applies, a cast does not
+    assert {(p.device.type, p.dtype) for p in head.parameters()} == {("meta", torch.float32)}
+    head = {"to_bf16": lambda h: h.to(torch.bfloat16), "half": lambda h: h.half(),
+            "bfloat16": lambda h: h.bfloat16()}[cast](head)
+    assert {(p.device.type, p.dtype) for p in head.parameters()} == {("meta", torch.float32)}
 
 
 def test_checkpoint_round_trips_weights_and_head_and_exports_leave_it_out(layout):

@@ -7,8 +7,11 @@ behaviour so that a change (better or worse) shows up as a failure here.
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import logging
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -189,7 +192,8 @@ def test_signature_matches_verl_default():
         concurrent_semaphore=None,
         memory_limit_mb=None,
     )
-    assert score == 1.0
+    # called with extra_info, as verl's reward managers do: the score and the verifier's failures (none here)
+    assert score == {"score": 1.0, "acc": 1.0, "verifier_error": "", "verifier_timeout": ""}
 
 
 def test_data_source_is_ignored():
@@ -209,8 +213,8 @@ def test_loaded_like_verl_custom_reward():
         )
         fn = get_custom_reward_fn(cfg)
         assert fn is not None
-        assert fn(data_source="aime24", solution_str="\\boxed{204}", ground_truth="204", extra_info={}) == 1.0
-        assert fn(data_source="aime24", solution_str="\\boxed{205}", ground_truth="204", extra_info={}) == 0.0
+        assert fn(data_source="aime24", solution_str="\\boxed{204}", ground_truth="204", extra_info={})["score"] == 1.0
+        assert fn(data_source="aime24", solution_str="\\boxed{205}", ground_truth="204", extra_info={})["score"] == 0.0
 
 
 def test_huge_text_bounded_time():
@@ -351,3 +355,148 @@ def test_is_equiv_direct():
 )
 def test_normalize_answer(raw, norm):
     assert normalize_answer(raw) == norm
+
+
+# ------------------------------------------------------------------------------------------ verifier failures
+def _clear_verifier_caches():
+    for fn in (reward._mv, reward._mv_equiv_noted, reward._parse_gold_noted):
+        fn.cache_clear()
+
+
+@pytest.fixture
+def verifier_broken(monkeypatch):
+    """math-verify cannot be imported (absent from the reward workers' environment, a broken install): the failure
+    that used to score every response that needs it 0, with a DEBUG line as the only trace."""
+    monkeypatch.setitem(sys.modules, "math_verify", None)
+    monkeypatch.setattr(reward, "_warned", set())  # warned once per process: start this test's process afresh
+    _clear_verifier_caches()
+    yield
+    _clear_verifier_caches()
+
+
+def _warnings(caplog):
+    return [r for r in caplog.records if r.name == "popo_verl.reward" and r.levelno == logging.WARNING]
+
+
+def test_a_failing_verifier_is_reported_and_warned_about_once(verifier_broken, caplog):
+    caplog.set_level(logging.WARNING, logger="popo_verl.reward")
+    for _ in range(3):
+        scored = reward.score_response(B % "x+1", "1+x")
+        assert scored.score == 0.0 and scored.timeout == ""
+        assert scored.error.startswith("ModuleNotFoundError: import of math_verify halted"), scored.error
+        assert "(in math-verify, pred='x+1' gold='1+x', raised at reward.py:" in scored.error
+    whole = reward.score_response("x = 6", "6", verifier="whole")
+    assert whole.score == 0.0 and "(in verify_whole, gold='6', raised at reward.py:" in whole.error
+    # verl's call (it passes extra_info) carries the failure to the trainer; a direct call still gets the float
+    assert compute_score("s", B % "x+1", "1+x", extra_info={}) == {
+        "score": 0.0, "acc": 0.0, "verifier_error": scored.error, "verifier_timeout": ""}  # fmt: skip
+    assert compute_score("s", B % "x+1", "1+x") == 0.0
+    # a wrong answer is no failure: plain numbers never reach math-verify
+    assert reward.score_response(B % "2", "3") == reward.Scored(0.0, "", "")
+    (warning,) = _warnings(caplog)
+    text = warning.getMessage()
+    assert "ModuleNotFoundError: import of math_verify halted" in text and "raised at reward.py:" in text
+    assert "reward/verifier_errors" in text and reward.MAX_SHARE_KEY in text
+    assert warning.exc_info is not None  # with the traceback
+
+
+def _reward_loop_row(tok, response: str, gold: str):
+    """One request to verl's reward loop, as verl's agent loop builds it (verl/experimental/agent_loop/agent_loop.py
+    `_compute_score`)."""
+    import numpy as np
+    import torch
+    from tensordict import TensorDict
+    from verl import DataProto
+
+    prompt, resp = torch.tensor(tok("7+5=")["input_ids"]), torch.tensor(tok(response)["input_ids"])
+    ids = torch.cat([prompt, resp])
+    batch = TensorDict({"prompts": prompt[None], "responses": resp[None], "input_ids": ids[None],
+                        "attention_mask": torch.ones_like(ids)[None], "position_ids": torch.arange(len(ids))[None]},
+                       batch_size=1)  # fmt: skip
+    non_tensor = {"data_source": "s", "reward_model": {"ground_truth": gold}, "extra_info": {"index": 0}}
+    non_tensor = {k: np.array([v], dtype=object) for k, v in non_tensor.items()}
+    non_tensor.update({"__num_turns__": np.array([2]), "tool_extra_fields": np.array([{}], dtype=object)})
+    return DataProto(batch=batch, non_tensor_batch=non_tensor)
+
+
+def _reward_config(**reward_kwargs):
+    from omegaconf import OmegaConf
+
+    fn = {"path": "pkg://popo_verl.reward", "name": "compute_score", "reward_kwargs": reward_kwargs}
+    return OmegaConf.create({"reward": {"custom_reward_function": fn}})
+
+
+def test_verls_reward_loop_brings_the_failures_to_the_step_check(verifier_broken):
+    """verl's reward loop (the naive manager the v1 trainer runs) keeps compute_score's extra keys as each row's
+    reward_extra_info; the trainer's step check counts them and stops past the configured share."""
+    from verl.experimental.reward_loop.reward_manager import get_reward_manager_cls
+    from verl.trainer.ppo.reward import get_custom_reward_fn
+
+    from popo_verl.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    answers = ["12", "13", "12", "x+1", "11", "12", "\\frac{x}{2}", "12"]  # 2 of 8 need math-verify, which is broken
+    cfg = _reward_config(max_verifier_error_share=0.25)  # verl passes it to compute_score too: it must not mind
+
+    async def score_all():
+        manager = get_reward_manager_cls("naive")(config=cfg, tokenizer=tok, compute_score=get_custom_reward_fn(cfg))
+        return [await manager.run_single(_reward_loop_row(tok, B % a, "12")) for a in answers]
+
+    results = asyncio.run(score_all())
+    assert [r["reward_score"] for r in results] == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0]
+    infos = [r["reward_extra_info"] for r in results]
+    assert [bool(i["verifier_error"]) for i in infos] == [a in ("x+1", "\\frac{x}{2}") for a in answers]
+
+    share = reward.max_verifier_error_share(cfg)
+    assert share == 0.25
+    # 2 of 8 is not more than 25 %: counted, the step goes on
+    assert reward.check_verifier_failures(infos, share, step=3) == {"reward/verifier_errors": 2.0,
+                                                                     "reward/verifier_timeouts": 0.0}
+    # the default, 5 %: the run stops, naming the error and the key
+    assert reward.max_verifier_error_share(_reward_config()) == 0.05
+    with pytest.raises(reward.VerifierFailureError) as e:
+        reward.check_verifier_failures(infos, reward.max_verifier_error_share(_reward_config()), step=3)
+    message = str(e.value)
+    for part in ("step 3: the verifier failed on 2 of 8 rewards (25.0%; 2 errors, 0 timeouts)",
+                 "reward.custom_reward_function.reward_kwargs.max_verifier_error_share=0.05 allows",
+                 "first error: ModuleNotFoundError: import of math_verify halted",
+                 "++reward.custom_reward_function.reward_kwargs.max_verifier_error_share=<share in [0, 1]>"):
+        assert part in message, (part, message)
+    # rows of a reward function that reports no failures count as clean; none reporting: nothing to log
+    assert reward.check_verifier_failures(infos + [{"acc": 1.0}, None] * 3, 0.2)["reward/verifier_errors"] == 2.0
+    assert reward.check_verifier_failures([{"acc": 1.0}, None], 0.0) == {}
+
+
+def test_max_verifier_error_share_is_checked_before_the_run(verifier_broken):
+    from omegaconf import OmegaConf
+
+    from popo_verl.config import validate_popo_config
+
+    def popo_config(**reward_kwargs):
+        base = {"algorithm": {"popo": {}}, "actor_rollout_ref": {"actor": {}, "rollout": {"n": 8}}}
+        return OmegaConf.merge(base, _reward_config(**reward_kwargs))
+
+    validate_popo_config(popo_config(max_verifier_error_share=1))
+    for bad in (5, -0.1, "five"):
+        with pytest.raises(ValueError, match="reward_kwargs.max_verifier_error_share=.* must be a share in \\[0, 1\\]"):
+            validate_popo_config(popo_config(max_verifier_error_share=bad))
+
+
+def test_a_math_verify_timeout_is_counted_as_a_timeout(monkeypatch, caplog):
+    """math-verify's own signal timeouts (the main thread, as in evaluation) answer "no match", as a wrong answer does."""
+    monkeypatch.setattr(reward, "_MV_TIMEOUT_S", 1)
+    monkeypatch.setattr(reward, "_warned", set())
+    _clear_verifier_caches()
+    caplog.set_level(logging.WARNING, logger="popo_verl.reward")
+    pred, gold = "(x+y+1)^{40}", "(x+y+2)^{40}"  # sympy takes seconds to tell these apart
+    t0 = time.perf_counter()
+    first = reward.score_response(B % pred, gold)
+    assert first.score == 0.0 and first.error == ""
+    # (the comparison times out; on a loaded machine parsing may already: alarm() counts wall-clock seconds)
+    assert first.timeout.startswith("math-verify: Timeout during "), first
+    # the verdict is cached with its timeout: another response with the same answer timed out as well
+    assert reward.score_response("so " + B % pred, gold).timeout == first.timeout
+    assert time.perf_counter() - t0 < 30.0
+    (warning,) = _warnings(caplog)
+    assert first.timeout in warning.getMessage() and "reward/verifier_timeouts" in warning.getMessage()
+

@@ -32,6 +32,7 @@ class PopoConfig:
     entropy_on: str = "positives"
     positives_only_update: bool = True
     kl_monitor_interval: int = 10
+    drift_interval: int = 1
     anchor: str = "cosine"
     implicit_negative_interval: int = 0
     # token: verl's global token mean (POPO.md's L_nll, the same normalisation as verl's GRPO baseline);
@@ -152,7 +153,13 @@ def validate_popo_config(config) -> PopoConfig:
         raise ValueError(f"{p}tau_r must be finite, got {cfg.tau_r}")
     if cfg.kl_monitor_interval < 0:
         raise ValueError(f"{p}kl_monitor_interval must be >= 0, got {cfg.kl_monitor_interval}")
+    if cfg.drift_interval < 0:
+        raise ValueError(f"{p}drift_interval must be >= 0, got {cfg.drift_interval}")
     n = config.actor_rollout_ref.rollout.n
     if n < 2:
         raise ValueError(f"actor_rollout_ref.rollout.n must be >= 2 for POPO (a group needs several responses), got {n}")
+    # The reward function's setting, checked here so that a bad value stops the run in the driver, not at step 1.
+    from popo_verl.reward import max_verifier_error_share
+
+    max_verifier_error_share(config)
     return cfg

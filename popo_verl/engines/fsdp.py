@@ -20,6 +20,8 @@ tests/test_engine.py builds the engine in-process and pins what this relies on.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from verl.utils import tensordict_utils as tu
@@ -31,6 +33,8 @@ PREDICTOR_ATTR = "popo_predictor"
 PREDICTOR_PREFIX = PREDICTOR_ATTR + "."
 POOLED_KEY = "popo_pooled"
 PRED_KEY = "popo_pred"
+#: non-tensor flag of a forward-only batch: compute the pooled states only (see `pooled_only`)
+POOLED_ONLY_KEY = "popo_pooled_only"
 
 
 def final_norm(module: torch.nn.Module) -> torch.nn.Module:
@@ -44,8 +48,9 @@ def final_norm(module: torch.nn.Module) -> torch.nn.Module:
     return norm
 
 
-def response_states(values: torch.Tensor, data) -> torch.Tensor:
-    """The packed states (nnz, H) at each row's response tokens -> (B, R, H), zero-padded.
+def response_states(values: torch.Tensor, data, width: int | None = None) -> torch.Tensor:
+    """The packed states (nnz, H) at each row's response tokens -> (B, R, H), zero-padded (R = `width`, the longest
+    response, when the caller knows it: reading it from the lengths is a device sync).
 
     Row b holds its prompt then its r_b response tokens (EOS included), rows back to back: the response
     states are the row's last r_b. The window of the reference's pooling (first response token through EOS);
@@ -61,13 +66,17 @@ def response_states(values: torch.Tensor, data) -> torch.Tensor:
         response_lens = attention[:, prompts.shape[1]:].sum(dim=1)
     ends = (prompt_lens + response_lens).cumsum(dim=0).to(values.device)
     response_lens = response_lens.to(values.device)
-    if int(ends[-1]) != values.shape[0]:
-        raise RuntimeError(f"POPO pooling: {values.shape[0]} packed states for {int(ends[-1])} tokens")
-    width = int(response_lens.max())
+    torch._assert_async(ends[-1] == values.shape[0], "POPO pooling: the packed states and the rows' tokens differ in number")
+    width = int(response_lens.max()) if width is None else width
     offs = torch.arange(width, device=values.device).unsqueeze(0)
     valid = offs < response_lens.unsqueeze(1)
     index = torch.where(valid, (ends - response_lens).unsqueeze(1) + offs, torch.zeros_like(offs))
     return values[index] * valid.unsqueeze(-1).to(values.dtype)
+
+
+def pooled_only(micro_batch) -> bool:
+    """A forward that returns the pooled states alone (the siamese under anchor=cosine): no LM-head log-probs."""
+    return bool(tu.get_non_tensor_data(data=micro_batch, key=POOLED_ONLY_KEY, default=False))
 
 
 def is_predictor_param(name: str) -> bool:
@@ -174,16 +183,18 @@ class PopoFSDPEngine(PopoStepReporting, FSDPEngineWithLMHead):
         elif self.popo_predictor_layers == 0 and not self.engine_config.forward_only and torch.is_grad_enabled():
             captured[PRED_KEY] = pooled.float()  # identity head (predictor_layers=0): no parameters to shard
         self._popo_captured = captured
+        if pooled_only(mb) and isinstance(output, torch.Tensor):
+            # Only the pooled states are wanted: the LM head (and verl's fused log-prob kernel) runs on one position.
+            return output[:, :1]
         return None
 
     def _pool_response_hidden(self, hidden: torch.Tensor, micro_batch) -> torch.Tensor:
         """Mean of the final-norm hidden states over each row's response tokens, EOS included -> (B, H) fp32."""
-        values = self._packed_hidden(hidden, micro_batch)  # (nnz, H), rows back to back
-        per_token = response_states(values, micro_batch)  # (B, R, H): the states *at* the response tokens
         mask = micro_batch["response_mask"]
         mask = mask.to_padded_tensor(0) if mask.is_nested else mask
-        mask = mask[:, : per_token.shape[1]].to(per_token.device)
-        return core.masked_mean_pool(per_token.float(), mask)
+        values = self._packed_hidden(hidden, micro_batch)  # (nnz, H), rows back to back
+        per_token = response_states(values, micro_batch, width=mask.shape[1])  # (B, R, H): the states *at* the responses
+        return core.masked_mean_pool(per_token.float(), mask.to(per_token.device))
 
     def _packed_hidden(self, hidden: torch.Tensor, micro_batch) -> torch.Tensor:
         """The hidden states of the real tokens, packed like verl's nested input_ids: (nnz, H).
@@ -193,22 +204,24 @@ class PopoFSDPEngine(PopoStepReporting, FSDPEngineWithLMHead):
         padded: (B, max_len, H) with each row's tokens first.
         """
         ids = micro_batch["input_ids"]
-        nnz = int(ids.offsets()[-1].item())
         if tu.get_non_tensor_data(data=micro_batch, key="use_remove_padding", default=True):
             values = self._gather_and_unpad_packed(hidden.squeeze(0), getattr(self, "_popo_pad_size", 0))
-            return values[:nnz]
+            return values[: ids.values().shape[0]]
         lengths = ids.offsets().diff().to(hidden.device)
         keep = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0) < lengths.unsqueeze(1)
         return hidden[keep]
 
     def prepare_model_inputs(self, micro_batch):
         model_inputs, output_args = super().prepare_model_inputs(micro_batch)
+        if pooled_only(micro_batch) and "shift_labels" in model_inputs:  # verl's fused kernels: labels of that one position
+            model_inputs["shift_labels"] = model_inputs["shift_labels"][..., :1]
         # tail padding of the global packed sequence (SP alignment + static buckets), for the pooling hook
         self._popo_pad_size = int(output_args.get("pad_size", 0) or 0)
         return model_inputs, output_args
 
     def forward_step(self, micro_batch, loss_function, forward_only):
-        self._popo_micro_batch = micro_batch.to(self._popo_device())
+        micro_batch = micro_batch.to(self._popo_device())  # once: verl's forward_step finds it there
+        self._popo_micro_batch = micro_batch
         self._popo_captured = None
         try:
             return super().forward_step(micro_batch, loss_function=loss_function, forward_only=forward_only)
@@ -222,10 +235,12 @@ class PopoFSDPEngine(PopoStepReporting, FSDPEngineWithLMHead):
         return get_device_id()
 
     def prepare_model_outputs(self, output, output_args, micro_batch, logits_processor_func):
-        model_output = super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
         captured = getattr(self, "_popo_captured", None)
         if captured is None:
             raise RuntimeError("POPO: the final-norm hook did not run during the forward pass")
+        if pooled_only(micro_batch):
+            return dict(captured)
+        model_output = super().prepare_model_outputs(output, output_args, micro_batch, logits_processor_func)
         model_output.update(captured)
         return model_output
 
@@ -252,7 +267,7 @@ class PopoFSDPEngine(PopoStepReporting, FSDPEngineWithLMHead):
         clip = float(self.popo_predictor_clip_grad) or float("inf")
         head_norm = fsdp2_clip_grad_norm_(head, max_norm=clip)
         head_norm = head_norm.full_tensor() if hasattr(head_norm, "full_tensor") else head_norm
-        self.popo_predictor_grad_norm = float(head_norm)
+        self.popo_predictor_grad_norm = float(head_norm)  # the one host read of the head's norm (metric and check)
         head_grads = [p.grad for p in head]
         for p in head:
             p.grad = None
@@ -263,8 +278,9 @@ class PopoFSDPEngine(PopoStepReporting, FSDPEngineWithLMHead):
             p.grad = None
         for p, g in zip(head, head_grads, strict=True):
             p.grad = g
-        policy_ok = bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        if policy_ok and torch.isfinite(head_norm):
+        # verl's optimizer_step returns the policy's norm as a float (grad_norm.item())
+        policy_ok = math.isfinite(grad_norm.item() if isinstance(grad_norm, torch.Tensor) else float(grad_norm))
+        if policy_ok and math.isfinite(self.popo_predictor_grad_norm):
             self.optimizer.step()  # only the head has gradients now
         for p, g in zip(policy, policy_grads, strict=True):
             p.grad = g

@@ -25,8 +25,10 @@ popo_verl.workers imports it only when verl's engine is the Megatron one.
   start-up load of converted Megatron shards (`use_dist_checkpointing`); it stays in checkpoints' dist shards
   and in the optimizer's state.
 - `MegatronSiamese`: the siamese in the ref role keeps verl's bf16 forward-only Megatron model (verl allows no
-  fp32 Megatron model: `McoreEngineConfig.dtype`) plus an fp32 shadow of each of its local shards (same TP/PP
-  layout as the actor's); the EMA runs on the shadow, which is then written into the model.
+  fp32 Megatron model: `McoreEngineConfig.dtype`) plus an fp32 shadow (same TP/PP layout as the actor's); the EMA
+  follows the optimizer's fp32 main parameters (under the distributed optimizer each rank's shadow is the shard of
+  the main parameters it owns), and is then written into the model. With the actor or the ref offloaded, the
+  shadow lives in pinned host memory and passes through the device parameter by parameter at each update.
 tests/test_megatron_engine.py builds these on megatron-core on the CPU (popo_verl/engines/mcore_cpu.py) and
 pins what they rely on.
 """
@@ -34,12 +36,14 @@ pins what they rely on.
 from __future__ import annotations
 
 import contextlib
+from typing import NamedTuple
 
 import torch
 from megatron.core import parallel_state as mpu
 from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32, get_grad_norm_fp32
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 from megatron.core.tensor_parallel.layers import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import param_is_not_shared
 from verl.models.mcore.util import (
     postprocess_bshd_engine,
     postprocess_thd_engine,
@@ -67,7 +71,10 @@ class Fp32PredictorHead(core.PredictorHead):
     `module.bfloat16()`) leaves it fp32; moves between devices still apply."""
 
     def _apply(self, fn, recurse=True):
-        probe = fn(torch.zeros(1))
+        # the probe sits where the head does: a dtype-only cast (`Float16Module`'s `module.bfloat16()` after
+        # mbridge's `.cuda()`) leaves it there, so the head stays on its device (a CPU probe took it to the CPU)
+        here = next(self.parameters(), None)
+        probe = fn(torch.zeros(1, device=here.device if here is not None else "cpu"))
         if probe.dtype != torch.float32:  # a dtype cast: keep fp32, follow the device only
             return super()._apply(lambda t: t.to(device=probe.device), recurse)
         return super()._apply(fn, recurse)
@@ -83,7 +90,14 @@ def counted_once(param: torch.Tensor) -> bool:
     context-parallel replicas and tensor-parallel duplicates (replicated weights such as norms) count once."""
     if mpu.get_data_parallel_rank(with_context_parallel=True) != 0:
         return False
-    return bool(param_is_not_tensor_parallel_duplicate(param))
+    return distinct_weight(param)
+
+
+def distinct_weight(param: torch.Tensor) -> bool:
+    """Not a copy of a weight counted on another model-parallel rank: a tensor-parallel duplicate, or the last
+    pipeline stage's copy of tied embeddings (`shared`): megatron's rule for its grad norm
+    (megatron/core/optimizer/optimizer.py `get_main_grads_for_grad_norm`)."""
+    return bool(param_is_not_shared(param) and param_is_not_tensor_parallel_duplicate(param))
 
 
 @contextlib.contextmanager
@@ -350,6 +364,21 @@ class PopoMegatronEngine(PopoStepReporting, MegatronEngineWithLMHead):
             self._gather_head_from_its_owners()
         return out
 
+    @contextlib.contextmanager
+    def _model_onloaded(self):
+        """The model's parameters on the device for a while: with `param_offload` verl's load leaves them offloaded
+        (verl/utils/megatron_utils.py `offload_megatron_model_to_cpu` frees the DDP buffers' device storage)."""
+        if not self.is_param_offload_enabled:
+            yield
+            return
+        from verl.utils.device import get_device_name
+
+        self.to(get_device_name(), model=True, optimizer=False, grad=False)
+        try:
+            yield
+        finally:
+            self.to("cpu", model=True, optimizer=False, grad=False)
+
     def _gather_head_from_its_owners(self) -> None:
         """After a load, every data-/context-parallel replica of the head holds the checkpoint's values.
 
@@ -362,18 +391,20 @@ class PopoMegatronEngine(PopoStepReporting, MegatronEngineWithLMHead):
         group = mpu.get_data_parallel_group(with_context_parallel=True)
         if self.optimizer is None or torch.distributed.get_world_size(group) == 1:
             return
-        for p in (p for h in self.popo_heads() for p in h.parameters()):
-            value, owners = torch.zeros_like(p, dtype=torch.float32).view(-1), torch.zeros(p.numel())
-            for opt in self._sub_optimizers():
-                if p in getattr(opt, "model_param_gbuf_map", {}):
-                    r = opt._get_model_param_range_map(p)["param"]
-                    value[r.start:r.end] += p.detach().view(-1)[r.start:r.end].float()
-                    owners[r.start:r.end] += 1
-            torch.distributed.all_reduce(value, group=group)
-            torch.distributed.all_reduce(owners, group=group)
-            owned = owners > 0
-            flat = p.data.view(-1)
-            flat[owned] = (value[owned] / owners[owned]).to(p.dtype)
+        with self._model_onloaded():
+            for p in (p for h in self.popo_heads() for p in h.parameters()):
+                # both on the head's device (a collective over NCCL takes device tensors; the division mixes them)
+                value = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                owners = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                for opt in self._sub_optimizers():
+                    if p in getattr(opt, "model_param_gbuf_map", {}):
+                        r = opt._get_model_param_range_map(p)["param"]
+                        value[r.start:r.end] += p.detach().view(-1)[r.start:r.end].float()
+                        owners[r.start:r.end] += 1
+                torch.distributed.all_reduce(value, group=group)
+                torch.distributed.all_reduce(owners, group=group)
+                flat = p.data.view(-1)
+                flat.copy_(torch.where(owners > 0, value / owners.clamp(min=1), flat.float()).to(p.dtype))
 
     # ------------------------------------------------------------------ weight export
     def get_per_tensor_param(self, *args, **kwargs):
@@ -410,21 +441,134 @@ def named_local_params(engine, with_head: bool = False) -> dict[str, torch.nn.Pa
     return out
 
 
+def fp32_main_params(engine) -> dict[int, tuple]:
+    """id(model parameter) -> (its fp32 main values on this rank, start, end, sharding group) for every parameter
+    Megatron's optimizer steps here: the values theta really has, of which the bf16 model weights are a rounding.
+
+    megatron/core/optimizer/distrib_optimizer.py (`use_distributed_optimizer=True`): each rank steps the shard
+    [start, end) of the flat parameter it owns in the grad buffer, `shard_fp32_from_float16_groups` (fp32 copies of
+    bf16/fp16 parameters; None under the precision-aware optimizer, whose main values TE's FusedAdam keeps: the
+    bf16 shard then) or `shard_fp32_groups` (views of fp32 parameters), paired with `model_float16_groups` /
+    `model_fp32_groups`. megatron/core/optimizer/optimizer.py (`use_distributed_optimizer=False`):
+    Float16OptimizerWithFloat16Params keeps a whole fp32 copy of each bf16/fp16 parameter on every rank
+    (`float16_groups` -> `fp32_from_float16_groups`) and steps fp32 ones as they are (`fp32_from_fp32_groups`);
+    FP32Optimizer steps the model's own fp32 parameters."""
+    found = {}
+    for opt in engine._sub_optimizers():
+        if hasattr(opt, "model_param_gbuf_map"):
+            pairs = [*zip(opt.model_float16_groups, opt.shard_fp32_from_float16_groups, opt.shard_float16_groups),
+                     *zip(opt.model_fp32_groups, opt.shard_fp32_groups, opt.shard_fp32_groups)]
+            for models, mains, own in pairs:
+                for m, main, shard in zip(models, mains, own, strict=True):
+                    r = opt._get_model_param_range_map(m)["param"]
+                    found[id(m)] = (main if main is not None else shard, r.start, r.end, opt.data_parallel_group)
+        elif hasattr(opt, "float16_groups"):
+            for models, mains in zip(opt.float16_groups, opt.fp32_from_float16_groups, strict=True):
+                found.update({id(m): (main, 0, m.numel(), None) for m, main in zip(models, mains, strict=True)})
+            for models in opt.fp32_from_fp32_groups:
+                found.update({id(m): (m, 0, m.numel(), None) for m in models})
+        else:
+            found.update({id(p): (p, 0, p.numel(), None) for p in opt.get_parameters()})
+    return found
+
+
+def sharding_groups(engine) -> dict[int, object]:
+    """id(model parameter) -> the data-parallel group the distributed optimizer shards it over, for every parameter
+    in the DDP buffers of a chunk built with `use_distributed_optimizer` (megatron/core/distributed/
+    param_and_grad_buffer.py: `_ParamAndGradBuffer.params`, `.data_parallel_group`): a rank owning none of a
+    parameter still takes part in its collectives."""
+    out = {}
+    for chunk in engine.module:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is None or not ddp_config.use_distributed_optimizer:
+            continue
+        for buffer in [*chunk.buffers, *getattr(chunk, "expert_parallel_buffers", [])]:
+            out.update({id(p): buffer.data_parallel_group for p in buffer.params})
+    return out
+
+
+class Slot(NamedTuple):
+    """One actor parameter as the siamese follows it on this rank."""
+
+    param: torch.nn.Parameter  # the actor's model parameter
+    main: torch.Tensor | None  # its fp32 main values [start, end) on this rank (None: the rank owns none of it)
+    start: int
+    end: int
+    group: object | None  # the group whose ranks own the rest of it (None: whole on this rank)
+    counted: bool  # whether it counts in a global sum over all ranks (each weight once)
+
+
+def host_empty(shape) -> torch.Tensor:
+    """fp32 in pinned host memory (page-locked: copies to and from the device at full bus speed, asynchronously)."""
+    try:
+        return torch.empty(shape, dtype=torch.float32, device="cpu", pin_memory=True)
+    except RuntimeError:  # no accelerator to pin for
+        return torch.empty(shape, dtype=torch.float32, device="cpu")
+
+
 class MegatronSiamese:
     """The siamese's fp32 shadow next to verl's bf16 forward-only Megatron model in the ref role.
 
-    `shadow[k]` is the fp32 EMA of the actor's local shard k (same TP/PP layout: the ref engine is built with
-    the actor's parallel config); after every change it is written into the ref model, which the siamese forward
-    uses. Local and elementwise: no communication."""
+    `shadow[k]` is the fp32 EMA of theta's fp32 main values that this rank's optimizer steps (`fp32_main_params`),
+    not of the bf16 model weights: at a small learning rate theta moves by less than a bf16 rounding step, and an
+    EMA of the bf16 copy would follow a quantised theta. The ref engine has the actor's TP/PP/CP layout, so a key
+    names the same local shard in both. Under the distributed optimizer each rank holds the range of each parameter
+    it owns (a shard of the shadow, as of the optimizer's state: its size over the data-parallel ranks); after
+    every change the ranks' ranges are summed into the ref model's bf16 weights (each element has one owner), which
+    the siamese forward uses. Without it every rank holds whole parameters and nothing is communicated.
+
+    Where the shadow lives: on the device next to the main parameters, unless the actor or the ref is offloaded
+    (`param_offload` / `optimizer_offload`): then in pinned host memory, staged through the device one parameter
+    at a time by each update (4 B per element each way per step; the device holds one parameter's worth, while
+    the step runs), so that it takes no device memory between steps (the rollout's)."""
 
     def __init__(self, actor_engine, ref_engine):
         self.actor_engine, self.ref_engine = actor_engine, ref_engine
-        ref = named_local_params(ref_engine)
-        self.shadow = {k: p.detach().float().clone() for k, p in ref.items()}
         self.check_layout()
+        self.on_host = any(bool(getattr(e, name, False)) for e in (actor_engine, ref_engine)
+                           for name in ("is_param_offload_enabled", "is_optimizer_offload_enabled"))
+        self.device = actor_engine._popo_device()
+        ref = named_local_params(ref_engine)
+        self.shadow = {}
+        with torch.no_grad():
+            for k, slot in self.slots().items():
+                xi = self._empty(self._shape(slot))
+                xi.copy_(ref[k].detach().reshape(-1)[slot.start:slot.end].reshape(xi.shape))
+                self.shadow[k] = xi
+
+    def _empty(self, shape) -> torch.Tensor:
+        return host_empty(shape) if self.on_host else torch.empty(shape, dtype=torch.float32, device=self.device)
+
+    @staticmethod
+    def _shape(slot: Slot) -> tuple[int, ...]:
+        """The parameter's shape when this rank holds all of it (as the checkpoints of whole shards have it)."""
+        whole = (slot.start, slot.end) == (0, slot.param.numel())
+        return tuple(slot.param.shape) if whole else (slot.end - slot.start,)
 
     def actor_params(self) -> dict[str, torch.Tensor]:
         return named_local_params(self.actor_engine)
+
+    def slots(self) -> dict[str, Slot]:
+        """Each actor parameter's fp32 main values on this rank, by key (sorted: the same order on every rank)."""
+        mains, groups = fp32_main_params(self.actor_engine), sharding_groups(self.actor_engine)
+        out = {}
+        for k, p in sorted(self.actor_params().items()):
+            if id(p) in mains:
+                main, start, end, group = mains[id(p)]
+                group = groups.get(id(p), group)
+            elif id(p) in groups:  # sharded, with no element on this rank
+                main, start, end, group = None, 0, 0, groups[id(p)]
+            else:  # not stepped by the optimizer (frozen): the model's own values
+                main, start, end, group = p, 0, p.numel(), None
+            if group is not None and torch.distributed.get_world_size(group) == 1:
+                group = None
+            # a sharded range is counted on its one owner (in the first optimizer instance), a whole one once
+            # over the data-parallel replicas; tensor-parallel duplicates never
+            counted = (distinct_weight(p) and end > start and all(
+                getattr(o, "distributed_optimizer_instance_id", 0) == 0 for o in self.actor_engine._sub_optimizers())
+            ) if group is not None else counted_once(p)
+            out[k] = Slot(p, main, start, end, group, bool(counted))
+        return out
 
     def check_layout(self) -> None:
         actor, ref = self.actor_params(), named_local_params(self.ref_engine)
@@ -435,39 +579,80 @@ class MegatronSiamese:
                 raise RuntimeError(f"POPO siamese shard of {k} {tuple(p.shape)} does not match the actor's "
                                    f"{tuple(actor[k].shape)}: ref and actor need the same TP/PP/CP layout")
 
+    def _pairs(self, counted_only: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        xis, thetas = [], []
+        for k, slot in self.slots().items():
+            if slot.main is not None and (slot.counted or not counted_only):
+                xis.append(self.shadow[k])
+                thetas.append(slot.main.detach().reshape(self.shadow[k].shape))
+        return xis, thetas
+
     def pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        actor = self.actor_params()
-        names = sorted(self.shadow)
-        return [self.shadow[n] for n in names], [actor[n].data for n in names]
+        """(shadow, theta's fp32 main values) of every range this rank holds."""
+        return self._pairs(counted_only=False)
+
+    def counted_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The pairs whose global sum counts each weight once (for ||theta - xi||)."""
+        return self._pairs(counted_only=True)
 
     @torch.no_grad()
+    def distance_sq(self) -> torch.Tensor:
+        """||theta - xi||^2 over the ranges this rank counts (sum it over all ranks: each weight once), float64 on the
+        device: a shadow living on the host is staged there as by the EMA (theta's main values do not leave it)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for k, slot in self.slots().items():
+            if slot.main is not None and slot.counted:
+                x = self.shadow[k].to(self.device, non_blocking=True)
+                theta = slot.main.detach().to(self.device, torch.float32, non_blocking=True).reshape(x.shape)
+                total += torch.linalg.vector_norm(theta - x).double().square()
+        return total
+
+    def _write(self, slot: Slot, x: torch.Tensor, p: torch.nn.Parameter) -> None:
+        """The shadow's values `x` (on the device) into the ref's parameter `p`, every rank's range of it."""
+        if slot.group is None:
+            p.data.copy_(x.reshape(p.shape))
+            return
+        whole = torch.zeros(p.numel(), dtype=p.dtype, device=x.device)
+        whole[slot.start:slot.end] = x.reshape(-1)
+        torch.distributed.all_reduce(whole, group=slot.group)  # one owner per element: the sum is that value
+        p.data.copy_(whole.view(p.shape))
+
+    @torch.no_grad()
+    def _update(self, step=None) -> None:
+        """For each parameter: the shadow on the device (staged from the host when it lives there), `step(x, theta)`
+        applied to it in place, the result back home and into the ref model."""
+        ref = named_local_params(self.ref_engine)
+        for k, slot in self.slots().items():
+            xi = self.shadow[k]
+            x = xi.to(self.device, non_blocking=True)
+            if step is not None and slot.main is not None:
+                step(x, slot.main.detach().to(self.device, torch.float32, non_blocking=True).reshape(x.shape))
+                if x is not xi:
+                    xi.copy_(x)
+            self._write(slot, x, ref[k])
+
     def write_to_model(self) -> None:
-        for k, p in named_local_params(self.ref_engine).items():
-            p.data.copy_(self.shadow[k].to(device=p.device, dtype=p.dtype))
+        self._update()
 
-    @torch.no_grad()
     def copy_from_actor(self) -> None:
-        for xi, theta in zip(*self.pairs(), strict=True):
-            xi.copy_(theta.to(device=xi.device, dtype=xi.dtype))
-        self.write_to_model()
+        self._update(lambda x, theta: x.copy_(theta))
 
-    @torch.no_grad()
     def ema(self, tau: float) -> None:
-        core.ema_update_(*self.pairs(), tau)
-        self.write_to_model()
+        if not 0.0 <= tau <= 1.0:
+            raise ValueError(f"ema: tau must lie in [0, 1], got {tau}")
+        # core.ema_update_'s rule: xi <- tau * xi + (1 - tau) * theta, in fp32
+        self._update(lambda x, theta: x.lerp_(theta, 1.0 - tau))
 
     def state(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in self.shadow.items()}
 
     @torch.no_grad()
     def load(self, state: dict[str, torch.Tensor]) -> None:
+        """A saved shadow: this rank's own ranges, or whole parameters (a state saved without sharding)."""
+        slots = self.slots()
         for k, v in self.shadow.items():
-            v.copy_(state[k].to(v.device))
+            saved = state[k]
+            if saved.shape != v.shape and saved.numel() == slots[k].param.numel():
+                saved = saved.reshape(-1)[slots[k].start:slots[k].end]
+            v.copy_(saved.reshape(v.shape))
         self.write_to_model()
-
-    def counted_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The pairs whose global sum counts each weight once (for ||theta - xi||)."""
-        actor = self.actor_params()
-        names = [n for n in sorted(self.shadow) if counted_once(actor[n])]
-        return [self.shadow[n] for n in names], [actor[n].data for n in names]
-
