@@ -172,7 +172,12 @@ def popo_actor_loss(
     total = total + 0.0 * log_prob.sum()
     if pred is not None:
         total = total + 0.0 * pred.sum()
-    return total, _metrics_on_host(scalars)
+    metrics = _metrics_on_host(scalars)
+    cos_sim = metrics.get("popo/cos_sim")
+    if cos_sim is not None and cos_sim.values[0] != cos_sim.values[0]:
+        # a micro-batch without a positive (padding rows) has no cosine to report: leave it out of verl's mean
+        del metrics["popo/cos_sim"]
+    return total, metrics
 
 
 def _metrics_on_host(scalars: dict[str, tuple[torch.Tensor | float, AggregationType]]) -> dict[str, Metric]:

@@ -144,12 +144,13 @@ def test_siamese_is_the_ema_of_the_actor(popo_1rank, tiny_dir):
 def test_popo_with_two_fsdp2_ranks_and_padded_micro_batches(tmp_path_factory, tiny_dir):
     """2 ranks, and the padded layout (use_remove_padding=false; the 1-rank runs cover the packed one)."""
     tmp = tmp_path_factory.mktemp("popo2")
-    # micro-batches of 5 rows: the positives of a rank are padded up to a multiple of 5 whenever their count is not one
-    # of dp x 5 = 10, so the padding rows do not hang on an odd positive count (the samples of a loaded machine vary)
+    # micro-batches of 4 rows (verl's log-prob passes need the 32 rows of a rank to divide): a rank's positives are
+    # padded up to a multiple of 4 whenever their count is not one of dp x 4 = 8, so the padding rows do not hang on
+    # an odd positive count alone (the samples of a loaded machine vary)
     out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, "actor_rollout_ref.model.use_remove_padding=false",
-                   ranks=2, steps=3, save_freq=3, env_extra={"MICRO": "5"})
+                   ranks=2, steps=3, save_freq=3, env_extra={"MICRO": "4"})
     assert sorted(out["steps"]) == [1, 2, 3]
-    assert any(m["popo/rows_updated"] % 10 for m in out["steps"].values()), "padding rows at dp = 2 in some step"
+    assert any(m["popo/rows_updated"] % 8 for m in out["steps"].values()), "padding rows at dp = 2 in some step"
     for m in out["steps"].values():
         assert m["training/rollout_probs_diff_max"] < 1e-4, "padded forward gives the rollout's log-probs"
         assert m["popo/rows_updated"] == round(m["popo/positive_ratio"] * ROWS_PER_STEP)
