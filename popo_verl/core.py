@@ -391,12 +391,16 @@ def drift_bound(tau: float, lr: float, max_update_norm: float) -> float:
     return tau * lr * max_update_norm / (1.0 - tau)
 
 
-def parameter_distance(a: Iterable[torch.Tensor], b: Iterable[torch.Tensor]) -> float:
-    """||a - b||_2 over a list of tensors (local shards: sum the squares across ranks for the global norm)."""
-    sq = 0.0
-    for x, y in zip(a, b, strict=True):
-        sq += (x.detach().double() - y.detach().to(x.device).double()).pow(2).sum().item()
-    return math.sqrt(sq)
+@torch.no_grad()
+def parameter_distance_sq(targets: Iterable[torch.Tensor], onlines: Iterable[torch.Tensor]) -> torch.Tensor:
+    """||theta - xi||^2 = sum_k ||theta_k - xi_k||^2 over a list of (local) tensors, a float64 scalar on the online
+    weights' device (sum it over ranks for the global drift). One per-tensor difference at a time, so no copy of the
+    model, and no host transfer (a siamese kept on the host comes to the device a tensor at a time)."""
+    norms = [torch.linalg.vector_norm(theta.float() - xi.to(device=theta.device, dtype=torch.float32, non_blocking=True))
+             for xi, theta in zip(targets, onlines, strict=True)]
+    if not norms:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(norms).double().pow(2).sum()
 
 
 class PredictorHead(nn.Module):

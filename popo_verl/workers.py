@@ -94,16 +94,6 @@ def adam_direction_sq(optimizers, skip_ids: set[int]) -> tuple[torch.Tensor, int
     return (total if total is not None else torch.zeros((), dtype=torch.float64)), found
 
 
-@torch.no_grad()
-def parameter_distance_sq(targets: list[torch.Tensor], onlines: list[torch.Tensor]) -> torch.Tensor:
-    """sum_k ||theta_k - xi_k||^2 over local tensors, on the online weights' device (a siamese kept on the host comes
-    to it a tensor at a time): a per-tensor difference (one temporary at a time, not a copy of the model) and one
-    float64 sum, no host transfer."""
-    norms = [torch.linalg.vector_norm(theta.float() - xi.to(device=theta.device, dtype=torch.float32, non_blocking=True))
-             for xi, theta in zip(targets, onlines, strict=True)]
-    return torch.stack(norms).double().pow(2).sum()
-
-
 class PopoTrainingWorker(TrainingWorker):
     """verl's TrainingWorker with POPO's engine in place of the stock FSDP or Megatron engine."""
 
@@ -240,11 +230,13 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         return _local(first.data).device if first is not None else torch.device("cpu")
 
     def _after_optimizer_step(self, grad_norm: float) -> None:
-        with self.ema_timer.span(self._work_device()):
-            if self.siamese is not None:
+        paired = None if self.siamese is not None else self._paired_locals()  # one walk over the parameters a step
+        device = self._work_device() if paired is None else (paired[1][0].device if paired[1] else torch.device("cpu"))
+        with self.ema_timer.span(device):
+            if paired is None:
                 self.siamese.ema(self.tau)
             else:
-                core.ema_update_(*self._paired_locals(), self.tau)
+                core.ema_update_(*paired, self.tau)
             g = self._update_direction_norm(grad_norm)
             prev = self._max_update_norm_dev
             self._max_update_norm_dev = g if prev is None else torch.maximum(prev, g.to(prev.device))
@@ -295,10 +287,7 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         """||theta - xi||^2 over this rank's shards, on the device (float64 scalar; sum it over ranks)."""
         if self.siamese is not None:  # Megatron: each weight once, on the device (the shadow may live on the host)
             return self.siamese.distance_sq()
-        targets, onlines = self._paired_locals()
-        if not targets:
-            return torch.zeros((), dtype=torch.float64)
-        return parameter_distance_sq(targets, onlines)
+        return core.parameter_distance_sq(*self._paired_locals())
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def popo_stats(self, with_drift: bool = True) -> dict:

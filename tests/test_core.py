@@ -804,7 +804,7 @@ def test_popo_loss_gradient_matches_reference_total():
 
 
 # ----------------------------------------------------------------------------------------------
-# drift_bound / weight_entropy / parameter_distance
+# drift_bound / weight_entropy / parameter_distance_sq
 # ----------------------------------------------------------------------------------------------
 
 
@@ -833,11 +833,16 @@ def test_weight_entropy_matches_loop():
     assert core.weight_entropy(one, ["a", "a", "a"]) == 0.0
 
 
-def test_parameter_distance():
-    a = [torch.tensor([1.0, 2.0]), torch.tensor([[0.0, 3.0]])]
-    b = [torch.tensor([1.0, 0.0]), torch.tensor([[4.0, 3.0]])]
-    assert core.parameter_distance(a, b) == pytest.approx(math.sqrt(4 + 16))
-    assert core.parameter_distance(a, a) == 0.0
+def test_parameter_distance_sq():
+    xi = [torch.tensor([1.0, 2.0]), torch.tensor([[0.0, 3.0]], dtype=torch.bfloat16)]
+    theta = [torch.tensor([1.0, 0.0]), torch.tensor([[4.0, 3.0]])]
+    d = core.parameter_distance_sq(xi, theta)
+    assert d.dtype == torch.float64 and d.device == theta[0].device and d.dim() == 0
+    assert float(d) == pytest.approx(4 + 16)
+    assert float(core.parameter_distance_sq(theta, theta)) == 0.0
+    assert float(core.parameter_distance_sq([], [])) == 0.0
+    with pytest.raises(ValueError):  # a missing tensor is an error, not a shorter sum
+        core.parameter_distance_sq(xi[:1], theta)
 
 
 # ----------------------------------------------------------------------------------------------
