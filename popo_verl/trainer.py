@@ -35,7 +35,7 @@ from verl.workers.utils.padding import response_from_nested
 
 from popo_verl import core
 from popo_verl.config import get_popo_config, validate_popo_config
-from popo_verl.engines.fsdp import POOLED_KEY, POOLED_ONLY_KEY
+from popo_verl.engines.fsdp import POOLED_KEY, POOLED_ONLY_KEY, WITH_DRIFT_KEY
 from popo_verl.layout import padded, row_to_tokens
 from popo_verl.losses import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY
 
@@ -357,17 +357,23 @@ class PopoTrainer(PPOTrainerSync):
 
     # ------------------------------------------------------------------ actor update
     def _update_actor(self, batch: KVBatchMeta, metrics: dict) -> KVBatchMeta:
+        updated = False
         try:
-            self._update_positives(batch, metrics)
+            updated = self._update_positives(batch, metrics)
         finally:
             self._clear_padding_rows(batch, metrics)
-        every = int(self.popo.drift_interval)
-        stats = self.actor_rollout_wg.popo_stats(every > 0 and self.global_steps % every == 0)
-        metrics.update(stats[0] if isinstance(stats, list) else stats)
+        if not updated:  # no update brought the step's stats back
+            stats = self.actor_rollout_wg.popo_stats(self._with_drift())
+            metrics.update(stats[0] if isinstance(stats, list) else stats)
         metrics["popo/skipped_steps_total"] = float(self.popo_skipped_steps)
         return batch
 
-    def _update_positives(self, batch: KVBatchMeta, metrics: dict) -> None:
+    def _with_drift(self) -> bool:
+        every = int(self.popo.drift_interval)
+        return every > 0 and self.global_steps % every == 0
+
+    def _update_positives(self, batch: KVBatchMeta, metrics: dict) -> bool:
+        """The actor update on the step's positives (all rows without positives_only_update); False if skipped."""
         n_pos = int(self._popo_positive.sum()) if self._popo_positive is not None else 0
         if n_pos == 0:
             self.popo_skipped_steps += 1
@@ -376,7 +382,7 @@ class PopoTrainer(PPOTrainerSync):
             logger.warning(msg)
             lr = self.actor_rollout_wg.popo_skipped_step()  # the LR schedule keeps pace with the training steps
             metrics.update({"popo/skipped_step": 1.0, "popo/rows_updated": 0.0, "actor/lr": float(lr[0] if isinstance(lr, list) else lr)})
-            return
+            return False
         if self.popo.positives_only_update:
             sub = self._popo_update_batch
             # one verl mini-batch per optimizer step, over the positives only
@@ -393,6 +399,7 @@ class PopoTrainer(PPOTrainerSync):
             rows = sum(not _is_padding(t) for t in batch.tags)
         metrics.update({"popo/skipped_step": 0.0, "popo/rows_updated": float(rows)})
         self._maybe_log_prob_deltas(batch, metrics)
+        return True
 
     def _clear_padding_rows(self, batch: KVBatchMeta, metrics: dict) -> None:
         """The positives' update batch added padding rows under keys of their own, which verl's `fit` (it clears
@@ -422,14 +429,15 @@ class PopoTrainer(PPOTrainerSync):
                 "seed": actor.data_loader_seed,
                 "dataloader_kwargs": {"shuffle": actor.shuffle},
                 "temperature": self.config.actor_rollout_ref.rollout.temperature,
+                WITH_DRIFT_KEY: self._with_drift(),  # the worker returns the step's POPO stats with the update
             }
         )
         output = self.actor_rollout_wg.update_actor(batch)
         output = rename_dict(output["metrics"], "actor/")
         output["perf/mfu/actor"] = output.pop("actor/mfu")
         actor_metrics = reduce_metrics(output)
-        for k in list(actor_metrics):
-            if k.startswith("actor/popo/"):
+        for k in list(actor_metrics):  # POPO's own keys keep their names (popo/*, timing_s/ema_update, ...)
+            if k.startswith(("actor/popo/", "actor/timing_s/")):
                 actor_metrics[k[len("actor/") :]] = actor_metrics.pop(k)
         metrics.update(actor_metrics)
 

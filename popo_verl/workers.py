@@ -21,7 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from verl.single_controller.base.decorator import Dispatch, register
+from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
+from verl.utils import tensordict_utils as tu
 from verl.utils.config import omega_conf_to_dataclass
 from verl.workers.config import ActorConfig, HFModelConfig
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
@@ -30,7 +31,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 from popo_verl import checkpoint, core
 from popo_verl.timing import DeviceTimer
 from popo_verl.cpu.platform import cpu_platform_wanted
-from popo_verl.engines.fsdp import PopoFSDPEngine, is_predictor_param
+from popo_verl.engines.fsdp import WITH_DRIFT_KEY, PopoFSDPEngine, is_predictor_param
 from popo_verl.losses import popo_actor_loss
 
 logger = logging.getLogger(__name__)
@@ -146,7 +147,7 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         # Feature noise is seeded from (seed, optimizer steps so far), which the checkpoint restores, and
         # keyed by each row's tokens: a resumed run, or one on another number of ranks, draws the same noise.
         self._noise_seed = int(self.config.actor.get("data_loader_seed", 0) or 0)
-        # POPO's own per-step work, timed on the device (popo_verl/timing.py): read once a step, in popo_stats
+        # POPO's own per-step work, timed on the device (popo_verl/timing.py): read once a step, in _step_stats
         self.noise_timer, self.ema_timer, self.drift_timer = DeviceTimer(), DeviceTimer(), DeviceTimer()
         self.loss_fn = partial(
             popo_actor_loss,
@@ -164,7 +165,7 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
 
         self.tau = float(popo.get("tau", 0.995))
         self.ema_steps = 0
-        self.max_update_norm = 0.0  # G_max of Lemma 3.2 up to the last popo_stats; the steps since then are in:
+        self.max_update_norm = 0.0  # G_max of Lemma 3.2 up to the last _step_stats; the steps since then are in:
         self._max_update_norm_dev: torch.Tensor | None = None  # a device scalar (no host sync per optimizer step)
         self.last_lr = 0.0
         self._predictor_ids: set[int] | None = None
@@ -289,8 +290,22 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
             return self.siamese.distance_sq()
         return core.parameter_distance_sq(*self._paired_locals())
 
+    # verl/workers/engine_workers.py ActorRolloutRefWorker.update_actor: the same update; the step's POPO stats ride
+    # back in its metrics (rank 0's, as verl's metadata concat keeps), not in a second round trip
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="actor"))
+    def update_actor(self, data):
+        output = super().update_actor(data)
+        stats = self._step_stats(bool(tu.get(data, WITH_DRIFT_KEY, default=True)))  # collective: every rank
+        if output is not None:
+            tu.assign_non_tensor(output, metrics={**tu.get(output, "metrics"), **stats})
+        return output
+
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def popo_stats(self, with_drift: bool = True) -> dict:
+        """The step's stats on a step without an update (no positive): see `_step_stats`."""
+        return self._step_stats(with_drift)
+
+    def _step_stats(self, with_drift: bool) -> dict:
         """||theta - xi|| (when `with_drift`), the Lemma 3.2 bound and EMA bookkeeping (collective: call on all ranks).
 
         One host transfer: the device scalars of the step (drift, G_max) come back together."""
@@ -361,7 +376,7 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
 
             strip_predictor_from_hf_dir(os.path.join(local_path, "huggingface"))
         targets = {n: _local(p.data).detach().cpu().clone() for n, p in self._siamese_params().items()}
-        if self._max_update_norm_dev is not None:  # steps since the last popo_stats (a save comes after it; to be safe)
+        if self._max_update_norm_dev is not None:  # steps since the last _step_stats (a save comes after it; to be safe)
             self.max_update_norm = max(self.max_update_norm, float(self._max_update_norm_dev))
             self._max_update_norm_dev = None
         state = {

@@ -23,7 +23,8 @@ OVERRIDES = [
     (PopoFSDPEngine, FSDPEngineWithLMHead, ["_build_module", "_build_fsdp_module", "prepare_model_inputs",
                                             "prepare_model_outputs", "forward_step", "optimizer_step",
                                             "get_per_tensor_param", "_gather_and_unpad_packed"]),
-    (PopoActorRolloutRefWorker, ActorRolloutRefWorker, ["init_model", "save_checkpoint", "load_checkpoint"]),
+    (PopoActorRolloutRefWorker, ActorRolloutRefWorker, ["init_model", "save_checkpoint", "load_checkpoint",
+                                                        "update_actor"]),
     (PopoTrainingWorker, TrainingWorker, ["__init__"]),
 ]
 
@@ -51,6 +52,25 @@ def test_hooks_we_call_into_exist():
     assert hasattr(TrainingWorker, "set_loss_fn")
     assert "_autocast_dtype" in inspect.getsource(FSDPEngineWithLMHead._build_fsdp_module)
     assert "pad_size" in inspect.getsource(FSDPEngineWithLMHead.prepare_model_inputs)
+
+
+def test_update_actor_keeps_verls_dispatch():
+    """The worker's update_actor (which returns POPO's step stats with the update) is dispatched and collected as
+    verl's: split over the actor mesh's DP ranks, rank 0's metadata kept. Fails if verl changes the mode."""
+    from verl.single_controller.base.decorator import MAGIC_ATTR
+
+    def mode(fn):
+        attrs = getattr(fn, MAGIC_ATTR)
+        d = attrs["dispatch_mode"]
+        return attrs["execute_mode"], attrs["blocking"], {k: (f.func, f.args) for k, f in d.items()}
+
+    assert mode(PopoActorRolloutRefWorker.update_actor) == mode(ActorRolloutRefWorker.update_actor)
+    from verl.utils import tensordict_utils as tu
+
+    # verl's concat of metadata-only outputs (the update's metrics) keeps the first rank's
+    a, b = tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": {"x": 1}}), \
+        tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": {"x": 2}})
+    assert tu.get(tu.concat_tensordict([a, b]), "metrics") == {"x": 1}
 
 
 def test_replay_buffer_poll_is_shortened_on_the_cpu_backend(monkeypatch):

@@ -35,6 +35,8 @@ POOLED_KEY = "popo_pooled"
 PRED_KEY = "popo_pred"
 #: non-tensor flag of a forward-only batch: compute the pooled states only (see `pooled_only`)
 POOLED_ONLY_KEY = "popo_pooled_only"
+#: update batch (extra_info): whether the step's stats that the update returns include the drift (drift_interval)
+WITH_DRIFT_KEY = "popo_with_drift"
 
 
 def final_norm(module: torch.nn.Module) -> torch.nn.Module:
