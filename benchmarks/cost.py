@@ -7,7 +7,7 @@ Per phase (verl's timing_s/*: gen, old_log_prob, ref = siamese forward for POPO,
 update_weights, and POPO's EMA update) it prints the median over the measured steps (the first step of
 each run is warm-up and dropped), the per-step totals, the POPO/GRPO ratios, each process's peak memory
 and the EMA update's share of the step. POPO's KL monitor (an extra siamese forward over the whole batch every
-`algorithm.popo.kl_monitor_interval` steps, 10 by default) is set to run at each POPO run's last step, a measured one,
+`algorithm.popo.kl_monitor_interval` steps, 20 by default) is set to run at each POPO run's last step, a measured one,
 and the report says at which steps it ran. It ends with the line
     update_actor POPO/GRPO = R at positive fraction P
 (P = POPO's mean positive fraction over the measured steps).
@@ -55,6 +55,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from popo_verl.config import PopoConfig  # noqa: E402
 from popo_verl.gpu_check import gpu_names as gpu_name, gpu_overrides  # noqa: E402
 from popo_verl.tiny.summary import parse_steps  # noqa: E402
 
@@ -249,7 +250,7 @@ def _stem(args, info: dict) -> str:
 
 
 def kl_monitor_overrides(algo: str, steps: int) -> list[str]:
-    """POPO's KL monitor at the run's last step: a run shorter than kl_monitor_interval (10 by default) would never
+    """POPO's KL monitor at the run's last step: a run shorter than kl_monitor_interval (20 by default) would never
     include its forward. Step 1 is warm-up, so a one-step run has no measured step to put it in."""
     return [f"algorithm.popo.kl_monitor_interval={steps}"] if algo == "popo" and steps >= 2 else []
 
@@ -299,7 +300,7 @@ def median(xs):
 #: POPO's own work, timed on the device by its worker (popo_verl/timing.py) or the driver: every step ...
 OWN_WORK_EVERY_STEP = ("ema_update", "popo_drift", "popo_noise")
 #: ... and every N steps, N its default interval (the monitors' forwards; implicit_negative_interval is 0 = off)
-OWN_WORK_MONITORS = {"popo_kl_monitor": 10}
+OWN_WORK_MONITORS = {"popo_kl_monitor": PopoConfig().kl_monitor_interval}  # amortised over its default interval
 
 
 def own_work(runs: list[dict]) -> dict:
@@ -468,7 +469,8 @@ def report(runs: list[dict], out_dir: Path, info: dict | None = None, stem: str 
     lines += ["", f"POPO positive fraction: {pos:.3f}; EMA update share of the POPO step: {100 * ema_share:.2f} %"]
     lines.append(f"POPO's own work per step: {100 * own['share']:.2f} % of the POPO step ({own['total_s']:.4f} s of "
                  f"{own['step_s']:.3f} s: " + ", ".join(f"{k} {v:.4f} s" for k, v in own["parts_s"].items())
-                 + "; the KL monitor's forward counted once per 10 steps, its default interval)")
+                 + f"; the KL monitor's forward counted once per {OWN_WORK_MONITORS['popo_kl_monitor']} steps, its default "
+                 "interval)")
     lines.append("POPO's KL monitor (an extra siamese forward over the whole batch, in the `ref` phase): "
                  + (f"at measured step {', '.join(map(str, kl_steps))} of the POPO runs" if kl_steps
                     else "in no measured step"))

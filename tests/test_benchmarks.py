@@ -257,7 +257,7 @@ def _cost_run(algo, kl_at=None):
 
 def test_cost_quick_writes_its_own_files_and_measures_the_kl_monitor(cost, tmp_path, monkeypatch, capsys):
     """--quick wrote over the full run's cost.{md,json,png}; its runs (4 steps) never reached the KL monitor's
-    default interval (10), so no measured step paid for its siamese forward."""
+    default interval (20), so no measured step paid for its siamese forward."""
     import popo_verl.tiny
 
     out = tmp_path / "results"
@@ -297,3 +297,19 @@ def test_rollout_rss_counts_each_rollout_process_once(cost):
              "ray::vllm_server_0_0:CPUvLLMHttpServer.__init__": 0.98, "ray::CPUvLLMHttpServer.launch_server": 1.0,
              "VLLM::EngineCore": 0.88, "VLLM::Worker": 2.07, "driver": 0.5}
     assert cost.rollout_rss_gb(peaks) == pytest.approx(0.92 + 1.0 + 0.88 + 2.07)
+
+
+def test_cost_own_work_amortises_the_kl_monitor_over_its_default_interval(cost):
+    """POPO's own work per step: the every-step parts at their medians, the KL monitor's forward divided by
+    algorithm.popo.kl_monitor_interval's default (read from PopoConfig, so the report follows the default)."""
+    from popo_verl.config import PopoConfig
+
+    run = _cost_run("popo")
+    for step, m in run["steps"].items():
+        m.update({"timing_s/ema_update": 0.01, "timing_s/popo_drift": 0.002, "timing_s/popo_noise": 0.001})
+    run["steps"][4]["timing_s/popo_kl_monitor"] = 0.8
+    own = cost.own_work([run, _cost_run("grpo")])
+    every = PopoConfig().kl_monitor_interval
+    assert own["parts_s"]["popo_kl_monitor"] == pytest.approx(0.8 / every)
+    assert own["total_s"] == pytest.approx(0.013 + 0.8 / every)
+    assert own["share"] == pytest.approx((0.013 + 0.8 / every) / 2.0)

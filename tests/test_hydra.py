@@ -71,7 +71,7 @@ def test_stock_hydra_refuses_the_bare_spelling():
 
 
 def test_defaults_match_popo_md():
-    assert popo_defaults() == {**POPO_MD_DEFAULTS, "kl_monitor_interval": 10, "drift_interval": 1, "anchor": "cosine",
+    assert popo_defaults() == {**POPO_MD_DEFAULTS, "kl_monitor_interval": 20, "drift_interval": 1, "anchor": "cosine",
                                "implicit_negative_interval": 0, "nll_norm": "token", "predictor_clip_grad": 0.0}
 
 

@@ -31,7 +31,7 @@ class PopoConfig:
     predictor_layers: int = 2
     entropy_on: str = "positives"
     positives_only_update: bool = True
-    kl_monitor_interval: int = 10
+    kl_monitor_interval: int = 20
     drift_interval: int = 1
     anchor: str = "cosine"
     implicit_negative_interval: int = 0
