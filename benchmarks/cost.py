@@ -376,6 +376,10 @@ def extended_section(runs: list[dict], info: dict, rows: list[dict], pos: float)
     """The report's lines and figures beyond the default CPU run's: memory per role, tokens/s, targets."""
     mem_key = MEMORY_KEYS[0]
     mem = {a: {k: step_metric(runs, a, k) for k in MEMORY_KEYS} for a in ("popo", "grpo")}
+    if info.get("device") != "gpu" and not any(v for m in mem.values() for v in m.values() if not _is_nan(v)):
+        # torch keeps no allocator statistics on the CPU: verl's figures read 0 there, not a peak (the per-process
+        # RSS table above is the CPU's memory figure)
+        mem = {a: {k: float("nan") for k in MEMORY_KEYS} for a in mem}
     # POPO's siamese: an fp32 copy of the policy in the trainer worker's process, sharded over the ranks
     siamese_gb = info.get("n_params", 0) * 4 / 2**30 / max(1, info.get("ranks", 1))
     gpu_mem: dict[str, dict[str, float]] = defaultdict(dict)

@@ -413,6 +413,24 @@ def test_report_default_and_extended(cost, tmp_path, capsys):
     assert (out / "cost_gpu_0.5b_hf_p0.25.png").is_file()
 
 
+def test_a_cpu_run_has_no_allocator_peak_and_no_memory_verdict(cost, tmp_path):
+    """On the CPU torch keeps no allocator statistics and verl's max_memory_* read 0: the report says nan and
+    leaves the memory target unjudged (before: 0.000 <= limit, "yes")."""
+    runs = []
+    for algo, pos in (("popo", 0.25), ("grpo", None)):
+        r = _fake_run(algo, 0.3 if pos else 1.0, 3.0, 0.0, pos=pos)
+        for m in r["steps"].values():
+            m.update({"actor/perf/max_memory_allocated_gb": 0.0, "actor/perf/max_memory_reserved_gb": 0.0})
+        runs.append(r)
+    info = {"device": "cpu", "rollout": "hf", "model_size": "20m", "n_params": 20_000_000, "ranks": 1,
+            "rows_per_step": 128, "positive_fraction_requested": 0.25}
+    result = cost.report(runs, tmp_path, info, "cost_cpu_20m_p0.25")
+    md = (tmp_path / "cost_cpu_20m_p0.25.md").read_text()
+    assert "| trainer worker `actor/perf/max_memory_allocated_gb` (actor + siamese/reference) | nan | nan |" in md
+    assert [t["met"] for t in result["targets"]] == [True, True, None]
+    assert "| POPO peak memory <= GRPO's + fp32 siamese share (GB) | nan | nan | n/a |" in md
+
+
 def test_gpu_memory_falls_back_to_torch_where_nvidia_smi_names_no_process(cost, tmp_path):
     """In a container nvidia-smi lists host PIDs: the per-process table came out empty. Then each role's
     torch.cuda.max_memory_allocated is shown: the trainer worker's from verl's metric, the hf rollout server's from the
