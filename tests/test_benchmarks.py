@@ -297,3 +297,20 @@ def test_rollout_rss_counts_each_rollout_process_once(cost):
              "ray::vllm_server_0_0:CPUvLLMHttpServer.__init__": 0.98, "ray::CPUvLLMHttpServer.launch_server": 1.0,
              "VLLM::EngineCore": 0.88, "VLLM::Worker": 2.07, "driver": 0.5}
     assert cost.rollout_rss_gb(peaks) == pytest.approx(0.92 + 1.0 + 0.88 + 2.07)
+
+
+def test_compare_plots_runs_of_your_own_from_their_logs(learning, tmp_path, capsys):
+    """`learning.py --compare NAME=LOG ...`: any two runs of the script, from their full logs, as a table and a plot."""
+    popo, grpo = tmp_path / "popo.log", tmp_path / "grpo.log"
+    popo.write_text(_log({0: (0.3, 0.9), 20: (0.45, 0.95)}))
+    grpo.write_text(_log({0: (0.3, 0.9), 20: (0.4, 0.9)}))
+    assert learning.main(["--compare", f"popo={popo}", f"grpo={grpo}", "--out", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert f"| popo | {popo} | 20 | 0.300 -> 0.450 | 0.900 -> 0.950 |" in out
+    assert f"| grpo | {grpo} | 20 | 0.300 -> 0.400 | 0.900 -> 0.900 |" in out
+    assert (tmp_path / "plots" / "compare.png").stat().st_size > 10_000
+    (tmp_path / "empty.log").write_text("step:1 - actor/pg_loss:0.5\n")
+    with pytest.raises(SystemExit, match="has no held-out validation"):
+        learning.main(["--compare", f"x={tmp_path / 'empty.log'}"])
+    with pytest.raises(SystemExit, match="NAME=LOG"):
+        learning.main(["--compare", str(popo)])
