@@ -273,7 +273,7 @@ def run_once(algo: str, steps: int, workdir: Path, seed: int, gpu: bool, extra: 
     if proc.returncode != 0:
         raise RuntimeError(f"{algo} run failed (rc {proc.returncode}):\n{out[-4000:]}")
     full_log = log.read_text(errors="replace") if log.exists() else out
-    return {"algo": algo, "steps": dict(parse_steps(out)), "wall_s": time.time() - t0, "peak_rss_gb": dict(mem.peak),
+    return {"algo": algo, "steps": dict(parse_steps(full_log)), "wall_s": time.time() - t0, "peak_rss_gb": dict(mem.peak),
             "peak_gpu_gb": dict(mem.gpu_peak), "rollout_peak_gb": rollout_peak_gb(full_log)}
 
 

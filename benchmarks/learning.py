@@ -16,6 +16,8 @@ learning.png (curves), and prints the last line `held-out pass@1 gain: POPO=A GR
     python benchmarks/learning.py --quick      # POPO and GRPO, 3 seeds, 20 steps at constant lr (results/quick/)
     python benchmarks/learning.py --resume     # every variant, 5 seeds (about 7 h on 2 cores)
     python benchmarks/learning.py --report     # the tables and plot from learning.json; runs nothing
+    python benchmarks/learning.py --compare popo=runs/.../train.log grpo=runs/.../train.log --out my_plots
+                                               # your own runs: held-out pass@1 and pass@8, reward, from their logs
 
 `--quick` is a check that both methods learn, not the comparison: 20 steps at the constant lr 1e-3 (a cosine
 over 20 steps would spend half of them at low lr; tests/test_learning.py's budget), validation before and
@@ -127,7 +129,7 @@ def run_variant(name: str, seed: int, args, workdir: Path) -> dict:
     out = r.stdout + r.stderr
     if r.returncode != 0:
         raise RuntimeError(f"{name} seed {seed} failed (log {log}):\n{out[-4000:]}")
-    curves = curves_from_log(out)
+    curves = curves_from_log(log.read_text(errors="replace"))  # verl's whole step lines (the console shows them short)
     if len(curves["pass@1"]) < 2:
         raise RuntimeError(f"{name} seed {seed}: fewer than two held-out measurements in the log {log}")
     return {"variant": name, "seed": seed, "steps": max(curves["pass@1"]), "wall_s": round(time.time() - t0, 1),
@@ -336,6 +338,32 @@ def _plot(by: dict[str, list[dict]], order: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def compare_logs(named_logs: list[str], out_dir: Path) -> str:
+    """The curves of any runs of scripts/run_tiny_cpu.sh (NAME=LOG, the full log its first line names): a table of
+    held-out pass@1 and pass@8 at the first and last validation, and OUT/compare.png (the benchmark's panels)."""
+    by, rows = {}, ["| run | log | steps | held-out pass@1 | held-out pass@8 |", "|---|---|---|---|---|"]
+    for item in named_logs:
+        name, eq, path = item.partition("=")
+        if not eq or not name or not path:
+            raise SystemExit(f"--compare takes NAME=LOG, got {item!r}")
+        try:
+            curves = curves_from_log(Path(path).read_text(errors="replace"))
+        except OSError as e:
+            raise SystemExit(f"--compare: cannot read {path}: {e}") from None
+        if not curves["pass@1"]:
+            raise SystemExit(f"--compare: {path} has no held-out validation (verl's val-core/.../acc/mean@{VAL_N})")
+        run = {"variant": name, "seed": 0, "curves": {m: {str(k): v for k, v in c.items()} for m, c in curves.items()}}
+        by[name] = [run]
+        cells = []
+        for metric in ("pass@1", f"pass@{VAL_N}"):
+            c = curves[metric]
+            cells.append(f"{c[min(c)]:.3f} -> {c[max(c)]:.3f}" if c else "-")
+        rows.append(f"| {name} | {path} | {max(curves['pass@1'])} | {cells[0]} | {cells[1]} |")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _plot(by, list(by), out_dir / "compare.png")
+    return "\n".join(rows + ["", f"plot: {out_dir / 'compare.png'}"])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
@@ -349,8 +377,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="default benchmarks/results (--quick: benchmarks/results/quick)")
     ap.add_argument("--report", action="store_true",
                     help="run nothing: tables and plot from the runs of the asked variants and seeds in learning.json")
+    ap.add_argument("--compare", nargs="+", metavar="NAME=LOG", default=None,
+                    help="run nothing: plot runs of your own from their full logs (runs/<project>/<run>/train.log) "
+                         "into OUT/compare.png (OUT: --out, default the current folder)")
     ap.add_argument("overrides", nargs="*", help="hydra overrides passed to every run")
     args = ap.parse_args(argv)
+    if args.compare:
+        print(compare_logs(args.compare, Path(args.out or ".")))
+        return 0
     if args.quick:
         args.variants, args.seeds = list(MAIN), [0, 1, 2]
         args.steps = args.steps or QUICK_STEPS

@@ -50,6 +50,8 @@ PRESETS = {
     "greedy": Preset(n=1, n_aime=1, temperature=0.0, top_p=1.0, max_new_tokens=4096, verifier="whole"),  # REF --eval_greedy
     # what the run scripts validate with (PRESET=verl): avg@16 at temperature 0.6, DeepScaleR's protocol
     "verl": Preset(n=16, n_aime=16, temperature=0.6, top_p=0.95, max_new_tokens=1024, verifier="last-boxed"),
+    # what scripts/run_tiny_cpu.sh validates with (VAL_N 8 at temperature 1, 32 new tokens): its summary's pass@1
+    "tiny": Preset(n=8, n_aime=8, temperature=1.0, top_p=1.0, max_new_tokens=32, verifier="last-boxed"),
 }
 
 
@@ -146,6 +148,22 @@ def load_tokenizer(model_path: str, template: Optional[str]):
     return tok
 
 
+def context_cap(model_path: str, rows: Sequence[dict], max_new_tokens: int, template: Optional[str]) -> tuple[int, str | None]:
+    """(new tokens to ask for, a warning or None): a response cannot run past the model's context
+    (max_position_embeddings), so the longest prompt plus the new tokens must fit in it."""
+    from transformers import AutoConfig
+
+    context = getattr(AutoConfig.from_pretrained(model_path), "max_position_embeddings", None)
+    if not context or not rows:
+        return max_new_tokens, None
+    longest = max(map(len, prompt_ids(load_tokenizer(model_path, template), rows)))
+    if longest + max_new_tokens <= context:
+        return max_new_tokens, None
+    capped = max(1, context - longest)
+    return capped, (f"--max-new-tokens {max_new_tokens} capped at {capped}: the model's context is {context} positions "
+                    f"and the longest prompt has {longest} tokens")
+
+
 def sample_hf(model_path, rows, n, temperature, top_p, max_new_tokens, batch_size, seed, progress, template=None):
     import torch
     from transformers import AutoModelForCausalLM
@@ -228,6 +246,10 @@ def evaluate(model_path: str, data_files: Sequence[str], n: int = 16, temperatur
     if verifier not in VERIFIERS:
         raise ValueError(f"verifier must be one of {VERIFIERS}, got {verifier!r}")
     rows = load_rows(data_files, limit)
+    asked_new_tokens = max_new_tokens
+    max_new_tokens, cap_warning = context_cap(model_path, rows, max_new_tokens, template)
+    if cap_warning:
+        print(f"warning: {cap_warning}", file=sys.stderr, flush=True)
     backend = _pick_backend(backend)
     n_of = lambda row: n_aime if n_aime is not None and is_aime(row["data_source"]) else n  # noqa: E731
     samples: list = [None] * len(rows)
@@ -263,6 +285,7 @@ def evaluate(model_path: str, data_files: Sequence[str], n: int = 16, temperatur
         "temperature": temperature,
         "top_p": top_p,
         "max_new_tokens": max_new_tokens,
+        "max_new_tokens_asked": asked_new_tokens,  # more than the model's context allows: capped (see the warning)
         "verifier": verifier,
         "chat_template": template or "tokenizer",
         "backend": backend,
@@ -350,7 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--preset", choices=list(PRESETS), default="paper",
                     help="sampling protocol: paper (the POPO reference's: T 0.7, n 128 for AIME, 4096 new tokens, "
                          "its whole-completion verifier), greedy (one greedy answer per problem), verl (what the run "
-                         "scripts validate with: avg@16 at T 0.6); the options below override its values "
+                         "scripts validate with: avg@16 at T 0.6), tiny (what scripts/run_tiny_cpu.sh validates with: "
+                         "avg@8 at T 1, 32 new tokens; its summary's pass@1); the options below override its values "
                          "(default: %(default)s)")
     ap.add_argument("--n", type=int, default=None,
                     help=f"samples per problem, every benchmark (default: the preset's: {_by_preset('n')}; "
@@ -394,6 +418,8 @@ def main(argv=None) -> int:
                       verifier=pick(args.verifier, p.verifier), preset=args.preset,
                       template=None if args.chat_template == "tokenizer" else args.chat_template)  # fmt: skip
     print(markdown(result))
+    for source, row in result["benchmarks"].items():  # as the training run's summary says it: a fraction
+        print(f"{source}: held-out pass@1 {row['avg@n']:.3f} (avg@{row['n']:.0f}, temperature {result['temperature']})")
     print(f"written: {args.out}/eval.md, eval.json, pass_at_k.png")
     return 0
 

@@ -20,9 +20,23 @@ takes verl's model-merger arguments (verl/model_merger/__main__.py) and writes t
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 
-from popo_verl.engines.fsdp import is_predictor_param
+
+def is_predictor_param(name: str) -> bool:
+    # imported when first asked: popo_verl.engines imports verl's engines, which `--help` need not load
+    from popo_verl.engines.fsdp import is_predictor_param as named_predictor
+
+    return named_predictor(name)
+
+
+def _quiet_verl_imports() -> None:
+    """verl's notices on import that say nothing about merging: optional engines not installed, and no GPU on a
+    CPU machine (its platform manager's fallback); they would come before `--help`'s usage line."""
+    warnings.filterwarnings("ignore", message=r".* engine is not available")
+    logging.getLogger("verl.plugin.platform.platform_manager").setLevel(logging.ERROR)
 
 
 def strip_predictor(state_dict: dict) -> dict:
@@ -183,6 +197,7 @@ def merger_for(config, model_format: str | None = None):
 def main(argv: list[str] | None = None) -> None:
     import sys
 
+    _quiet_verl_imports()
     from verl.model_merger.base_model_merger import generate_config_from_args, parse_args
 
     if argv is not None:

@@ -61,6 +61,11 @@ SAVE_FREQ=${SAVE_FREQ:-$TOTAL_STEPS}           # the final policy is kept (HF fo
 LR=${LR:-1e-3}
 LR_SCHEDULE=${LR_SCHEDULE:-cosine}             # cosine (to 0 at the last step) or constant
 TEMPERATURE=${TEMPERATURE:-1.0}
+# whole-number settings, checked before anything uses them (TEST_FREQ and SAVE_FREQ take -1: never)
+for var in TINY_SEED TINY_HEADS TINY_KV_HEADS NNODES N_GPUS_PER_NODE TOTAL_STEPS TRAIN_BATCH ROLLOUT_N TEST_FREQ VAL_N \
+           SAVE_FREQ SEED ${MICRO:+MICRO}; do
+  [[ "${!var}" =~ ^-?[0-9]+$ ]] || { echo "error: $var must be a whole number, got '${!var}'" >&2; exit 2; }
+done
 # every rank gets all its rows in one micro-batch (verl's fixed micro-batching needs a divisor)
 MICRO=${MICRO:-$(( TRAIN_BATCH * ROLLOUT_N / (NNODES * N_GPUS_PER_NODE) ))}
 SEED=${SEED:-1}
@@ -113,8 +118,6 @@ LOGGER=${LOGGER:-[console]}
 RUN_DIR=${RUN_DIR:-$PWD/runs/${PROJECT_NAME}/${EXPERIMENT_NAME}_$(date +%Y%m%d_%H%M%S)}
 LOG_FILE=${LOG_FILE:-$RUN_DIR/train.log}
 VAL_DIR=${VAL_DIR:-$RUN_DIR/validation}
-mkdir -p "$(dirname "$LOG_FILE")" "$VAL_DIR"
-echo "full log: $LOG_FILE"
 
 export POPO_VERL_CPU=${POPO_VERL_CPU:-1}
 export RAY_DEDUP_LOGS=${RAY_DEDUP_LOGS:-0}
@@ -125,10 +128,8 @@ export PYTHONUNBUFFERED=1                      # lines reach the console and the
 export RAY_prestart_worker_first_driver=${RAY_prestart_worker_first_driver:-0}
 export RAY_enable_worker_prestart=${RAY_enable_worker_prestart:-0}
 
-# builds the tiny task unless cached (progress on stderr); stdout is the path of popo_verl's reward function
-BUILT_REWARD_FILE=$("$PYTHON" -m popo_verl.tiny build --seed "$TINY_SEED" --heads "$TINY_HEADS" --kv-heads "$TINY_KV_HEADS" \
-                    --out "$TINY_DIR" --print-reward-file)
-REWARD_FILE=${REWARD_FILE:-$BUILT_REWARD_FILE}
+# popo_verl's reward function (the tiny build below also prints it); the task is built after the overrides are checked
+REWARD_FILE=${REWARD_FILE:-$("$PYTHON" -c 'import pathlib, popo_verl; print(pathlib.Path(popo_verl.__file__).parent / "reward.py")')}
 
 
 DATA_ARGS=(
@@ -209,6 +210,17 @@ TRAINER_ARGS=(
   trainer.validation_data_dir="$VAL_DIR"       # per-sample held-out results: the summary's pass@1 counts correct ones
   actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]
 )
+
+# every override checked against verl's config in about a second, before verl is imported: an unknown key or a bad
+# POPO value is one line (with the closest known key) and exit status 2, before the task is built or a log started
+"$PYTHON" -m popo_verl.config check \
+  "${ALGO_ARGS[@]}" "${DATA_ARGS[@]}" "${MODEL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "${CPU_ARGS[@]}" "${TRAINER_ARGS[@]}" "$@" \
+  || exit 2
+mkdir -p "$(dirname "$LOG_FILE")" "$VAL_DIR"
+echo "full log: $LOG_FILE"
+# builds the tiny task unless cached (progress on stderr)
+"$PYTHON" -m popo_verl.tiny build --seed "$TINY_SEED" --heads "$TINY_HEADS" --kv-heads "$TINY_KV_HEADS" --out "$TINY_DIR" \
+  || exit $?
 
 # Ctrl-C: the trainer finishes its step, saves the policy and stops (popo_verl/stop.py); a second one aborts.
 # The trainer runs in the background, deaf to SIGINT, so that the first Ctrl-C reaches this script alone.

@@ -313,3 +313,18 @@ def test_cost_own_work_amortises_the_kl_monitor_over_its_default_interval(cost):
     assert own["parts_s"]["popo_kl_monitor"] == pytest.approx(0.8 / every)
     assert own["total_s"] == pytest.approx(0.013 + 0.8 / every)
     assert own["share"] == pytest.approx((0.013 + 0.8 / every) / 2.0)
+def test_compare_plots_runs_of_your_own_from_their_logs(learning, tmp_path, capsys):
+    """`learning.py --compare NAME=LOG ...`: any two runs of the script, from their full logs, as a table and a plot."""
+    popo, grpo = tmp_path / "popo.log", tmp_path / "grpo.log"
+    popo.write_text(_log({0: (0.3, 0.9), 20: (0.45, 0.95)}))
+    grpo.write_text(_log({0: (0.3, 0.9), 20: (0.4, 0.9)}))
+    assert learning.main(["--compare", f"popo={popo}", f"grpo={grpo}", "--out", str(tmp_path / "plots")]) == 0
+    out = capsys.readouterr().out
+    assert f"| popo | {popo} | 20 | 0.300 -> 0.450 | 0.900 -> 0.950 |" in out
+    assert f"| grpo | {grpo} | 20 | 0.300 -> 0.400 | 0.900 -> 0.900 |" in out
+    assert (tmp_path / "plots" / "compare.png").stat().st_size > 10_000
+    (tmp_path / "empty.log").write_text("step:1 - actor/pg_loss:0.5\n")
+    with pytest.raises(SystemExit, match="has no held-out validation"):
+        learning.main(["--compare", f"x={tmp_path / 'empty.log'}"])
+    with pytest.raises(SystemExit, match="NAME=LOG"):
+        learning.main(["--compare", str(popo)])

@@ -34,14 +34,22 @@ def run_tiny(tmp: Path, tiny_dir: str, algo: str, *overrides: str, ranks: int = 
         TRAIN_BATCH="8", VAL_N="1",  # small steps: these tests check the plumbing, test_learning checks learning
     )
     env.update(env_extra or {})
+    log_file = Path(env["LOG_FILE"])
+    before = log_file.stat().st_size if log_file.exists() else 0  # the console appends: this run's part only
     r = subprocess.run(
         ["bash", str(SCRIPT), "trainer.val_before_train=false", *overrides],
         cwd=str(tmp), env=env, capture_output=True, text=True, timeout=900,
     )
-    log = r.stdout + r.stderr
+    # the console shows verl's step lines short; the log file keeps them whole (popo_verl/tiny/console.py)
+    full = ""
+    if log_file.exists():
+        with open(log_file, errors="replace") as f:
+            f.seek(before)
+            full = f.read()
+    log = r.stdout + r.stderr + full
     if expect_ok:
-        assert r.returncode == 0, log[-6000:]
-    return {"rc": r.returncode, "log": log, "stdout": r.stdout, "steps": dict(parse_steps(log)), "ckpt": ckpt}
+        assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    return {"rc": r.returncode, "log": log, "stdout": r.stdout, "steps": dict(parse_steps(full)), "ckpt": ckpt}
 
 
 def model_state(step_dir: Path) -> dict[str, torch.Tensor]:

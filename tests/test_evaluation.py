@@ -71,6 +71,40 @@ def test_evaluate_tiny_model_end_to_end(tmp_path):
     assert greedy == pytest.approx(ref)
 
 
+def test_new_tokens_are_capped_at_the_models_context(tmp_path, capsys):
+    """The paper preset's 4096 new tokens on the tiny model (128 positions): capped to what fits after the longest
+    prompt, with a warning that says why, instead of HF generate running past the context."""
+    from transformers import AutoConfig
+
+    from popo_verl.tiny import ensure_built
+
+    built = ensure_built()
+    context = AutoConfig.from_pretrained(built["model"]).max_position_embeddings
+    res = ev.evaluate(built["model"], [built["test"]], n=1, temperature=0.0, max_new_tokens=4096, limit=4,
+                      show_progress=False)
+    err = capsys.readouterr().err
+    assert res["max_new_tokens_asked"] == 4096 and 0 < res["max_new_tokens"] < context
+    assert f"--max-new-tokens 4096 capped at {res['max_new_tokens']}: the model's context is {context} positions" in err
+    assert res["benchmarks"]["tiny_arith"]["mean_response_tokens"] <= res["max_new_tokens"]
+    res = ev.evaluate(built["model"], [built["test"]], n=1, temperature=0.0, max_new_tokens=8, limit=4,
+                      show_progress=False)
+    assert res["max_new_tokens"] == res["max_new_tokens_asked"] == 8 and "capped" not in capsys.readouterr().err
+
+
+def test_the_cli_says_pass_at_1_as_the_runs_summary_does(tmp_path, capsys):
+    """--preset tiny is the protocol scripts/run_tiny_cpu.sh validates with; the CLI ends with pass@1 as a fraction,
+    the unit of the run's summary line."""
+    from popo_verl.tiny import ensure_built
+
+    built = ensure_built()
+    assert ev.main(["--preset", "tiny", "--model", built["model"], "--data", built["test"], "--limit", "8",
+                    "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    row = json.loads((tmp_path / "eval.json").read_text())["benchmarks"]["tiny_arith"]
+    assert row["n"] == 8
+    assert f"tiny_arith: held-out pass@1 {row['avg@n']:.3f} (avg@8, temperature 1.0)" in out.splitlines()
+
+
 def test_summarise_refuses_mixed_n_within_a_benchmark():
     recs = [{"data_source": "s", "ground_truth": "1", "responses": ["a"] * n, "lengths": [1] * n, "scores": [0.0] * n}
             for n in (2, 3)]  # fmt: skip
@@ -90,8 +124,8 @@ def test_help_describes_every_option_with_its_default(capsys):
         assert action.help and "default" in action.help, action.dest
         assert action.option_strings[0] in text
     # the preset-driven defaults are spelled out, each preset's value by name
-    assert "paper 10, greedy 1, verl 16; for AIME paper 128, greedy 1, verl 16" in text
-    assert "paper 0.7, greedy 0.0, verl 0.6" in text and "paper 4096, greedy 4096, verl 1024" in text
+    assert "paper 10, greedy 1, verl 16, tiny 8; for AIME paper 128, greedy 1, verl 16, tiny 8" in text
+    assert "paper 0.7, greedy 0.0, verl 0.6, tiny 1.0" in text and "paper 4096, greedy 4096, verl 1024, tiny 32" in text
 
 
 @pytest.fixture
@@ -114,6 +148,7 @@ def captured_evaluate(monkeypatch, tmp_path):
         ("paper", dict(n=10, n_aime=128, temperature=0.7, top_p=0.95, max_new_tokens=4096, verifier="whole")),
         ("greedy", dict(n=1, n_aime=1, temperature=0.0, top_p=1.0, max_new_tokens=4096, verifier="whole")),
         ("verl", dict(n=16, n_aime=16, temperature=0.6, top_p=0.95, max_new_tokens=1024, verifier="last-boxed")),
+        ("tiny", dict(n=8, n_aime=8, temperature=1.0, top_p=1.0, max_new_tokens=32, verifier="last-boxed")),
     ],
 )
 def test_preset_sets_the_protocol(captured_evaluate, preset, expected):

@@ -37,9 +37,8 @@ def test_popo_raises_held_out_pass_at_1(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "scripts" / "run_tiny_cpu.sh"), "trainer.resume_mode=disable",
                         "algorithm.popo.implicit_negative_interval=1"],
                        cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=900)
-    log = r.stdout + r.stderr
-    assert r.returncode == 0, log[-6000:]
-    steps = parse_steps(log)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-6000:]
+    steps = parse_steps((tmp_path / "popo.log").read_text(errors="replace"))  # whole step lines: the log file's
     key, curve = held_out_curve(steps)
     assert sorted(curve) == [0, 20], curve
     gain = curve[20] - curve[0]

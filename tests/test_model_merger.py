@@ -10,7 +10,9 @@ tests/test_megatron_trainer.py runs the command on a checkpoint the Megatron tra
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
 import sys
 
 import pytest
@@ -87,3 +89,11 @@ def test_a_folder_without_model_weights_is_refused_before_anything_is_written(tm
     assert not out.exists()
     with pytest.raises(MergeError):
         megatron_model_format(str(tmp_path))
+
+
+def test_help_starts_with_its_usage_line():
+    """Before: ten lines of verl's import notices (optional engines, no GPU) came before the usage line."""
+    r = subprocess.run([sys.executable, "-m", "popo_verl.model_merger", "--help"], capture_output=True, text=True,
+                       timeout=300, env={k: v for k, v in os.environ.items() if k not in ("POPO_VERL_CPU", "VERL_PLATFORM")})
+    assert r.returncode == 0
+    assert (r.stderr + r.stdout).splitlines()[0].startswith("usage: "), (r.stderr + r.stdout)[:2000]

@@ -19,6 +19,22 @@ def test_ci_runs_the_readme_test_command():
     main, tests = blocks
     assert "scripts/run_tiny_cpu.sh" in main and "pip install torch==2.13.0" in main
     assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
+    # torch comes from PyTorch's CPU index in both: a fresh machine never resolves the CUDA build
+    for command in blocks:
+        first = command.split(" && ")[0]
+        assert first == "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu", command
+
+
+def test_readme_documents_every_setting_of_the_run_script():
+    """Each `VAR=${VAR:-...}` of scripts/run_tiny_cpu.sh (and each variable it reads with a default) is in the
+    README's table of the script's settings."""
+    script = (ROOT / "scripts" / "run_tiny_cpu.sh").read_text()
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("| variable | default | what it sets |"):]
+    table = table[: table.index("\n\n")]
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", table))
+    used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]+):-", script))
+    assert used and not used - documented, f"undocumented: {sorted(used - documented)}"
 
 
 def test_run_script_conventions():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -24,19 +25,57 @@ def _step(n: int, **metrics) -> str:
 
 
 # ------------------------------------------------------------------------------------------ console view
-def _view(lines: list[str]) -> tuple[str, str]:
-    log, out = io.StringIO(), io.StringIO()
+class Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def plain(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def _view(lines: list[str], out=None) -> tuple[str, str]:
+    """(the log file, the console) of `lines`; the console a terminal unless `out` is given."""
+    log, out = io.StringIO(), Terminal() if out is None else out
     console.filter_stream(lines, log, out, "/runs/x/train.log")
     return log.getvalue(), out.getvalue()
+
+
+def test_colour_codes_reach_a_terminal_only_and_transfer_queue_statistics_the_log_only():
+    storage = "\x1b[36m(SimpleStorageUnit pid=9)\x1b[0m "
+    stats = [f"{storage}storage_unit: [Performance] Total success requests: 52, Total req/min: 10.40, Total avg "
+             "process time: 0.0010s; \n", f"{storage}Time range: last 5.00 minutes; \n",
+             f"{storage}Per-operation statistics: put: req_count=26, req/min=5.20, avg_time=0.001s\n"]
+    lines = [*stats, _step(1)]
+    log, captured = _view([*lines, f"{RAY}\x1b[33mWARNING\x1b[0m x\n"], out=io.StringIO())
+    assert captured == "step 1: step_s 2.5\n(TaskRunnerV1 pid=2873) WARNING x\n"
+    assert "\x1b" not in log and log.startswith(plain("".join(lines)))
+    assert _view(lines)[1] == "step 1: step_s 2.5\n" and _view([f"{RAY}\x1b[33mW\x1b[0m\n"])[1] == f"{RAY}\x1b[33mW\x1b[0m\n"
+
+
+def test_the_console_shows_verls_step_line_short_and_the_log_keeps_it_whole():
+    step = _step(20, **{"critic/rewards/mean": "np.float64(0.40625)", "popo/positive_ratio": 0.328,
+                        "popo/cos_sim": 0.9123, "actor/entropy": 0.8534, "actor/lr": 0.000987,
+                        "val-core/tiny_arith/acc/mean@8": "np.float64(0.451)",
+                        **{f"perf/other_{i}": i for i in range(200)}})
+    log, out = _view([step])
+    assert log == plain(step) and len(step) > 3000
+    assert out == ("step 20: reward 0.406, positives 0.328, cos_sim 0.912, entropy 0.853, lr 9.87e-04, step_s 2.5, "
+                   "held-out pass@1 0.451 (tiny_arith, 8 samples each)\n")
+    assert summary.parse_steps(log)[0][1]["popo/cos_sim"] == pytest.approx(0.9123)  # the tools read the log file
+    assert summary.parse_steps(out) == []
+    full = io.StringIO()
+    console.filter_stream([step], io.StringIO(), full, "x", full_steps=True)  # POPO_CONSOLE_FULL_STEPS=1
+    assert full.getvalue() == plain(step)
 
 
 def test_console_collapses_the_config_dump_and_keeps_everything_in_the_log():
     dump = [f"{RAY}{{'actor_rollout_ref': {{'actor': {{\n"] + [f"{RAY}                  'key_{i}': {i},\n" for i in range(40)]
     lines = ["ray init kwargs: {...}\n", *dump, f"{RAY}INFO: actor and ref model engine initialized\n", _step(1)]
     log, out = _view(lines)
-    assert log == "".join(lines)
+    assert log == plain("".join(lines))
     assert out.splitlines() == ["ray init kwargs: {...}", "[configuration: 41 lines, in /runs/x/train.log]",
-                                f"{RAY}INFO: actor and ref model engine initialized", _step(1).rstrip("\n")]
+                                f"{RAY}INFO: actor and ref model engine initialized", "step 1: step_s 2.5"]
 
 
 def test_console_keeps_a_dump_that_ray_cut_mid_line_collapsed():
@@ -56,7 +95,7 @@ def test_console_keeps_a_dump_that_ray_cut_mid_line_collapsed():
     other = f"{worker}Qwen3ForCausalLM contains 105.28K parameters\n"
     lines = [*dump[:12], other, *dump[12:], f"{RAY}Using dataset class: RLHFDataset\n", f"{RAY}2026-12-02 INFO x\n"]
     log, out = _view(lines)
-    assert log == "".join(lines)
+    assert log == plain("".join(lines))
     assert out.splitlines() == [other.rstrip("\n"), f"[configuration: {len(dump)} lines, in /runs/x/train.log]",
                                 f"{RAY}Using dataset class: RLHFDataset", f"{RAY}2026-12-02 INFO x"]
 
@@ -81,7 +120,7 @@ def test_console_drops_known_noise_with_its_source_line_but_never_errors():
     ]
     log, out = _view(noise + kept)
     assert out == "".join(kept)
-    assert log == "".join(noise + kept)
+    assert log == plain("".join(noise + kept))
 
 
 def test_console_collapses_validation_metric_dumps_and_survives_a_closed_console():
@@ -96,7 +135,7 @@ def test_console_collapses_validation_metric_dumps_and_survives_a_closed_console
 
     log = io.StringIO()
     console.filter_stream([_step(1), _step(2)], log, Closed(), "x")  # `| head` closed the console: the log goes on
-    assert log.getvalue() == _step(1) + _step(2)
+    assert log.getvalue() == plain(_step(1) + _step(2))
 
 
 # ------------------------------------------------------------------------------------------ summary
@@ -135,7 +174,7 @@ def test_summary_says_resumed_skipped_and_where_the_policy_is(tmp_path):
     assert lines[0] == "full log: train.log"
     assert "resumed at step 3, trained 3 steps in this run; median step 2.5 s" in lines
     assert "2 of 3 steps skipped: no positive rollout" in lines
-    assert f"evaluate it: python -m popo_verl.evaluate --model {hf} --data /d/test.parquet" in lines
+    assert f"evaluate it: python -m popo_verl.evaluate --preset tiny --model {hf} --data /d/test.parquet" in lines
     assert lines[-1] == "held-out pass@1: not measured (set trainer.test_freq > 0)"
     allskipped = summary.report("".join(_step(i, **{"popo/skipped_step": 1.0, "timing_s/step": "nan"}) for i in (1, 2, 3)), "l")
     assert "3 steps, all skipped: no positive rollout (POPO learns from correct responses only)" in allskipped
@@ -168,9 +207,9 @@ def test_summary_of_a_failed_run_says_so_last(tmp_path):
         "step:1 - training/global_step:1 - timing_s/step:2.0\n"
         "vllm.v1.engine.exceptions.EngineDeadError: EngineCore encountered an issue.\n")
     lines = summary.report(log.read_text(), "train.log", exit_status=1)
-    assert lines[-2:] == ["held-out pass@1: 0.250 at step 0 (no later validation)",
-                          "the run FAILED (exit status 1): its error is above and in train.log"]
-    assert summary.report(log.read_text(), "train.log")[-1] == "held-out pass@1: 0.250 at step 0 (no later validation)"
+    measured = "held-out pass@1: 0.250 at step 0 (no later validation; not measured after step 0, the run trained to step 1)"
+    assert lines[-2:] == [measured, "the run FAILED (exit status 1): its error is above and in train.log"]
+    assert summary.report(log.read_text(), "train.log")[-1] == measured
     r = subprocess.run([sys.executable, "-m", "popo_verl.tiny.summary", str(log), "--exit-status", "137"],
                        capture_output=True, text=True)
     assert r.stdout.splitlines()[-1].startswith("the run FAILED (exit status 137)")
@@ -189,16 +228,68 @@ def test_bad_popo_key_fails_in_the_driver_before_ray_starts(tmp_path):
 
 
 def test_bad_popo_key_through_the_run_script(tmp_path):
+    """The script checks its overrides before it builds the task or starts a log: one line, exit status 2."""
     env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), CKPT_DIR=str(tmp_path / "ckpt"))
-    r = subprocess.run(["bash", str(ROOT / "scripts" / "run_tiny_cpu.sh"), "algorithm.popo.weight_mode=best"],
-                       capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
-    assert r.returncode == 2
-    out = r.stdout + r.stderr
-    assert "popo-verl: invalid configuration: algorithm.popo.weight_mode must be one of" in out
-    assert "ray init" not in out
-    assert r.stdout.splitlines()[0] == f"full log: {tmp_path / 'run' / 'train.log'}"
-    assert r.stdout.rstrip().splitlines()[-1] == (f"the run FAILED (exit status 2) before its first training step: its "
-                                                  f"error is above and in {tmp_path / 'run' / 'train.log'}")
+    for override, said in (("algorithm.popo.weight_mode=best",
+                            "error: invalid configuration: algorithm.popo.weight_mode must be one of"),
+                           ("algorithm.popo.alpah=0.1",
+                            "error: unknown config key algorithm.popo.alpah: did you mean algorithm.popo.alpha?")):
+        t0 = time.time()
+        r = subprocess.run(["bash", str(ROOT / "scripts" / "run_tiny_cpu.sh"), override],
+                           capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        print(f"{override}: refused after {time.time() - t0:.1f} s")
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr.rstrip().splitlines()[-1].startswith(said), r.stderr[-2000:]
+        assert r.stdout == "" and not (tmp_path / "run").exists(), "no log is promised for a run that never started"
+
+
+def test_a_setting_that_is_not_a_number_is_refused_first(tmp_path):
+    env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), TINY_SEED="abc")
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "run_tiny_cpu.sh")], capture_output=True, text=True,
+                       cwd=tmp_path, env=env, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip() == "error: TINY_SEED must be a whole number, got 'abc'"
+
+
+def test_the_override_check_never_imports_verl():
+    """`popo_verl.config check` composes verl's config from its files: verl's modules (seconds to import) stay out."""
+    code = ("import sys, time; t0 = time.time(); from popo_verl.config.check import problem; "
+            "said = problem(['algorithm=popo', 'algorithm.popo.alpah=0.1', 'data.train_batch_size=8']); "
+            "print(said); print(round(time.time() - t0, 2)); "
+            "assert not [m for m in sys.modules if m == 'verl' or m.startswith('verl.')], 'verl was imported'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd="/")
+    assert r.returncode == 0, r.stderr[-2000:]
+    said, seconds = r.stdout.splitlines()
+    assert said.startswith("unknown config key algorithm.popo.alpah: did you mean algorithm.popo.alpha?")
+    print(f"checked in {seconds} s")
+
+
+@pytest.mark.parametrize("overrides, said", [
+    (["data.train_bach_size=8"], "unknown config key data.train_bach_size: did you mean data.train_batch_size?"),
+    (["algorithm=popo", "algorithm.popo.tau=2"], "invalid configuration: algorithm.popo.tau must lie in [0, 1], got 2.0"),
+    (["+algorithm.popo.alpah=0.1", "algorithm=popo"], "invalid configuration: algorithm.popo has unknown keys ['alpah']"),
+    (["algorithm=popo", "data.train_batch_size=8", "+ray_kwargs.ray_init.include_dashboard=false"], None),
+    (["algorithm=pop"], "In 'ppo_trainer': Could not find 'algorithm/pop'"),
+])
+def test_override_check_messages(overrides, said):
+    from popo_verl.config.check import problem
+
+    found = problem(overrides)
+    assert (found is None) if said is None else (found or "").startswith(said), found
+    assert found is None or "\n" not in found
+
+
+def test_verls_own_refusal_is_one_line_before_ray_starts(tmp_path):
+    """verl's validate_config, which its main runs after POPO's driver check, refuses a batch smaller than the
+    mini-batch with a traceback; the driver check runs it first and says it in one line, exit status 2."""
+    r = subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", "algorithm=popo", "data.train_batch_size=8",
+                        "actor_rollout_ref.actor.ppo_mini_batch_size=16", "trainer.n_gpus_per_node=1"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2, r.stderr[-3000:]
+    last = r.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("popo-verl: verl refuses this configuration: train_batch_size (8) must be >= "
+                           "actor.ppo_mini_batch_size (16)"), r.stderr[-3000:]
+    assert "TRAIN_BATCH" in last and "Traceback" not in r.stderr and "ray init" not in r.stdout
 
 
 # ------------------------------------------------------------------------------------------ the main job
@@ -238,7 +329,7 @@ def test_ctrl_c_saves_the_policy_and_the_summary_says_where(tmp_path):
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped[0])
     lines = text.rstrip().splitlines()
     assert f"policy at step {stopped[0]}: {hf}" in lines
-    assert any(line.startswith(f"evaluate it: python -m popo_verl.evaluate --model {hf}") for line in lines)
+    assert any(line.startswith(f"evaluate it: python -m popo_verl.evaluate --preset tiny --model {hf}") for line in lines)
 
 
 def test_config_diff_lists_what_algorithm_popo_changes():
@@ -265,3 +356,19 @@ def test_summary_of_a_rerun_with_nothing_left_to_train(tmp_path):
     assert "trainer.resume_mode=disable" in lines[-1]
     assert summary.report("Traceback (most recent call last):\n", "l", checkpoint_dir=tmp_path)[-1].startswith(
         "no training step was logged")
+    # verl's harmless engine warnings name ...Error classes: they are not a failure; the exit status is
+    noisy = log + "WARNING: megatron engine not registered: ModuleNotFoundError(\"No module named 'megatron'\")\n"
+    assert summary.report(noisy, "l", checkpoint_dir=tmp_path)[-1].startswith("no step was trained in this run")
+    failed = summary.report(noisy, "l", checkpoint_dir=tmp_path, exit_status=1)
+    assert failed[-1].startswith("the run FAILED (exit status 1) before its first training step")
+
+
+def test_summary_of_a_stopped_run_names_the_last_measured_step():
+    """Ctrl-C at step 3 of a run that validated at step 0 only: the value is not shown as a result of the training."""
+    log = (f"{RAY}step:0 - val-core/tiny_arith/acc/mean@8:np.float64(0.308)\n"
+           + "".join(f"step:{s} - training/global_step:{s} - timing_s/step:2.0\n" for s in (1, 2, 3)))
+    assert summary.report(log, "l")[-1] == \
+        "held-out pass@1: 0.308 at step 0 (no later validation; not measured after step 0, the run trained to step 3)"
+    log += f"step:2 - val-core/tiny_arith/acc/mean@8:np.float64(0.4)\n"
+    assert summary.report(log, "l")[-1] == \
+        "held-out pass@1: 0.308 -> 0.400 (2 steps; not measured after step 2, the run trained to step 3)"

@@ -168,3 +168,24 @@ def test_build_refuses_a_layout_the_hidden_size_cannot_take(tmp_path):
     r = subprocess.run([sys.executable, "-m", "popo_verl.tiny", "build", "--heads", "3", "--kv-heads", "1", "--out",
                         str(tmp_path / "t")], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--heads 3 --kv-heads 1" in r.stderr and not (tmp_path / "t").exists()
+
+
+def test_warm_start_says_where_it_is_and_when_it_may_stop(monkeypatch, tok):
+    """A line at least every PROGRESS_EVERY_S seconds (here: every step), naming the next stopping check and the
+    time to it, so that a slow build is never silent."""
+    from dataclasses import replace
+
+    monkeypatch.setattr(tiny, "PROGRESS_EVERY_S", 0.0)
+    spec = replace(tiny.TinySpec(), min_sft_steps=4, max_sft_steps=6, sft_batch=4, hidden_size=16, intermediate=32)
+    train, _ = tiny.split_problems(spec.seed, spec.n_test)
+    lines = []
+    tiny.warm_start(tiny.build_model(spec, tok), tok, spec, train[:32], [], log=lines.append)
+    progress = [line for line in lines if "s so far; " in line]
+    assert len(progress) == spec.max_sft_steps
+    assert progress[0].startswith("  warm start step 1 (of at most 6): loss ")
+    assert "ends at step 6, at most" in progress[0] and progress[-1].endswith("at most 0 s to go")
+    lines.clear()  # the default schedule: checks every 100 steps from step 400
+    spec = replace(spec, min_sft_steps=400, max_sft_steps=401, target_pass=2.0)
+    tiny.warm_start(tiny.build_model(spec, tok), tok, spec, train[:32], tiny.make_rows(train[:4], "train"),
+                    log=lines.append)
+    assert "; next stopping check at step 400, in about " in lines[0] and lines[0].endswith(" s to go)")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from importlib import resources
 from pathlib import Path
 from typing import List, Optional
 
@@ -55,7 +54,8 @@ class PopoVerlConfigSource(ConfigSource):
         name = self._served(config_path)
         if name is None:
             raise ConfigLoadError(f"Config not found : {config_path}")
-        text = resources.files(VERL_CONFIG_PACKAGE).joinpath(name).read_text(encoding="utf-8")
+        # read from verl's folder, not through importlib.resources: that would import verl (seconds) just to compose
+        text = (_verl_config_dir() / name).read_text(encoding="utf-8")
         header = ConfigSource._get_header_dict(text[:512])
         cfg = OmegaConf.create(text)
         defaults = list(cfg.get("defaults", []))
@@ -68,10 +68,8 @@ class PopoVerlConfigSource(ConfigSource):
         return ConfigResult(config=cfg, path=f"{SCHEME}://{self.path}", provider=self.provider, header=header)
 
     def available(self) -> bool:
-        try:
-            return resources.files(VERL_CONFIG_PACKAGE).joinpath(SERVED[0]).is_file()
-        except (ModuleNotFoundError, ValueError, TypeError):
-            return False
+        folder = _verl_config_dir()
+        return folder is not None and (folder / SERVED[0]).is_file()
 
     def is_group(self, config_path: str) -> bool:
         return False

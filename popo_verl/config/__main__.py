@@ -1,4 +1,5 @@
 """`python -m popo_verl.config diff [hydra overrides]`: what `algorithm=popo` changes in verl's composed config.
+`python -m popo_verl.config check [hydra overrides]`: the overrides checked in a second (popo_verl/config/check.py).
 
 Both configs come from verl's own command line (`python -m verl.trainer.main_ppo ... --cfg job`), with the
 same overrides, so the listing is exactly what a run would get: every key whose value differs, and the keys
@@ -52,7 +53,23 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("diff", help="list the config keys algorithm=popo adds or changes")
     d.add_argument("overrides", nargs="*", help="hydra overrides applied to both configs")
+    c = sub.add_parser("check", help="compose verl's trainer config with these overrides (before verl is imported): "
+                                     "one line and exit status 2 for an unknown key or a bad POPO value")
+    c.add_argument("args", nargs=argparse.REMAINDER,
+                   help="what verl.trainer.main_ppo is given: hydra overrides, and hydra's own flags (--cfg job, "
+                        "--config-name NAME, ...), which are read for the config's name or passed over")
     args = ap.parse_args(argv)
+    if args.cmd == "check":
+        from popo_verl.config.check import problem, split_hydra_args
+
+        overrides, config_name = split_hydra_args(args.args)
+        if config_name is None:  # a config of the user's own (--config-path/--config-dir): hydra will say
+            return 0
+        found = problem(overrides, config_name)
+        if found:
+            print(f"error: {found}", file=sys.stderr)
+            return 2
+        return 0
     rows = diff(args.overrides)
     width = max(len(k) for k, _, _ in rows)
     print(f"{'key':<{width}}  {'verl':<14}  algorithm=popo")

@@ -9,6 +9,9 @@ with one line naming the key and exit status 2; so does a checkpoint the workers
 
 from __future__ import annotations
 
+import contextlib
+import copy
+import io
 import sys
 
 from hydra.experimental.callback import Callback
@@ -24,12 +27,34 @@ def refuse(message: str) -> None:
     raise SystemExit(2)
 
 
+def verl_problem(config) -> str | None:
+    """verl's own check of the config, which its `main` runs right after this callback (verl/trainer/main_ppo.py:
+    validate_config), run here first so that a refusal is one line, not a traceback."""
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import validate_config
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its notices come once, from verl's own call
+            validate_config(config=copy.deepcopy(config), use_reference_policy=need_reference_policy(config),
+                            use_critic=need_critic(config))
+    except (AssertionError, ValueError) as e:
+        said = " ".join(str(e).split())
+        if "ppo_mini_batch_size" in said:
+            said += (" (data.train_batch_size and actor_rollout_ref.actor.ppo_mini_batch_size count prompts; "
+                     "scripts/run_tiny_cpu.sh sets both from TRAIN_BATCH: set TRAIN_BATCH=N instead)")
+        return f"verl refuses this configuration: {said}"
+    return None
+
+
 def driver_problem(config) -> str | None:
     """What would stop this POPO run, said in one line, or None."""
     try:
         validate_popo_config(config)
     except ValueError as e:
         return f"popo-verl: invalid configuration: {e}"
+    refused = verl_problem(config)
+    if refused:
+        return f"popo-verl: {refused}"
     from popo_verl.checkpoint import resume_problem
 
     refused = resume_problem(config.trainer)

@@ -58,6 +58,8 @@ PASS_AT_8_MIN = 0.75
 #: the float kernels the warm start runs with, read by torch/MKL at start-up, hence a child process
 PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
 BUILD_THREADS = 2  # a reduction split over another number of threads sums in another order
+#: the warm start says where it is at least this often (seconds), with when its next stopping check comes
+PROGRESS_EVERY_S = 30
 
 
 def default_dir(seed: int = 0, heads: int = 4, kv_heads: int = 2) -> str:
@@ -264,6 +266,7 @@ def warm_start(model, tok, spec: TinySpec, train_problems: list, dev_rows: list[
     prompt_ids = {e: chat_ids(tok, question(e)) for e, _, _ in train_problems}
     model.train()
     dev = 0.0
+    started = last_note = time.time()
     for step in range(1, spec.max_sft_steps + 1):
         seqs, labels = [], []
         for expr, answer, _ in rng.choices(train_problems, k=spec.sft_batch):
@@ -285,6 +288,16 @@ def warm_start(model, tok, spec: TinySpec, train_problems: list, dev_rows: list[
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
+        now = time.time()
+        if now - last_note >= PROGRESS_EVERY_S:  # a line at least every 30 s, with when the next stopping check comes
+            last_note = now
+            per_step = (now - started) / step
+            check = max(-(-spec.min_sft_steps // 100) * 100, (step // 100 + 1) * 100)  # checks: x100, from min_sft_steps
+            last = f"at most {per_step * (spec.max_sft_steps - step):.0f} s to go"
+            when = (f"next stopping check at step {check}, in about {per_step * (check - step):.0f} s ({last})"
+                    if check <= spec.max_sft_steps else f"ends at step {spec.max_sft_steps}, {last}")
+            log(f"  warm start step {step} (of at most {spec.max_sft_steps}): loss {loss.item():.3f}, "
+                f"{now - started:.0f} s so far; {when}")
         if step >= spec.min_sft_steps and step % 100 == 0:
             dev, dev_k = pass_at_k(model, tok, dev_rows, n=4, seed=spec.seed + step)
             log(f"  warm start step {step}: loss {loss.item():.3f}, dev pass@1 {dev:.3f}, pass@4 {dev_k:.3f} (temperature 1)")
@@ -324,7 +337,7 @@ def build(out_dir, spec: TinySpec = TinySpec(), force: bool = False, log=print) 
         return p
     if _can_pin_kernels() and not _kernels_pinned():
         return _build_in_pinned_child(out_dir, spec, log)
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     torch.set_num_threads(BUILD_THREADS)
     tmp = Path(str(p["root"]) + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -367,6 +380,7 @@ def build(out_dir, spec: TinySpec = TinySpec(), force: bool = False, log=print) 
         "n_test": len(test_rows),
         "n_params": sum(x.numel() for x in model.parameters()),
         "build_seconds": round(time.time() - t0, 1),
+        "build_cpu_seconds": round(time.process_time() - cpu0, 1),  # all of the build's threads
         "kernels": _kernels_description(),
         "levels": LEVELS,
     }
@@ -379,7 +393,8 @@ def build(out_dir, spec: TinySpec = TinySpec(), force: bool = False, log=print) 
     shutil.rmtree(root, ignore_errors=True)
     os.replace(tmp, root)  # a half-built task is never left where a run would pick it up
     log(f"tiny task (seed {spec.seed}) built in {p['root']}: held-out pass@1 {test_p1:.3f}, pass@{spec.eval_samples} "
-        f"{test_pk:.3f} at temperature 1 (greedy {greedy:.3f}), {manifest['build_seconds']} s")
+        f"{test_pk:.3f} at temperature 1 (greedy {greedy:.3f}), {manifest['build_seconds']} s "
+        f"({manifest['build_cpu_seconds']} s of CPU time)")
     return p
 
 

@@ -3,8 +3,11 @@
 `cmd 2>&1 | python -m popo_verl.tiny.console --log FILE` writes every line to FILE as it comes and passes
 to the console all but the known noise: the config dump and the final-metrics dump (pretty-printed blocks
 of hundreds of lines, each shown as one line naming the log file), and warnings that say nothing to a user
-of this run (optional verl engines not installed, Ray's notices about its own internals). Errors,
-tracebacks, verl's `step:N - key:value - ...` metrics line and its progress bar pass unchanged.
+of this run (optional verl engines not installed, Ray's notices about its own internals, TransferQueue's request
+statistics). Colour codes go to a terminal only, never to the log file or a captured console. Errors,
+tracebacks and verl's progress bar pass unchanged; verl's `step:N - key:value - ...` metrics line (thousands of
+characters) is shown as a short line of the values a user watches, whole in the log (POPO_CONSOLE_FULL_STEPS=1:
+whole on the console too).
 Stdlib only, so that it starts at once.
 
 A dump arrives through Ray's log monitor, which cuts a line wherever the worker's unbuffered stdout was read
@@ -17,8 +20,12 @@ shown without ending it.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
+
+#: set to 1 to see verl's step lines whole on the console (they are always whole in the log file)
+FULL_STEPS_ENV = "POPO_CONSOLE_FULL_STEPS"
 
 # Ray prefixes worker output with "(ActorName pid=N) ", coloured on a terminal.
 _RAY_PREFIX = re.compile(r"^(?:\x1b\[[0-9;]*m)?\([^)]*pid=\d+[^)]*\)(?:\x1b\[[0-9;]*m)? ?")
@@ -60,7 +67,11 @@ NOISE = [re.compile(p) for p in (
     r"Default vLLM sampling parameters have been overridden by the model's",  # verl passes the sampling per request
     r"Passing raw prompts to InputProcessor is deprecated",  # vLLM 0.24 on verl's call
     r"^\(Worker pid=\d+\) popo-verl vLLM CPU weight sync: ",  # the synced names, once a run: for the log and tests
+    # TransferQueue's request statistics, every 5 minutes per process, three lines each (transfer_queue/utils/perf_utils.py)
+    r"\[Performance\] Total success requests: ", r"^Time range: last [\d.]+ minutes; *$", r"^Per-operation statistics: ",
 )]
+#: terminal colour codes (Ray colours its prefixes): kept only for a console that is a terminal
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # A pretty-printed dict (verl's config dump) or tuple (its "Final validation metrics") starts a block whose
 # continuation lines are indented.
 _BLOCK_START = re.compile(r"""^(\{'|\(["'](Initial|Final) validation metrics|\['serve',$)""")
@@ -69,6 +80,46 @@ _WARNING = re.compile(r"\w+Warning: ")
 _MIN_BLOCK = 5
 # the rest of a pretty-printed line that Ray's log monitor cut in two (never the start of a message of verl's)
 _FRAGMENT = re.compile(r"""^([\s'"{}\[\]():,]|(None|True|False|-?[\d.]+(e[+-]?\d+)?)[,}\])\s]*$)""")
+
+
+_STEP = re.compile(r"^step:(\d+) - (.*)")
+_PAIR = re.compile(r"([\w/@\-\.]+):(?:np\.\w+\()?([-+0-9.eE]+|nan)\)?")
+#: what the console's short step line shows, in order: (label, verl's key, format); absent keys are left out
+STEP_KEYS = (
+    ("reward", "critic/rewards/mean", "{:.3f}"),
+    ("positives", "popo/positive_ratio", "{:.3f}"),
+    ("cos_sim", "popo/cos_sim", "{:.3f}"),
+    ("pg_loss", "actor/pg_loss", "{:.4f}"),
+    ("kl_loss", "actor/kl_loss", "{:.4f}"),
+    ("entropy", "actor/entropy", "{:.3f}"),
+    ("grad_norm", "actor/grad_norm", "{:.3g}"),
+    ("lr", "actor/lr", "{:.2e}"),
+    ("response_len", "response_length/mean", "{:.1f}"),
+    ("step_s", "timing_s/step", "{:.1f}"),
+)
+_HELD_OUT = re.compile(r"^val-core/(.+)/acc/mean@(\d+)$")
+
+
+def short_step_line(text: str) -> str | None:
+    """verl's `step:N - key:value - ...` metrics line (thousands of characters) as the console shows it:
+    `step N: reward ..., positives ..., ...` and the held-out pass@1 when the step measured it; None for any other
+    line. The full line stays in the log file (the summary, the benchmarks and the tests read it there)."""
+    m = _STEP.match(text)
+    if not m:
+        return None
+    metrics = dict(_PAIR.findall(m.group(2)))
+    parts = []
+    for name, key, fmt in STEP_KEYS:
+        if key in metrics:
+            try:
+                parts.append(f"{name} {fmt.format(float(metrics[key]))}")
+            except ValueError:
+                parts.append(f"{name} {metrics[key]}")
+    for key, value in metrics.items():
+        held = _HELD_OUT.match(key)
+        if held:
+            parts.append(f"held-out pass@1 {float(value):.3f} ({held.group(1)}, {held.group(2)} samples each)")
+    return f"step {m.group(1)}: " + (", ".join(parts) if parts else "(no metrics)")
 
 
 def payload(line: str) -> str:
@@ -87,15 +138,26 @@ def is_noise(line: str) -> bool:
     return any(p.search(text) for p in NOISE)
 
 
+def is_terminal(out) -> bool:
+    try:
+        return bool(out.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
 class _Console:
-    """The console side; a closed one (`| head`) stops the console view, never the run or its log."""
+    """The console side; a closed one (`| head`) stops the console view, never the run or its log. Colour codes
+    reach a terminal only: a console captured to a file gets plain text."""
 
     def __init__(self, out):
         self.out = out
+        self.colour = out is not None and is_terminal(out)
 
     def write(self, text: str) -> None:
         if self.out is None:
             return
+        if not self.colour:
+            text = _ANSI.sub("", text)
         try:
             self.out.write(text)
             self.out.flush()
@@ -103,8 +165,9 @@ class _Console:
             self.out = None
 
 
-def filter_stream(lines, log, out, log_name: str) -> None:
-    """Copy `lines` to `log`; write the console view to `out` (both flushed per line)."""
+def filter_stream(lines, log, out, log_name: str, full_steps: bool = False) -> None:
+    """Copy `lines` to `log`; write the console view to `out` (both flushed per line). verl's step lines reach the
+    console short (`short_step_line`) unless `full_steps`."""
     console = _Console(out)
     block: list[str] = []
     block_source = ""
@@ -121,7 +184,7 @@ def filter_stream(lines, log, out, log_name: str) -> None:
 
     source_line_of_dropped_warning = False
     for line in lines:
-        log.write(line)
+        log.write(_ANSI.sub("", line))  # a log file is read as text: no colour codes
         log.flush()
         text = payload(line)
         if source_line_of_dropped_warning:
@@ -140,8 +203,9 @@ def filter_stream(lines, log, out, log_name: str) -> None:
             continue
         if is_noise(line):
             source_line_of_dropped_warning = bool(_WARNING.search(text))
-        else:
-            console.write(line)
+            continue
+        short = None if full_steps else short_step_line(text)
+        console.write(line if short is None else short + "\n")
     if block:
         flush_block()
 
@@ -149,10 +213,13 @@ def filter_stream(lines, log, out, log_name: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m popo_verl.tiny.console", description=__doc__.splitlines()[0])
     ap.add_argument("--log", required=True, help="file that receives every line")
+    ap.add_argument("--full-steps", action="store_true",
+                    help=f"show verl's step lines whole on the console too (default: short; env {FULL_STEPS_ENV}=1)")
     args = ap.parse_args(argv)
+    full = args.full_steps or os.environ.get(FULL_STEPS_ENV, "0").strip().lower() in ("1", "true", "yes")
     sys.stdin.reconfigure(errors="replace")  # a stray byte must not end the run it watches
     with open(args.log, "a", errors="replace") as log:
-        filter_stream(sys.stdin, log, sys.stdout, args.log)
+        filter_stream(sys.stdin, log, sys.stdout, args.log, full_steps=full)
     return 0
 
 

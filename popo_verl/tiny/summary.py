@@ -118,7 +118,7 @@ def report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, t
            exit_status: int = 0) -> list[str]:
     """The summary's lines (the last one is the held-out pass@1 line, or why there is none; after a failed run,
     the failure)."""
-    lines = _report(text, log_name, validation_dir, checkpoint_dir, test_data)
+    lines = _report(text, log_name, validation_dir, checkpoint_dir, test_data, exit_status)
     if exit_status:
         if lines[-1] == NO_STEP:
             lines[-1] = f"the run FAILED (exit status {exit_status}) before its first training step: its error is " \
@@ -128,16 +128,20 @@ def report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, t
     return lines
 
 
-def _report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, test_data=None) -> list[str]:
+def _report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, test_data=None,
+            exit_status: int = 0) -> list[str]:
     steps = parse_steps(text)
     train = _training_steps(steps)
     lines = [f"full log: {log_name}"]
     if not train:
         saved = _tracked_step(checkpoint_dir) if checkpoint_dir is not None else None
-        if saved is not None and not re.search(r"Traceback|Error\b", text):
-            lines.append(f"no step was trained in this run: {checkpoint_dir} already holds step {saved}, verl resumed "
-                         "there (trainer.resume_mode=auto) and found nothing left to train; raise "
-                         "trainer.total_training_steps, or start afresh with trainer.resume_mode=disable")
+        # a run that ended well without a step: verl resumed from a checkpoint at or past the last step (a failure
+        # is told by the exit status, not by words in the log: warnings name harmless ...Error classes too)
+        if saved is not None and not exit_status and "Traceback (most recent call last)" not in text:
+            lines.append(f"no step was trained in this run: {checkpoint_dir} already holds step {saved}, and a run "
+                         "resumes from its folder (trainer.resume_mode=auto), so nothing was left to train; train "
+                         "further with a larger trainer.total_training_steps, or start afresh with another CKPT_DIR "
+                         "(or trainer.resume_mode=disable)")
         else:
             lines.append(NO_STEP)
         return lines
@@ -159,7 +163,8 @@ def _report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, 
             step, path = policy
             data = f" --data {test_data}" if test_data else " --data <verl parquet>"
             lines.append(f"policy at step {step}: {path}")
-            lines.append(f"evaluate it: python -m popo_verl.evaluate --model {path}{data}")
+            # the protocol the run validated with (avg@8 at temperature 1, 32 new tokens): its pass@1, in ~1 min
+            lines.append(f"evaluate it: python -m popo_verl.evaluate --preset tiny --model {path}{data}")
 
     pass1, passn, n = correctness_curves(validation_dir) if validation_dir else ({}, {}, 0)
     source = "correct samples"
@@ -178,10 +183,11 @@ def _report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, 
     a, b = min(pass1), max(pass1)
     if source != "correct samples":
         lines.append(f"(held-out pass@1 below is {source})")
+    after = f"; not measured after step {b}, the run trained to step {last}" if last > b else ""
     if b == a:
-        lines.append(f"held-out pass@1: {pass1[a]:.3f} at step {a} (no later validation)")
+        lines.append(f"held-out pass@1: {pass1[a]:.3f} at step {a} (no later validation{after})")
     else:
-        lines.append(f"held-out pass@1: {pass1[a]:.3f} -> {pass1[b]:.3f} ({b - a} steps)")
+        lines.append(f"held-out pass@1: {pass1[a]:.3f} -> {pass1[b]:.3f} ({b - a} steps{after})")
     return lines
 
 
