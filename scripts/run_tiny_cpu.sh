@@ -61,6 +61,7 @@ SAVE_FREQ=${SAVE_FREQ:-$TOTAL_STEPS}           # the final policy is kept (HF fo
 LR=${LR:-1e-3}
 LR_SCHEDULE=${LR_SCHEDULE:-cosine}             # cosine (to 0 at the last step) or constant
 TEMPERATURE=${TEMPERATURE:-1.0}
+SEED=${SEED:-1}
 # whole-number settings, checked before anything uses them (TEST_FREQ and SAVE_FREQ take -1: never)
 for var in TINY_SEED TINY_HEADS TINY_KV_HEADS NNODES N_GPUS_PER_NODE TOTAL_STEPS TRAIN_BATCH ROLLOUT_N TEST_FREQ VAL_N \
            SAVE_FREQ SEED ${MICRO:+MICRO}; do
@@ -68,7 +69,6 @@ for var in TINY_SEED TINY_HEADS TINY_KV_HEADS NNODES N_GPUS_PER_NODE TOTAL_STEPS
 done
 # every rank gets all its rows in one micro-batch (verl's fixed micro-batching needs a divisor)
 MICRO=${MICRO:-$(( TRAIN_BATCH * ROLLOUT_N / (NNODES * N_GPUS_PER_NODE) ))}
-SEED=${SEED:-1}
 
 # settings checked before anything starts: a typo fails at once, not after the task is built
 case "$ALGO" in

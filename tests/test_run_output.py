@@ -265,7 +265,9 @@ def test_the_override_check_never_imports_verl():
 
 
 @pytest.mark.parametrize("overrides, said", [
-    (["data.train_bach_size=8"], "unknown config key data.train_bach_size: did you mean data.train_batch_size?"),
+    (["data.train_bach_size=8"], "unknown config key data.train_bach_size: did you mean data.train_batch_size"),
+    (["algorithm=popo", "algorithm.popo.alpah=0.1"],
+     "unknown config key algorithm.popo.alpah: did you mean algorithm.popo.alpha? (POPO's keys: README"),
     (["algorithm=popo", "algorithm.popo.tau=2"], "invalid configuration: algorithm.popo.tau must lie in [0, 1], got 2.0"),
     (["+algorithm.popo.alpah=0.1", "algorithm=popo"], "invalid configuration: algorithm.popo has unknown keys ['alpah']"),
     (["algorithm=popo", "data.train_batch_size=8", "+ray_kwargs.ray_init.include_dashboard=false"], None),
@@ -283,13 +285,20 @@ def test_verls_own_refusal_is_one_line_before_ray_starts(tmp_path):
     """verl's validate_config, which its main runs after POPO's driver check, refuses a batch smaller than the
     mini-batch with a traceback; the driver check runs it first and says it in one line, exit status 2."""
     r = subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", "algorithm=popo", "data.train_batch_size=8",
-                        "actor_rollout_ref.actor.ppo_mini_batch_size=16", "trainer.n_gpus_per_node=1"],
+                        "actor_rollout_ref.actor.ppo_mini_batch_size=16", "trainer.n_gpus_per_node=1",
+                        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4"],
                        capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.rstrip().splitlines()[-1]
     assert last.startswith("popo-verl: verl refuses this configuration: train_batch_size (8) must be >= "
                            "actor.ppo_mini_batch_size (16)"), r.stderr[-3000:]
     assert "TRAIN_BATCH" in last and "Traceback" not in r.stderr and "ray init" not in r.stdout
+    # a refusal raised inside verl's config dataclasses (hydra wraps it) is one line too, naming verl's message
+    r = subprocess.run([sys.executable, "-m", "verl.trainer.main_ppo", "algorithm=popo", "trainer.n_gpus_per_node=1"],
+                       capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and r.stderr.rstrip().splitlines()[-1] == (
+        "popo-verl: verl refuses this configuration: [actor] Please set at least one of 'actor.ppo_micro_batch_size' "
+        "or 'actor.ppo_micro_batch_size_per_gpu' if use_dynamic_bsz is not enabled."), r.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------------ the main job

@@ -75,6 +75,8 @@ def closest_keys(cfg, full_key: str) -> list[str]:
 def unknown_key_message(cfg_without, full_key: str) -> str:
     near = closest_keys(cfg_without, full_key)
     hint = f": did you mean {' or '.join(near)}?" if near else ""
+    if full_key.startswith("algorithm.popo."):  # POPO's keys are all known: a new one is a typo, never a +key
+        return f"unknown config key {full_key}{hint} (POPO's keys: README, Configuration)"
     return (f"unknown config key {full_key}{hint} (a key that verl's config does not have at all takes a leading +, "
             "as in +" + full_key + "=...)")
 

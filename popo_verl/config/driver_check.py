@@ -37,8 +37,8 @@ def verl_problem(config) -> str | None:
         with contextlib.redirect_stdout(io.StringIO()):  # its notices come once, from verl's own call
             validate_config(config=copy.deepcopy(config), use_reference_policy=need_reference_policy(config),
                             use_critic=need_critic(config))
-    except (AssertionError, ValueError) as e:
-        said = " ".join(str(e).split())
+    except Exception as e:  # noqa: BLE001 - verl refuses with asserts, ValueErrors and hydra's instantiation errors
+        said = " ".join(str(e.__cause__ or e).split())
         if "ppo_mini_batch_size" in said:
             said += (" (data.train_batch_size and actor_rollout_ref.actor.ppo_mini_batch_size count prompts; "
                      "scripts/run_tiny_cpu.sh sets both from TRAIN_BATCH: set TRAIN_BATCH=N instead)")
