@@ -281,6 +281,21 @@ def test_override_check_messages(overrides, said):
     assert found is None or "\n" not in found
 
 
+def test_the_check_reads_hydras_flags_as_verl_would():
+    from popo_verl.config.check import launches, split_hydra_args
+
+    args = ["algorithm=popo", "--config-name", "ppo_megatron_trainer", "x.y=1", "--cfg", "job"]
+    assert split_hydra_args(args) == (["algorithm=popo", "x.y=1"], "ppo_megatron_trainer")
+    assert split_hydra_args(["a=1", "--config-path=/mine"]) == (["a=1"], None)  # a config of the user's: not ours to say
+    assert not launches(args) and not launches(["--help"]) and launches(["a=1", "-m"])
+    r = subprocess.run([sys.executable, "-m", "popo_verl.config", "check", "algorithm=popo", "algorithm.popo.tau=2",
+                        "--cfg", "job"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr  # `--cfg job` prints the config: its values are the driver's to check, at a run
+    r = subprocess.run([sys.executable, "-m", "popo_verl.config", "check", "algorithm=popo", "algorithm.popo.tua=2",
+                        "--cfg", "job"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "did you mean algorithm.popo.tau?" in r.stderr  # a key hydra itself would refuse
+
+
 def test_verls_own_refusal_is_one_line_before_ray_starts(tmp_path):
     """verl's validate_config, which its main runs after POPO's driver check, refuses a batch smaller than the
     mini-batch with a traceback; the driver check runs it first and says it in one line, exit status 2."""

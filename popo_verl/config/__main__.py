@@ -60,12 +60,12 @@ def main(argv: list[str] | None = None) -> int:
                         "--config-name NAME, ...), which are read for the config's name or passed over")
     args = ap.parse_args(argv)
     if args.cmd == "check":
-        from popo_verl.config.check import problem, split_hydra_args
+        from popo_verl.config.check import launches, problem, split_hydra_args
 
         overrides, config_name = split_hydra_args(args.args)
         if config_name is None:  # a config of the user's own (--config-path/--config-dir): hydra will say
             return 0
-        found = problem(overrides, config_name)
+        found = problem(overrides, config_name, values=launches(args.args))
         if found:
             print(f"error: {found}", file=sys.stderr)
             return 2

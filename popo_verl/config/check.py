@@ -36,6 +36,15 @@ _FLAGS_WITH_VALUE = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "
                      "--config-dir", "-cd", "--info", "-i", "--experimental-rerun"}
 
 
+#: hydra's flags that print (the config, help, ...) and run no job: its callbacks, POPO's driver check among them, never run
+_NO_JOB_FLAGS = {"--cfg", "-c", "--help", "-h", "--hydra-help", "--info", "-i", "--shell-completion", "-sc"}
+
+
+def launches(args: list[str]) -> bool:
+    """Whether verl.trainer.main_ppo with these arguments runs the job (not `--cfg job`, `--help`, ...)."""
+    return not any(a.partition("=")[0] in _NO_JOB_FLAGS for a in args if a.startswith("-"))
+
+
 def split_hydra_args(args: list[str]) -> tuple[list[str], str | None]:
     """(the overrides, the config's name) of a verl.trainer.main_ppo command line; the name is None for a config
     of the user's own (--config-path / --config-dir), which this check cannot know."""
@@ -81,8 +90,9 @@ def unknown_key_message(cfg_without, full_key: str) -> str:
             "as in +" + full_key + "=...)")
 
 
-def problem(overrides: list[str], config_name: str = "ppo_trainer") -> str | None:
-    """What is wrong with these overrides, in one line, or None."""
+def problem(overrides: list[str], config_name: str = "ppo_trainer", values: bool = True) -> str | None:
+    """What is wrong with these overrides, in one line, or None. `values`: POPO's values checked too, as the driver
+    checks them when the job runs (not for `--cfg job`, which composes and prints only)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -99,7 +109,7 @@ def problem(overrides: list[str], config_name: str = "ppo_trainer") -> str | Non
             except (HydraException, OmegaConfBaseException):
                 return unknown_key_message(None, full_key)
         return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    if cfg.get("algorithm", {}).get("popo") is not None:
+    if values and cfg.get("algorithm", {}).get("popo") is not None:
         from popo_verl.config import validate_popo_config
 
         try:
