@@ -231,9 +231,9 @@ def test_bad_popo_key_through_the_run_script(tmp_path):
     """The script checks its overrides before it builds the task or starts a log: one line, exit status 2."""
     env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), CKPT_DIR=str(tmp_path / "ckpt"))
     for override, said in (("algorithm.popo.weight_mode=best",
-                            "error: invalid configuration: algorithm.popo.weight_mode must be one of"),
+                            "popo-verl: invalid configuration: algorithm.popo.weight_mode must be one of"),
                            ("algorithm.popo.alpah=0.1",
-                            "error: unknown config key algorithm.popo.alpah: did you mean algorithm.popo.alpha?")):
+                            "popo-verl: unknown config key algorithm.popo.alpah: did you mean algorithm.popo.alpha?")):
         t0 = time.time()
         r = subprocess.run(["bash", str(ROOT / "scripts" / "run_tiny_cpu.sh"), override],
                            capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
@@ -335,7 +335,7 @@ def test_ctrl_c_saves_the_policy_and_the_summary_says_where(tmp_path):
     deadline = time.time() + 400
     for line in proc.stdout:
         out.append(line)
-        if line.lstrip().startswith("step:2 ") or "step:2 - " in line:
+        if line.startswith("step 2: "):  # the console's short step line
             os.killpg(proc.pid, signal.SIGINT)
             break
         assert time.time() < deadline, "".join(out[-40:])

@@ -66,8 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         if config_name is None:  # a config of the user's own (--config-path/--config-dir): hydra will say
             return 0
         found = problem(overrides, config_name, values=launches(args.args))
-        if found:
-            print(f"error: {found}", file=sys.stderr)
+        if found:  # said as the driver check says it, at once
+            print(f"popo-verl: {found}", file=sys.stderr)
             return 2
         return 0
     rows = diff(args.overrides)

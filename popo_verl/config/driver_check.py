@@ -52,9 +52,6 @@ def driver_problem(config) -> str | None:
         validate_popo_config(config)
     except ValueError as e:
         return f"popo-verl: invalid configuration: {e}"
-    refused = verl_problem(config)
-    if refused:
-        return f"popo-verl: {refused}"
     from popo_verl.checkpoint import resume_problem
 
     refused = resume_problem(config.trainer)
@@ -71,5 +68,8 @@ def driver_problem(config) -> str | None:
 class DriverCheck(Callback):
     def on_job_start(self, config, **kwargs) -> None:
         problem = driver_problem(config)
+        if not problem:
+            refused = verl_problem(config)
+            problem = f"popo-verl: {refused}" if refused else None
         if problem:
             refuse(problem)
