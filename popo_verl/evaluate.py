@@ -170,6 +170,9 @@ def sample_hf(model_path, rows, n, temperature, top_p, max_new_tokens, batch_siz
 
     tok = load_tokenizer(model_path, template)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' loading bar, on top of the sampling bar, says nothing here
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     model.eval()
     torch.manual_seed(seed)
