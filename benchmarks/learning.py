@@ -354,10 +354,8 @@ def compare_logs(named_logs: list[str], out_dir: Path) -> str:
             raise SystemExit(f"--compare: {path} has no held-out validation (verl's val-core/.../acc/mean@{VAL_N})")
         run = {"variant": name, "seed": 0, "curves": {m: {str(k): v for k, v in c.items()} for m, c in curves.items()}}
         by[name] = [run]
-        cells = []
-        for metric in ("pass@1", f"pass@{VAL_N}"):
-            c = curves[metric]
-            cells.append(f"{c[min(c)]:.3f} -> {c[max(c)]:.3f}" if c else "-")
+        cells = ["{:.3f} -> {:.3f}".format(*start_end(run, metric)) if curves[metric] else "-"
+                 for metric in ("pass@1", f"pass@{VAL_N}")]
         rows.append(f"| {name} | {path} | {max(curves['pass@1'])} | {cells[0]} | {cells[1]} |")
     out_dir.mkdir(parents=True, exist_ok=True)
     _plot(by, list(by), out_dir / "compare.png")

@@ -228,8 +228,7 @@ class PopoTrainer(PPOTrainerSync):
     def _maybe_kl_monitor(self, batch: KVBatchMeta, real: torch.Tensor, metrics: dict) -> None:
         """Every `kl_monitor_interval` steps: KL(policy || siamese), k3 over the response tokens of all the step's
         rows (the reference's estimator and rows; an extra siamese forward on the whole batch). Monitoring only."""
-        every = int(self.popo.kl_monitor_interval)
-        if every <= 0 or self.global_steps % every != 0 or not bool(real.any()):
+        if not self._due(self.popo.kl_monitor_interval) or not bool(real.any()):
             return
         started = time.perf_counter()  # a blocking call: the driver's clock is the truth here
         ref_lp, _ = self._siamese_forward(batch, with_log_probs=True)
@@ -368,9 +367,13 @@ class PopoTrainer(PPOTrainerSync):
         metrics["popo/skipped_steps_total"] = float(self.popo_skipped_steps)
         return batch
 
-    def _with_drift(self) -> bool:
-        every = int(self.popo.drift_interval)
+    def _due(self, interval) -> bool:
+        """Whether a diagnostic run every `interval` steps (0 = off) runs at this step."""
+        every = int(interval)
         return every > 0 and self.global_steps % every == 0
+
+    def _with_drift(self) -> bool:
+        return self._due(self.popo.drift_interval)
 
     def _update_positives(self, batch: KVBatchMeta, metrics: dict) -> bool:
         """The actor update on the step's positives (all rows without positives_only_update); False if skipped."""
@@ -449,8 +452,7 @@ class PopoTrainer(PPOTrainerSync):
         sequence log-prob against old_log_probs (the same policy before the update). With positives_only_update
         the negatives never entered the update, so a negative delta is the implicit push-down alone.
         """
-        every = int(self.popo.implicit_negative_interval)
-        if every <= 0 or self.global_steps % every != 0:
+        if not self._due(self.popo.implicit_negative_interval):
             return
         started = time.perf_counter()
         saved = dict(batch.extra_info)

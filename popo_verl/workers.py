@@ -225,14 +225,17 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         for xi, theta in zip(targets, onlines, strict=True):
             xi.copy_(theta.to(device=xi.device, dtype=xi.dtype))
 
-    def _work_device(self) -> torch.device:
-        """Where the actor's weights are (the EMA's and the drift's work runs there)."""
-        first = next(iter(self._actor_params().values()), None)
-        return _local(first.data).device if first is not None else torch.device("cpu")
+    def _paired_and_device(self) -> tuple[tuple[list[torch.Tensor], list[torch.Tensor]] | None, torch.device]:
+        """(the FSDP siamese/actor local pairs, or None under Megatron; the device of the actor's weights, where the
+        EMA's and the drift's work runs), from one walk over the parameters."""
+        if self.siamese is not None:
+            first = next(iter(self._actor_params().values()), None)
+            return None, _local(first.data).device if first is not None else torch.device("cpu")
+        paired = self._paired_locals()
+        return paired, paired[1][0].device if paired[1] else torch.device("cpu")
 
     def _after_optimizer_step(self, grad_norm: float) -> None:
-        paired = None if self.siamese is not None else self._paired_locals()  # one walk over the parameters a step
-        device = self._work_device() if paired is None else (paired[1][0].device if paired[1] else torch.device("cpu"))
+        paired, device = self._paired_and_device()
         with self.ema_timer.span(device):
             if paired is None:
                 self.siamese.ema(self.tau)
@@ -284,11 +287,12 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         return total.sqrt()
 
     @torch.no_grad()
-    def _global_distance_sq(self) -> torch.Tensor:
-        """||theta - xi||^2 over this rank's shards, on the device (float64 scalar; sum it over ranks)."""
-        if self.siamese is not None:  # Megatron: each weight once, on the device (the shadow may live on the host)
+    def _global_distance_sq(self, paired) -> torch.Tensor:
+        """||theta - xi||^2 over this rank's shards (`paired`, None under Megatron), on the device (float64 scalar;
+        sum it over ranks)."""
+        if paired is None:  # Megatron: each weight once, on the device (the shadow may live on the host)
             return self.siamese.distance_sq()
-        return core.parameter_distance_sq(*self._paired_locals())
+        return core.parameter_distance_sq(*paired)
 
     # verl/workers/engine_workers.py ActorRolloutRefWorker.update_actor: the same update; the step's POPO stats ride
     # back in its metrics (rank 0's, as verl's metadata concat keeps), not in a second round trip
@@ -311,8 +315,9 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         One host transfer: the device scalars of the step (drift, G_max) come back together."""
         device_values = []
         if with_drift:
-            with self.drift_timer.span(self._work_device()):
-                sq = self._global_distance_sq()
+            paired, device = self._paired_and_device()
+            with self.drift_timer.span(device):
+                sq = self._global_distance_sq(paired)
                 if dist.is_initialized():
                     sq = sq.to(self._collective_device())
                     dist.all_reduce(sq, op=dist.ReduceOp.SUM)

@@ -128,7 +128,7 @@ export PYTHONUNBUFFERED=1                      # lines reach the console and the
 export RAY_prestart_worker_first_driver=${RAY_prestart_worker_first_driver:-0}
 export RAY_enable_worker_prestart=${RAY_enable_worker_prestart:-0}
 
-# popo_verl's reward function (the tiny build below also prints it); the task is built after the overrides are checked
+# popo_verl's reward function; the task is built after the overrides are checked
 REWARD_FILE=${REWARD_FILE:-$("$PYTHON" -c 'import pathlib, popo_verl; print(pathlib.Path(popo_verl.__file__).parent / "reward.py")')}
 
 

@@ -159,7 +159,7 @@ def test_stats_without_drift_leave_out_the_pass_over_the_weights(process_group, 
     actor, ref = build_engine(tiny_random_model, "fp32"), build_engine(tiny_random_model, "fp32", forward_only=True)
     worker = _worker(actor, ref)
     read = []
-    worker._global_distance_sq = lambda: read.append(1) or torch.zeros((), dtype=torch.float64)
+    worker._global_distance_sq = lambda paired: read.append(1) or torch.zeros((), dtype=torch.float64)
     stats = worker.popo_stats(False)
     assert "popo/drift" not in stats and "popo/drift_bound" in stats and not read
     assert "popo/drift" in worker.popo_stats(True) and read == [1]

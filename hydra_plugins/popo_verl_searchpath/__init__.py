@@ -55,7 +55,7 @@ class PopoVerlConfigSource(ConfigSource):
         if name is None:
             raise ConfigLoadError(f"Config not found : {config_path}")
         # read from verl's folder, not through importlib.resources: that would import verl (seconds) just to compose
-        text = (_verl_config_dir() / name).read_text(encoding="utf-8")
+        text = (verl_config_dir() / name).read_text(encoding="utf-8")
         header = ConfigSource._get_header_dict(text[:512])
         cfg = OmegaConf.create(text)
         defaults = list(cfg.get("defaults", []))
@@ -68,7 +68,7 @@ class PopoVerlConfigSource(ConfigSource):
         return ConfigResult(config=cfg, path=f"{SCHEME}://{self.path}", provider=self.provider, header=header)
 
     def available(self) -> bool:
-        folder = _verl_config_dir()
+        folder = verl_config_dir()
         return folder is not None and (folder / SERVED[0]).is_file()
 
     def is_group(self, config_path: str) -> bool:
@@ -83,7 +83,7 @@ class PopoVerlConfigSource(ConfigSource):
         return sorted(n[: -len(".yaml")] for n in SERVED)
 
 
-def _verl_config_dir() -> Optional[Path]:
+def verl_config_dir() -> Optional[Path]:
     spec = importlib.util.find_spec("verl")  # finds, does not import
     if spec is None or spec.origin is None:
         return None
@@ -92,7 +92,7 @@ def _verl_config_dir() -> Optional[Path]:
 
 def _is_verl_app(search_path: ConfigSearchPath) -> bool:
     """True when one of the application's own config paths is verl's trainer config package."""
-    verl_dir = _verl_config_dir()
+    verl_dir = verl_config_dir()
     for element in search_path.get_path():
         path = element.path or ""
         if path.rstrip("/") in (f"pkg://{VERL_CONFIG_PACKAGE}", "pkg://" + VERL_CONFIG_PACKAGE.replace(".", "/")):

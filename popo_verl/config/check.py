@@ -10,24 +10,20 @@ the closest known key, exit status 2. POPO's values (`algorithm.popo.*`) are che
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import re
-from pathlib import Path
 
 _UNKNOWN = re.compile(r"Key '([^']+)' is not in struct\s+full_key: (\S+)", re.S)
-
-
-def verl_config_dir() -> Path:
-    spec = importlib.util.find_spec("verl")  # finds verl, does not import it
-    if spec is None or spec.origin is None:
-        raise SystemExit("verl is not installed here: pip install -e . installs verl 0.9.1")
-    return Path(spec.origin).resolve().parent / "trainer" / "config"
 
 
 def _compose(overrides: list[str], config_name: str):
     from hydra import compose, initialize_config_dir
 
-    with initialize_config_dir(config_dir=str(verl_config_dir()), version_base=None, job_name="popo_verl_check"):
+    from hydra_plugins.popo_verl_searchpath import verl_config_dir  # found, not imported: verl stays out
+
+    folder = verl_config_dir()
+    if folder is None:
+        raise SystemExit("verl is not installed here: pip install -e . installs verl 0.9.1")
+    with initialize_config_dir(config_dir=str(folder), version_base=None, job_name="popo_verl_check"):
         return compose(config_name=config_name, overrides=list(overrides))
 
 
@@ -110,10 +106,7 @@ def problem(overrides: list[str], config_name: str = "ppo_trainer", values: bool
                 return unknown_key_message(None, full_key)
         return " ".join(line.strip() for line in str(e).splitlines() if line.strip())
     if values and cfg.get("algorithm", {}).get("popo") is not None:
-        from popo_verl.config import validate_popo_config
+        from popo_verl.config.driver_check import popo_values_problem
 
-        try:
-            validate_popo_config(cfg)
-        except ValueError as e:
-            return f"invalid configuration: {e}"
+        return popo_values_problem(cfg)
     return None

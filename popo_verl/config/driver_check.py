@@ -46,12 +46,20 @@ def verl_problem(config) -> str | None:
     return None
 
 
-def driver_problem(config) -> str | None:
-    """What would stop this POPO run, said in one line, or None."""
+def popo_values_problem(config) -> str | None:
+    """What is wrong with `algorithm.popo.*`, in one line, or None (also the run scripts' early check's verdict)."""
     try:
         validate_popo_config(config)
     except ValueError as e:
-        return f"popo-verl: invalid configuration: {e}"
+        return f"invalid configuration: {e}"
+    return None
+
+
+def driver_problem(config) -> str | None:
+    """What would stop this POPO run, said in one line, or None."""
+    invalid = popo_values_problem(config)
+    if invalid:
+        return f"popo-verl: {invalid}"
     from popo_verl.checkpoint import resume_problem
 
     refused = resume_problem(config.trainer)

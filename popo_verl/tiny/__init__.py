@@ -477,7 +477,6 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--out", default=None, help="default: POPO_TINY_DIR or ~/.cache/popo_verl/tiny (seed_S for seed S != 0; "
                                                "tiny_hHkvK for another attention layout)")
     b.add_argument("--force", action="store_true")
-    b.add_argument("--print-reward-file", action="store_true", help="end with the path of popo_verl/reward.py")
     b.add_argument("--spec", default=None, help=argparse.SUPPRESS)  # the whole TinySpec as JSON (the build's child)
     args = parser.parse_args(argv)
     if args.cmd == "build":
@@ -489,14 +488,12 @@ def main(argv: list[str] | None = None) -> int:
                              f"({TinySpec.hidden_size}) and be a multiple of kv-heads")
             spec = TinySpec(seed=args.seed, heads=args.heads, kv_heads=args.kv_heads)
         out = args.out or default_dir(spec.seed, spec.heads, spec.kv_heads)
-        # progress on stderr as it happens; stdout keeps only what a script captures (the reward file's path)
+        # progress on stderr as it happens
         log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
         if args.force:
             build(out, spec, force=True, log=log)
         else:
             ensure_built(out, spec, log=log)
-        if args.print_reward_file:
-            print(Path(__file__).resolve().parents[1] / "reward.py")
     return 0
 
 

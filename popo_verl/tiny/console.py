@@ -24,6 +24,8 @@ import os
 import re
 import sys
 
+from popo_verl.tiny.summary import parse_steps
+
 #: set to 1 to see verl's step lines whole on the console (they are always whole in the log file)
 FULL_STEPS_ENV = "POPO_CONSOLE_FULL_STEPS"
 
@@ -82,8 +84,6 @@ _MIN_BLOCK = 5
 _FRAGMENT = re.compile(r"""^([\s'"{}\[\]():,]|(None|True|False|-?[\d.]+(e[+-]?\d+)?)[,}\])\s]*$)""")
 
 
-_STEP = re.compile(r"^step:(\d+) - (.*)")
-_PAIR = re.compile(r"([\w/@\-\.]+):(?:np\.\w+\()?([-+0-9.eE]+|nan)\)?")
 #: what the console's short step line shows, in order: (label, verl's key, format); absent keys are left out
 STEP_KEYS = (
     ("reward", "critic/rewards/mean", "{:.3f}"),
@@ -104,22 +104,18 @@ def short_step_line(text: str) -> str | None:
     """verl's `step:N - key:value - ...` metrics line (thousands of characters) as the console shows it:
     `step N: reward ..., positives ..., ...` and the held-out pass@1 when the step measured it; None for any other
     line. The full line stays in the log file (the summary, the benchmarks and the tests read it there)."""
-    m = _STEP.match(text)
-    if not m:
+    if not text.startswith("step:"):
         return None
-    metrics = dict(_PAIR.findall(m.group(2)))
-    parts = []
-    for name, key, fmt in STEP_KEYS:
-        if key in metrics:
-            try:
-                parts.append(f"{name} {fmt.format(float(metrics[key]))}")
-            except ValueError:
-                parts.append(f"{name} {metrics[key]}")
+    parsed = parse_steps(text)  # the summary's reading of verl's line
+    if not parsed:
+        return None
+    (step, metrics), = parsed
+    parts = [f"{name} {fmt.format(metrics[key])}" for name, key, fmt in STEP_KEYS if key in metrics]
     for key, value in metrics.items():
         held = _HELD_OUT.match(key)
         if held:
-            parts.append(f"held-out pass@1 {float(value):.3f} ({held.group(1)}, {held.group(2)} samples each)")
-    return f"step {m.group(1)}: " + (", ".join(parts) if parts else "(no metrics)")
+            parts.append(f"held-out pass@1 {value:.3f} ({held.group(1)}, {held.group(2)} samples each)")
+    return f"step {step}: " + (", ".join(parts) if parts else "(no metrics)")
 
 
 def payload(line: str) -> str:
