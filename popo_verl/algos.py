@@ -135,10 +135,36 @@ def popo_policy_loss_per_sequence(
     return loss, _ratio_metrics(log_ratio, ratio, response_mask, weighted_rows, clip_high)
 
 
+# The exploration study's baselines (issue #36): verl's own PPO loss on these advantages, selected with
+# algorithm.adv_estimator=psr|nsr|w_reinforce (W-REINFORCE's lambda: +algorithm.w_reinforce_lambda, default 0.1).
+W_REINFORCE_LAMBDA = 0.1
+
+
+def _sample_reinforcement_estimator(mode: str):
+    def compute_advantage(token_level_rewards: torch.Tensor, response_mask: torch.Tensor, config=None, **kwargs: Any):
+        lam = (config.get("w_reinforce_lambda", None) if config is not None and hasattr(config, "get") else None)
+        lam = W_REINFORCE_LAMBDA if lam is None else float(lam)
+        with torch.no_grad():
+            positive = core.positive_mask(token_level_rewards.sum(dim=-1), None, "binary")
+            rows = core.sample_reinforcement_advantages(positive, mode, lam)
+            advantages = rows.unsqueeze(-1).to(token_level_rewards.dtype) * response_mask
+        return advantages, advantages
+
+    compute_advantage.__name__ = f"compute_{mode}_advantage"
+    compute_advantage.__doc__ = f"{mode}: core.sample_reinforcement_advantages on every response token (rewards 0/1)."
+    return compute_advantage
+
+
+SAMPLE_REINFORCEMENT_ESTIMATORS = {mode: _sample_reinforcement_estimator(mode) for mode in core.SAMPLE_REINFORCEMENT_MODES}
+
+
 def register() -> None:
-    """Register POPO in verl's registries; safe to call any number of times."""
+    """Register POPO (and the study's baselines) in verl's registries; safe to call any number of times."""
     if core_algos.ADV_ESTIMATOR_REGISTRY.get(NAME) is not compute_popo_outcome_advantage:
         core_algos.register_adv_est(NAME)(compute_popo_outcome_advantage)
+    for mode, fn in SAMPLE_REINFORCEMENT_ESTIMATORS.items():
+        if core_algos.ADV_ESTIMATOR_REGISTRY.get(mode) is not fn:
+            core_algos.register_adv_est(mode)(fn)
     if core_algos.POLICY_LOSS_REGISTRY.get(NAME) is not compute_policy_loss_popo:
         core_algos.register_policy_loss(NAME)(compute_policy_loss_popo)
 

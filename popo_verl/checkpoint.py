@@ -157,12 +157,11 @@ def resume_step_dir(trainer_config, cwd: str | None = None) -> str | None:
         root = trainer_config.get("default_local_dir")
         if not root:
             return None
+        from popo_verl.config.check import tracked_step
+
         root = os.path.join(cwd, root)
-        tracker = os.path.join(root, "latest_checkpointed_iteration.txt")
-        try:
-            with open(tracker) as f:
-                step = int(f.read().strip())
-        except (OSError, ValueError):
+        step = tracked_step(root)
+        if step is None:
             return None
         path = os.path.join(root, f"global_step_{step}")
     elif mode == "resume_path":

@@ -193,6 +193,31 @@ def graded_weights(
     return _renormalised_per_group(scaled, group_index).to(weights.dtype)
 
 
+# ----------------------------------------------------------------------------- baselines (not POPO: issue #36)
+SAMPLE_REINFORCEMENT_MODES = ("psr", "nsr", "w_reinforce")
+
+
+def sample_reinforcement_advantages(positive: torch.Tensor, mode: str, positive_weight: float = 0.1) -> torch.Tensor:
+    """Per-row advantages of Zhu et al.'s decomposition of RLVR (arXiv 2506.01347, Sec. 3-5): REINFORCE with reward
+    +1 on correct and -1 on wrong responses and no baseline, split by the reward's sign:
+
+        PSR (positive sample reinforcement):  A(y) = +1 on y in S+(x), 0 elsewhere
+                                              L_PSR = -E[ sum_{y in S+} log pi(y|x) ]
+        NSR (negative sample reinforcement):  A(y) = -1 on y not in S+(x), 0 elsewhere
+                                              L_NSR = +E[ sum_{y not in S+} log pi(y|x) ]
+        W-REINFORCE:                          A(y) = lambda on S+(x), -1 elsewhere
+                                              L = lambda L_PSR + L_NSR   (lambda = 0.1 in the paper)
+
+    PSR is POPO without its weights, siamese and entropy: plain NLL on the positives (RAFT-like).
+    """
+    if mode not in SAMPLE_REINFORCEMENT_MODES:
+        raise ValueError(f"sample_reinforcement_advantages: unknown mode {mode!r}; expected one of {SAMPLE_REINFORCEMENT_MODES}")
+    positive = torch.as_tensor(positive).bool()
+    on_positive = {"psr": 1.0, "nsr": 0.0, "w_reinforce": float(positive_weight)}[mode]
+    on_negative = 0.0 if mode == "psr" else -1.0
+    return torch.where(positive, on_positive, on_negative).to(torch.float32)
+
+
 NLL_NORMS = ("token", "sequence")
 
 

@@ -2,6 +2,7 @@
 # POPO (or verl's GRPO) on the embedded tiny arithmetic task, on the CPU, through verl's own trainer.
 #   bash scripts/run_tiny_cpu.sh                       # POPO, 1 FSDP2 rank
 #   ALGO=grpo bash scripts/run_tiny_cpu.sh             # verl's GRPO baseline (KL loss on)
+#   ALGO=nsr bash scripts/run_tiny_cpu.sh              # or psr, w_reinforce: Zhu et al.'s sign-split REINFORCE
 #   TINY_SEED=3 bash scripts/run_tiny_cpu.sh           # the task built with another seed: a fresh held-out check
 #   N_GPUS_PER_NODE=2 bash scripts/run_tiny_cpu.sh trainer.total_training_steps=3   # 2 ranks over gloo
 #   ENGINE=megatron bash scripts/run_tiny_cpu.sh       # verl's Megatron engine (pip install -e ".[megatron-cpu]")
@@ -80,7 +81,13 @@ case "$ALGO" in
           actor_rollout_ref.actor.kl_loss_type=low_var_kl
           actor_rollout_ref.actor.entropy_coeff=0
           actor_rollout_ref.rollout.n="$ROLLOUT_N") ;;
-  *) echo "ALGO must be popo or grpo, got '$ALGO'" >&2; exit 2 ;;
+  # the exploration study's baselines (Zhu et al. 2025, popo_verl/core.py): verl's PPO loss on +-1 advantages, no KL
+  psr|nsr|w_reinforce) ALGO_ARGS=(
+          algorithm.adv_estimator="$ALGO"
+          actor_rollout_ref.actor.use_kl_loss=false
+          actor_rollout_ref.actor.entropy_coeff=0
+          actor_rollout_ref.rollout.n="$ROLLOUT_N") ;;
+  *) echo "error: ALGO must be popo, grpo, psr, nsr or w_reinforce, got '$ALGO'" >&2; exit 2 ;;
 esac
 # ENGINE: fsdp2 (default) or megatron: verl's Megatron engine (pip install -e ".[megatron-cpu]"), on the CPU through
 # popo_verl/engines/mcore_cpu.py (the workers install it: torch attention and norms in place of Transformer Engine).
@@ -212,10 +219,17 @@ TRAINER_ARGS=(
 )
 
 # every override checked against verl's config in about a second, before verl is imported: an unknown key or a bad
-# POPO value is one line (with the closest known key) and exit status 2, before the task is built or a log started
+# POPO value is one line (with the closest known key) and exit status 2, before the task is built or a log started;
+# a checkpoint folder that already holds the last step (a rerun) is said at once too (status 3: nothing to do)
+check_status=0
 "$PYTHON" -m popo_verl.config check \
   "${ALGO_ARGS[@]}" "${DATA_ARGS[@]}" "${MODEL_ARGS[@]}" "${ROLLOUT_ARGS[@]}" "${CPU_ARGS[@]}" "${TRAINER_ARGS[@]}" "$@" \
-  || exit 2
+  || check_status=$?
+case "$check_status" in
+  0) ;;
+  3) exit 0 ;;
+  *) exit 2 ;;
+esac
 mkdir -p "$(dirname "$LOG_FILE")" "$VAL_DIR"
 echo "full log: $LOG_FILE"
 # builds the tiny task unless cached (progress on stderr)

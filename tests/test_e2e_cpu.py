@@ -105,8 +105,12 @@ PACKED = "actor_rollout_ref.model.use_remove_padding=true"  # the script's defau
 
 @pytest.fixture(scope="module")
 def popo_1rank(tmp_path_factory, tiny_dir):
+    """Also logs to tensorboard and to wandb (offline): test_trackers_record_popos_metrics reads them back."""
     tmp = tmp_path_factory.mktemp("popo1")
-    return run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, PACKED, steps=3, save_freq=1)
+    trackers = {"LOGGER": "[console,tensorboard,wandb]", "TENSORBOARD_DIR": str(tmp / "tensorboard"),
+                "WANDB_MODE": "offline", "WANDB_DIR": str(tmp)}
+    out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, PACKED, steps=3, save_freq=1, env_extra=trackers)
+    return {**out, "dir": tmp}
 
 
 def test_popo_runs_through_verl(popo_1rank):
@@ -125,6 +129,25 @@ def test_popo_runs_through_verl(popo_1rank):
         # (e) exactly the positives reach update_actor
         assert m["popo/rows_updated"] == round(m["popo/positive_ratio"] * ROWS_PER_STEP)
         assert 0 < m["popo/drift"] <= m["popo/drift_bound"] * 1.0001 + 1e-12
+
+
+def test_trackers_record_popos_metrics(popo_1rank):
+    """LOGGER=[console,tensorboard,wandb] (verl's trainer.logger): tensorboard's event file holds POPO's metrics per
+    step with the values the console logged; wandb's offline run file names them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    keys = ("popo/cos_sim", "popo/positive_ratio", "popo/drift", "popo/kl_policy_siamese", "actor/pg_loss",
+            "timing_s/update_actor")
+    events = EventAccumulator(str(popo_1rank["dir"] / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    for key in keys:
+        logged = {e.step: e.value for e in events.Scalars(key)}
+        assert sorted(logged) == [1, 2, 3], key
+        for step, value in logged.items():
+            assert value == pytest.approx(popo_1rank["steps"][step][key], rel=1e-5, abs=1e-6), (key, step)
+    (run_file,) = (popo_1rank["dir"] / "wandb").glob("offline-run-*/run-*.wandb")
+    recorded = run_file.read_bytes()  # wandb's record log (protobuf): the metric names appear verbatim
+    assert all(key.encode() in recorded for key in keys), [k for k in keys if k.encode() not in recorded]
 
 
 def test_siamese_is_the_ema_of_the_actor(popo_1rank, tiny_dir):

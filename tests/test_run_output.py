@@ -251,6 +251,38 @@ def test_a_setting_that_is_not_a_number_is_refused_first(tmp_path):
     assert r.stderr.strip() == "error: TINY_SEED must be a whole number, got 'abc'"
 
 
+def test_a_rerun_with_nothing_left_to_train_says_so_at_once(tmp_path):
+    """A second run in a folder that holds its last step resumes there: the script says so in about a second, before
+    the task is built or verl started (verl would start, validate and stop: a minute), and exits 0."""
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "global_step_5").mkdir(parents=True)
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("5")
+    env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), CKPT_DIR=str(ckpt), TOTAL_STEPS="5")
+    script = ["bash", str(ROOT / "scripts" / "run_tiny_cpu.sh")]
+    t0 = time.time()
+    r = subprocess.run(script, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
+    print(f"said after {time.time() - t0:.1f} s")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == (
+        f"nothing to train: {ckpt} already holds step 5, at or past the last step (trainer.total_training_steps=5), "
+        "and a run resumes from its folder (trainer.resume_mode=auto); train further with a larger "
+        "trainer.total_training_steps, or start afresh with another CKPT_DIR (or trainer.resume_mode=disable)")
+    assert not (tmp_path / "run").exists()
+    from popo_verl.config.check import checked, nothing_left_to_train
+
+    def said(*overrides):
+        cfg, problem = checked([f"trainer.default_local_dir={ckpt}", *overrides])
+        assert problem is None, problem
+        return nothing_left_to_train(cfg)
+
+    assert said("trainer.total_training_steps=4") and said("trainer.total_training_steps=5")
+    assert said("trainer.total_training_steps=6") is None, "step 6 is left to train"
+    assert said("trainer.total_training_steps=4", "trainer.resume_mode=disable") is None, "starts afresh"
+    assert said() is None, "verl's default: the last step follows from the epochs, unknown here"
+    (ckpt / "global_step_5").rmdir()
+    assert said("trainer.total_training_steps=4") is None, "a tracker naming no folder: verl trains from scratch"
+
+
 def test_the_override_check_never_imports_verl():
     """`popo_verl.config check` composes verl's config from its files: verl's modules (seconds to import) stay out."""
     code = ("import sys, time; t0 = time.time(); from popo_verl.config.check import problem; "

@@ -18,6 +18,8 @@ import re
 import sys
 from pathlib import Path
 
+from popo_verl.config.check import nothing_left_message, tracked_step
+
 CORRECT_SCORE = 1.0
 
 _STEP = re.compile(r"step:(\d+) - (.*)")
@@ -102,14 +104,6 @@ def latest_policy(checkpoint_dir) -> tuple[int, Path] | None:
 NO_STEP = "no training step was logged: see the errors above or in the full log"
 
 
-def _tracked_step(checkpoint_dir) -> int | None:
-    """The step verl's `latest_checkpointed_iteration.txt` names (what `resume_mode=auto` resumes from)."""
-    try:
-        return int((Path(checkpoint_dir) / "latest_checkpointed_iteration.txt").read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
 def _training_steps(steps) -> list[tuple[int, dict[str, float]]]:
     return [(s, m) for s, m in steps if "training/global_step" in m]
 
@@ -134,14 +128,11 @@ def _report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, 
     train = _training_steps(steps)
     lines = [f"full log: {log_name}"]
     if not train:
-        saved = _tracked_step(checkpoint_dir) if checkpoint_dir is not None else None
+        saved = tracked_step(checkpoint_dir) if checkpoint_dir is not None else None
         # a run that ended well without a step: verl resumed from a checkpoint at or past the last step (a failure
         # is told by the exit status, not by words in the log: warnings name harmless ...Error classes too)
         if saved is not None and not exit_status and "Traceback (most recent call last)" not in text:
-            lines.append(f"no step was trained in this run: {checkpoint_dir} already holds step {saved}, and a run "
-                         "resumes from its folder (trainer.resume_mode=auto), so nothing was left to train; train "
-                         "further with a larger trainer.total_training_steps, or start afresh with another CKPT_DIR "
-                         "(or trainer.resume_mode=disable)")
+            lines.append(nothing_left_message(checkpoint_dir, saved, "no step was trained in this run"))
         else:
             lines.append(NO_STEP)
         return lines
