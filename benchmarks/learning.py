@@ -58,12 +58,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "popo_tau0.999": ("popo", ["algorithm.popo.tau=0.999"]),
     "popo_noise0": ("popo", ["algorithm.popo.feature_noise_std=0"]),
     "popo_nll_sequence": ("popo", ["algorithm.popo.nll_norm=sequence"]),  # the nll_norm option (default token)
+    # the exploration study's baselines (Zhu et al. 2025; issue #36)
+    "psr": ("psr", []),
+    "nsr": ("nsr", []),
+    "w_reinforce": ("w_reinforce", []),
 }
 MAIN = ("popo", "grpo")
 QUICK_STEPS = 20
 QUICK_OVERRIDES = ["actor_rollout_ref.actor.optim.lr_scheduler_type=constant"]
-#: measured on request only (`--variants popo_nll_sequence`): not one of the paper's ablations
-EXTRA = ("popo_nll_sequence",)
+#: measured on request only (`--variants popo_nll_sequence`, `--variants psr nsr w_reinforce`): not the paper's ablations
+EXTRA = ("popo_nll_sequence", "psr", "nsr", "w_reinforce")
 DATA_SOURCE = "tiny_arith"
 VAL_N = 8
 STEP_METRICS = {"reward": "critic/score/mean", "neg_delta": "popo/neg_logprob_delta", "pos_delta": "popo/pos_logprob_delta"}
