@@ -66,6 +66,8 @@ _VERL_AS_IT_IS = """
     from verl.workers.rollout.replica import RolloutReplicaRegistry
     from verl.utils.flops_counter import get_device_flops
 
+    OUR_ESTIMATORS = ("popo", "psr", "nsr", "w_reinforce")  # POPO's, and the exploration study's baselines
+
     def wrapped(fn):
         return hasattr(fn, "__wrapped__")
 
@@ -87,12 +89,12 @@ _VERL_AS_IT_IS = """
                                       or wrapped(engine_workers.initialize_global_process_group_ray),
         "env": {k: os.environ.get(k) for k in ("VERL_PLATFORM", "VERL_ENGINE_DEVICE", "TQ_NUM_THREADS")},
         "vllm rollout": base._ROLLOUT_REGISTRY[("vllm", "async")],
-        "advantage estimators": sorted(k for k in core_algos.ADV_ESTIMATOR_REGISTRY if k != "popo"),
+        "advantage estimators": sorted(k for k in core_algos.ADV_ESTIMATOR_REGISTRY if k not in OUR_ESTIMATORS),
         "policy losses": sorted(k for k in core_algos.POLICY_LOSS_REGISTRY if k != "popo"),
         "trainers": sorted(k for k in TRAINER_REGISTRY if k != "popo"),
     }
     ours = {
-        "popo estimator": "popo" in core_algos.ADV_ESTIMATOR_REGISTRY,
+        "our estimators": all(k in core_algos.ADV_ESTIMATOR_REGISTRY for k in OUR_ESTIMATORS),
         "popo loss": "popo" in core_algos.POLICY_LOSS_REGISTRY,
         "popo trainer": "popo" in TRAINER_REGISTRY,
         "hf rollout": ("hf", "async") in base._ROLLOUT_REGISTRY and "hf" in RolloutReplicaRegistry._registry,
