@@ -217,6 +217,9 @@ def test_run_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path, 
     assert killed["rc"] != 0 and (step2 / SHARD).exists(), killed["log"][-4000:]
     assert (step2 / f"{SIAMESE}.tmp").exists() and not (step2 / SIAMESE).exists(), "died halfway through the siamese"
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "1"
+    died = [line for line in killed["stdout"].splitlines() if line.startswith("a Ray worker died: WorkerDict_0:0 (pid ")]
+    assert died and died[0].endswith("the steps after step 1 are lost; the same command resumes from there "
+                                     "(trainer.resume_mode=auto)"), killed["stdout"][-3000:]
 
     refused = run_tiny(tmp_path, tiny_dir, "popo", *resume_override(ckpt, 2).split(), steps=2, ckpt=ckpt,
                        expect_ok=False, env_extra=small)

@@ -404,6 +404,36 @@ def test_config_diff_lists_what_algorithm_popo_changes():
     assert all(v[0] == "(absent)" for k, v in rows.items() if k.startswith("algorithm.popo."))
 
 
+ACTOR_DIED = """\
+ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.
+\tclass_name: create_colocated_worker_cls.<locals>.WorkerDict
+\tactor_id: 816c8b99510b566ba5af8d8f01000000
+\tpid: 7253
+\tname: 67YgGkWorkerDict_0:0
+\tnamespace: 119367d7-7936-4b9a-9d4e-16650b6c85bb
+\tip: 192.0.2.2
+The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: Worker \
+unexpectedly exits with a connection error code 2. End of file. Some common causes include: (1) the process was killed
+"""
+
+
+def test_summary_names_a_worker_that_died_and_where_a_rerun_resumes(tmp_path):
+    """Ray's ActorDiedError, as a SIGKILLed training worker leaves it in the log (copied from a run killed at step 4),
+    becomes one line before the failure line: which worker, what Ray says, and what a rerun does."""
+    log = f"{RAY}step:3 - training/global_step:3 - critic/score/mean:0.5\n" + ACTOR_DIED
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("2")
+    lines = summary.report(log, "l", checkpoint_dir=tmp_path, exit_status=1)
+    assert lines[-2:] == [
+        "a Ray worker died: WorkerDict_0:0 (pid 7253): Worker unexpectedly exits with a connection error code 2; the "
+        "steps after step 2 are lost; the same command resumes from there (trainer.resume_mode=auto)",
+        "the run FAILED (exit status 1): its error is above and in l"]
+    (tmp_path / "latest_checkpointed_iteration.txt").unlink()
+    assert summary.report(log, "l", checkpoint_dir=tmp_path, exit_status=1)[-2].endswith(
+        "no checkpoint was saved yet: the same command starts over")
+    assert not any("worker died" in line for line in summary.report(log.replace("ActorDiedError", "ValueError"), "l",
+                                                                       checkpoint_dir=tmp_path, exit_status=1))
+
+
 def test_summary_of_a_rerun_with_nothing_left_to_train(tmp_path):
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("60")
     log = f"{RAY}step:60 - val-core/tiny_arith/acc/mean@8:np.float64(0.5)\n"

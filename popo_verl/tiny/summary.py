@@ -104,6 +104,29 @@ def latest_policy(checkpoint_dir) -> tuple[int, Path] | None:
 NO_STEP = "no training step was logged: see the errors above or in the full log"
 
 
+_ACTOR_DIED = re.compile(r"ray\.exceptions\.ActorDiedError:.*?\bpid: (\d+)\s+name: (\S+)"
+                         r"(?:.*?Worker exit detail: ([^.\n]+))?", re.S)
+_VERL_WORKER = re.compile(r"WorkerDict_\d+:\d+")  # verl's colocated actor/rollout/ref worker, after Ray's random prefix
+
+
+def lost_worker(text: str, checkpoint_dir=None) -> str | None:
+    """One line for a run that ended because a Ray worker died (killed, out of memory, a crash in native code):
+    which one, what Ray says of it, and where a rerun resumes; None when no worker died."""
+    died = _ACTOR_DIED.search(text)
+    if not died:
+        return None
+    pid, name, detail = died.groups()
+    verl_worker = _VERL_WORKER.search(name)
+    name = verl_worker.group(0) if verl_worker else name
+    why = f": {detail.strip()}" if detail else ""
+    if checkpoint_dir is None:
+        return f"a Ray worker died: {name} (pid {pid}){why}"
+    saved = tracked_step(checkpoint_dir)
+    again = (f"the steps after step {saved} are lost; the same command resumes from there (trainer.resume_mode=auto)"
+             if saved else "no checkpoint was saved yet: the same command starts over")
+    return f"a Ray worker died: {name} (pid {pid}){why}; {again}"
+
+
 def _training_steps(steps) -> list[tuple[int, dict[str, float]]]:
     return [(s, m) for s, m in steps if "training/global_step" in m]
 
@@ -114,6 +137,9 @@ def report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, t
     the failure)."""
     lines = _report(text, log_name, validation_dir, checkpoint_dir, test_data, exit_status)
     if exit_status:
+        died = lost_worker(text, checkpoint_dir)
+        if died:
+            lines.insert(len(lines) - (lines[-1] == NO_STEP), died)
         if lines[-1] == NO_STEP:
             lines[-1] = f"the run FAILED (exit status {exit_status}) before its first training step: its error is " \
                         f"above and in {log_name}"
