@@ -31,6 +31,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from popo_verl.resume import resume_step_dir
+
 POPO_DIR = "popo_siamese"
 STEP_DIR = re.compile(r"global_step_(\d+)$")
 
@@ -145,33 +147,6 @@ def refusal(actor_dir: str, rank: int, world: int, reason: str) -> str:
         todo = (f"no earlier complete checkpoint in {os.path.dirname(step_dir)}: start fresh with the override\n"
                 "  trainer.resume_mode=disable")
     return f"POPO: cannot resume from checkpoint {step_dir}: {reason}.\nTo go on, {todo}"
-
-
-def resume_step_dir(trainer_config, cwd: str | None = None) -> str | None:
-    """The global_step_N directory the trainer will resume from, found as verl's trainer finds it
-    (verl/trainer/ppo/v1/trainer_base.py `_load_checkpoint`: resume_mode auto reads the tracker file under
-    default_local_dir, resume_path takes resume_from_path; relative paths are under the working directory)."""
-    cwd = cwd or os.getcwd()
-    mode = trainer_config.get("resume_mode", "auto")
-    if mode == "auto":
-        root = trainer_config.get("default_local_dir")
-        if not root:
-            return None
-        from popo_verl.config.check import tracked_step
-
-        root = os.path.join(cwd, root)
-        step = tracked_step(root)
-        if step is None:
-            return None
-        path = os.path.join(root, f"global_step_{step}")
-    elif mode == "resume_path":
-        path = trainer_config.get("resume_from_path")
-        if not isinstance(path, str):
-            return None
-        path = os.path.join(cwd, path)
-    else:
-        return None
-    return path if os.path.isdir(path) else None
 
 
 def resume_problem(trainer_config, cwd: str | None = None) -> str | None:

@@ -268,7 +268,8 @@ def test_a_rerun_with_nothing_left_to_train_says_so_at_once(tmp_path):
         "and a run resumes from its folder (trainer.resume_mode=auto); train further with a larger "
         "trainer.total_training_steps, or start afresh with another CKPT_DIR (or trainer.resume_mode=disable)")
     assert not (tmp_path / "run").exists()
-    from popo_verl.config.check import checked, nothing_left_to_train
+    from popo_verl.config.check import checked
+    from popo_verl.resume import nothing_left_to_train
 
     def said(*overrides):
         cfg, problem = checked([f"trainer.default_local_dir={ckpt}", *overrides])

@@ -60,16 +60,18 @@ def main(argv: list[str] | None = None) -> int:
                         "--config-name NAME, ...), which are read for the config's name or passed over")
     args = ap.parse_args(argv)
     if args.cmd == "check":
-        from popo_verl.config.check import checked, launches, nothing_left_to_train, split_hydra_args
+        from popo_verl.config.check import checked, launches, split_hydra_args
+        from popo_verl.resume import nothing_left_to_train
 
         overrides, config_name = split_hydra_args(args.args)
         if config_name is None:  # a config of the user's own (--config-path/--config-dir): hydra will say
             return 0
-        cfg, found = checked(overrides, config_name, values=launches(args.args))
+        job = launches(args.args)
+        cfg, found = checked(overrides, config_name, values=job)
         if found:  # said as the driver check says it, at once
             print(f"popo-verl: {found}", file=sys.stderr)
             return 2
-        done = nothing_left_to_train(cfg) if launches(args.args) else None
+        done = nothing_left_to_train(cfg) if job else None
         if done:
             print(done)
             return 3

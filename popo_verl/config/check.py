@@ -6,13 +6,12 @@ scripts call `python -m popo_verl.config check OVERRIDES` first: it composes ver
 hydra's compose API (reading verl's files, importing none of its modules) and says what is wrong in one line, with
 the closest known key, exit status 2. POPO's values (`algorithm.popo.*`) are checked as the driver checks them.
 A run whose checkpoint folder already holds its last step (a rerun in the same folder resumes there and trains
-nothing) is told so here too, exit status 3, instead of after a minute of verl's start-up.
+nothing) is told so by the CLI too (popo_verl/resume.py), exit status 3, instead of after a minute of verl's start-up.
 """
 
 from __future__ import annotations
 
 import difflib
-import os
 import re
 
 _UNKNOWN = re.compile(r"Key '([^']+)' is not in struct\s+full_key: (\S+)", re.S)
@@ -87,37 +86,6 @@ def unknown_key_message(cfg_without, full_key: str) -> str:
         return f"unknown config key {full_key}{hint} (POPO's keys: README, Configuration)"
     return (f"unknown config key {full_key}{hint} (a key that verl's config does not have at all takes a leading +, "
             "as in +" + full_key + "=...)")
-
-
-def tracked_step(checkpoint_root) -> int | None:
-    """The step verl's `latest_checkpointed_iteration.txt` under a checkpoint root names (what `resume_mode=auto`
-    resumes from; verl/trainer/ppo/v1/trainer_base.py `_load_checkpoint`), or None."""
-    try:
-        with open(os.path.join(checkpoint_root, "latest_checkpointed_iteration.txt")) as f:
-            return int(f.read().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def nothing_left_message(checkpoint_root, step: int, lead: str, total: int | None = None) -> str:
-    last = f", at or past the last step (trainer.total_training_steps={total})" if total is not None else ""
-    return (f"{lead}: {checkpoint_root} already holds step {step}{last}, and a run resumes from its folder "
-            "(trainer.resume_mode=auto); train further with a larger trainer.total_training_steps, or start afresh "
-            "with another CKPT_DIR (or trainer.resume_mode=disable)")
-
-
-def nothing_left_to_train(cfg, cwd: str | None = None) -> str | None:
-    """The message for a run that would resume at or past its last step (verl would start, validate and stop), or
-    None. Only where the last step is set (trainer.total_training_steps) and the tracked step's folder exists."""
-    trainer = cfg.get("trainer", {})
-    total, root = trainer.get("total_training_steps"), trainer.get("default_local_dir")
-    if trainer.get("resume_mode", "auto") != "auto" or not total or not root:
-        return None
-    root = os.path.join(cwd or os.getcwd(), root)
-    step = tracked_step(root)
-    if step is None or step < int(total) or not os.path.isdir(os.path.join(root, f"global_step_{step}")):
-        return None
-    return nothing_left_message(root, step, "nothing to train", int(total))
 
 
 def problem(overrides: list[str], config_name: str = "ppo_trainer", values: bool = True) -> str | None:

@@ -18,7 +18,7 @@ import re
 import sys
 from pathlib import Path
 
-from popo_verl.config.check import nothing_left_message, tracked_step
+from popo_verl.resume import nothing_left_message, tracked_step
 
 CORRECT_SCORE = 1.0
 
@@ -137,14 +137,14 @@ def report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, t
     the failure)."""
     lines = _report(text, log_name, validation_dir, checkpoint_dir, test_data, exit_status)
     if exit_status:
-        died = lost_worker(text, checkpoint_dir)
-        if died:
-            lines.insert(len(lines) - (lines[-1] == NO_STEP), died)
         if lines[-1] == NO_STEP:
-            lines[-1] = f"the run FAILED (exit status {exit_status}) before its first training step: its error is " \
-                        f"above and in {log_name}"
+            lines.pop()
+            failed = f"the run FAILED (exit status {exit_status}) before its first training step: its error is " \
+                     f"above and in {log_name}"
         else:
-            lines.append(f"the run FAILED (exit status {exit_status}): its error is above and in {log_name}")
+            failed = f"the run FAILED (exit status {exit_status}): its error is above and in {log_name}"
+        died = lost_worker(text, checkpoint_dir)
+        lines += [died, failed] if died else [failed]
     return lines
 
 
