@@ -16,42 +16,69 @@ from verl.trainer.ppo import core_algos
 from verl.utils import torch_functional as verl_F
 
 from popo_verl import core
-from popo_verl.config import PopoConfig
+from popo_verl.config import PopoConfig, popo_config
 
 NAME = "popo"
 
 
-def _popo_cfg(config) -> dict:
+def _popo_section(config) -> dict:
     if config is None:
         return {}
     popo = config.get("popo", None) if hasattr(config, "get") else getattr(config, "popo", None)
     return dict(popo) if popo is not None else {}
 
 
-def compute_popo_outcome_advantage(
+def popo_row_weights(
+    old_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    rewards: torch.Tensor,
+    positive: torch.Tensor,
+    index,
+    popo: PopoConfig,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """POPO's weight w(y) of each row [B] (POPO.md): the softmax over each prompt's positive set of the length-normalised
+    sequence log-probs under the rollout policy (`old_log_probs`, padded [B, T]) / weight_temperature; 0 on negatives.
+    With reward_mode=graded scaled by the normalised reward (also returned, else None), with length_normalize_weights
+    divided by the length, both renormalised per prompt."""
+    mask = response_mask.float()
+    seq_lp = core.sequence_log_probs(old_log_probs.float(), mask[:, : old_log_probs.shape[1]], length_normalize=True)
+    weights = core.popo_weights(seq_lp, positive, index, temperature=popo.weight_temperature, mode=popo.weight_mode)
+    r_tilde = None
+    if popo.reward_mode == "graded":
+        r_tilde = core.normalised_reward(rewards, positive, index, popo.reward_threshold)
+        weights = core.graded_weights(weights, r_tilde, index)
+    if popo.length_normalize_weights:
+        weights = core.length_normalized_weights(weights, mask.sum(-1), index)
+    return weights, r_tilde
+
+
+OUTSIDE_POPOS_TRAINER = (
+    "algorithm.adv_estimator=popo computes POPO's weights from the rollout policy's log-probs, which only POPO's "
+    "trainer hands it (verl's compute_advantage passes rewards, mask and uid): compose the run with algorithm=popo, "
+    "which also sets trainer.v1.trainer_mode=popo"
+)
+
+
+def compute_popo_advantage(
     token_level_rewards: torch.Tensor,
     response_mask: torch.Tensor,
     index: np.ndarray | None = None,
     config=None,
+    old_log_probs: torch.Tensor | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Uniform positive-set weights as "advantages": w = 1/|S+(x)| on positives (graded: r~ / sum_{S+} r~), 0 elsewhere.
+    """POPO's weights (`popo_row_weights`) as verl's "advantages": w(y) on each response token of row y, 0 elsewhere.
 
-    For trainers that have no old log-probs at advantage time. The POPO trainer overwrites these with
-    the softmax weights (POPO.md) computed from verl's old_log_probs.
-    """
+    POPO's trainer calls it with the old log-probs; anywhere else (verl's own advantage step) it refuses."""
+    if old_log_probs is None:
+        raise ValueError(OUTSIDE_POPOS_TRAINER)
     if index is None:
         raise ValueError("popo advantage estimator needs the group ids (`uid`) of the batch")
-    # A config composed with algorithm=popo always names its reward_mode; one without (written before the key
-    # existed, or no popo section) keeps tau_r's old meaning: positive iff reward > tau_r, tau_r 0 when unset.
-    popo = PopoConfig(**{"reward_mode": "threshold", **_popo_cfg(config)})
-    tau_r = popo.reward_threshold
+    popo = popo_config(_popo_section(config))
     with torch.no_grad():
-        scores = token_level_rewards.sum(dim=-1)
-        positive = core.positive_mask(scores, tau_r, popo.reward_mode)
-        weights = core.popo_weights(torch.zeros_like(scores, dtype=torch.float32), positive, index, mode="uniform")
-        if popo.reward_mode == "graded":
-            weights = core.graded_weights(weights, core.normalised_reward(scores, positive, index, tau_r), index)
+        rewards = token_level_rewards.sum(dim=-1)
+        positive = core.positive_mask(rewards, popo.reward_threshold, popo.reward_mode)
+        weights, _ = popo_row_weights(old_log_probs, response_mask, rewards, positive, index, popo)
         advantages = weights.unsqueeze(-1).to(token_level_rewards.dtype) * response_mask
     return advantages, advantages
 
@@ -60,15 +87,6 @@ def _clip_high(config) -> float:
     if config is None:
         return 0.2
     return config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
-
-
-def clipped_nll_tokens(old_log_prob: torch.Tensor, log_prob: torch.Tensor, clip_high: float):
-    """Per token: value -log pi_theta, gradient -g(r) * grad log pi_theta with g(r) = r for r <= 1 + eps_high and
-    0 above (r = pi_theta / pi_old). Returns (loss matrix, log-ratio, ratio)."""
-    log_ratio = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
-    ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, max=1.0 + clip_high)  # d clipped / d log pi = r below the clip, 0 above
-    return -(clipped - clipped.detach() + log_prob.detach()), log_ratio, ratio
 
 
 def _ratio_metrics(log_ratio, ratio, response_mask, weighted_rows, clip_high) -> dict[str, Any]:
@@ -99,13 +117,13 @@ def compute_policy_loss_popo(
     (the weighted NLL) and its gradient is -w * r * grad log pi_theta while r = pi_theta / pi_old <= 1 + eps_high,
     0 above: what PPO's clipped surrogate does with a positive advantage. At r = 1 (the first mini-batch of a
     rollout batch, and the only one with one optimizer step per rollout batch, as in the reference) that is
-    exactly the gradient of `core.weighted_nll_loss`; on later mini-batches a positive already pushed past
+    exactly the gradient of the weighted NLL (tests/reference_loss.py); on later mini-batches a positive already pushed past
     1 + eps_high stops pulling. Aggregated by verl's `agg_loss` (loss_agg_mode and global-batch normalisation).
     """
     # checked on the device: a host-side `if` here would be a sync per micro-batch
     torch._assert_async((advantages >= 0).all(), "popo policy loss expects non-negative per-row weights in `advantages`")
     clip_high = _clip_high(config)
-    tokens, log_ratio, ratio = clipped_nll_tokens(old_log_prob, log_prob, clip_high)
+    tokens, log_ratio, ratio = core.clipped_nll(log_prob, old_log_prob, clip_high)
     pg_losses = advantages * tokens
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
@@ -125,9 +143,9 @@ def popo_policy_loss_per_sequence(
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """`nll_norm=sequence`: dp * sum_b s_b * mean_t of the clipped NLL tokens, s the per-row weights normalised over
     the mini-batch (all ranks). Summed over micro-batches and averaged over ranks (verl's convention), it is
-    core.weighted_nll_loss(norm="sequence") of the mini-batch at r = 1."""
+    the weighted NLL of the mini-batch (tests/reference_loss.py, norm="sequence") at r = 1."""
     clip_high = _clip_high(config)
-    tokens, log_ratio, ratio = clipped_nll_tokens(old_log_prob, log_prob, clip_high)
+    tokens, log_ratio, ratio = core.clipped_nll(log_prob, old_log_prob, clip_high)
     mask = response_mask.to(tokens.dtype)
     per_row = (tokens * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)
     loss = (row_weights.to(tokens.dtype) * per_row).sum() * dp_size
@@ -160,8 +178,8 @@ SAMPLE_REINFORCEMENT_ESTIMATORS = {mode: _sample_reinforcement_estimator(mode) f
 
 def register() -> None:
     """Register POPO (and the study's baselines) in verl's registries; safe to call any number of times."""
-    if core_algos.ADV_ESTIMATOR_REGISTRY.get(NAME) is not compute_popo_outcome_advantage:
-        core_algos.register_adv_est(NAME)(compute_popo_outcome_advantage)
+    if core_algos.ADV_ESTIMATOR_REGISTRY.get(NAME) is not compute_popo_advantage:
+        core_algos.register_adv_est(NAME)(compute_popo_advantage)
     for mode, fn in SAMPLE_REINFORCEMENT_ESTIMATORS.items():
         if core_algos.ADV_ESTIMATOR_REGISTRY.get(mode) is not fn:
             core_algos.register_adv_est(mode)(fn)

@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-WEIGHT_MODES = ("softmax", "uniform")
-# binary: POPO as the paper defines it, for a verifier that scores 1 (correct) or 0 (wrong);
-# threshold: any reward, positive iff r > tau_r, weights as in binary;
-# graded: positive iff r > tau_r, and each positive's weight is scaled by its normalised reward.
-REWARD_MODES = ("binary", "threshold", "graded")
+# the modes each formula takes are the config's choices (defined once, torch-free, for the config check)
+from popo_verl.config import REWARD_MODES, WEIGHT_MODES
+
 CORRECT_SCORE, INCORRECT_SCORE = 1.0, 0.0
 
 
@@ -218,31 +215,19 @@ def sample_reinforcement_advantages(positive: torch.Tensor, mode: str, positive_
     return torch.where(positive, on_positive, on_negative).to(torch.float32)
 
 
-NLL_NORMS = ("token", "sequence")
+def clipped_nll(log_prob: torch.Tensor, old_log_prob: torch.Tensor, clip_high: float):
+    """L_nll's per-token term with PPO's upper clip of the importance ratio r = pi_theta / pi_old:
 
+        value -log pi_theta(y_t),   gradient -g(r) grad log pi_theta(y_t),   g(r) = r if r <= 1 + eps_high, else 0
 
-def weighted_nll_loss(
-    token_log_probs: torch.Tensor, weights: torch.Tensor, response_mask: torch.Tensor, norm: str = "token"
-) -> torch.Tensor:
-    """L_nll, the weighted NLL of the positives, in one of two normalisations:
-
-        token:    sum_b w_b sum_t -log pi(y_bt) m_bt / max(sum_{b: w_b > 0} sum_t m_bt, 1)
-        sequence: sum_b w_b [sum_t -log pi(y_bt) m_bt / max(sum_t m_bt, 1)] / max(sum_b w_b, 1e-8)
-
-    `token` is global token normalisation over the positive responses, as verl does for GRPO (a long
-    correct answer pulls in proportion to its length); `sequence` gives each response its weight alone,
-    whatever its length (what the reference's 2-row micro-batches come close to).
+    At r = 1 (the first optimizer step on a rollout batch) the gradient is the plain NLL's; a positive already
+    pushed past 1 + eps_high stops pulling, as PPO's clipped surrogate does with a positive advantage.
+    Returns (per-token loss, log-ratio, ratio).
     """
-    if norm not in NLL_NORMS:
-        raise ValueError(f"weighted_nll_loss: norm must be one of {NLL_NORMS}, got {norm!r}")
-    mask = response_mask.to(token_log_probs.dtype)
-    w = weights.detach().to(token_log_probs.dtype)
-    per_row = -(token_log_probs * mask).sum(dim=-1)
-    if norm == "sequence":
-        per_row = per_row / mask.sum(dim=-1).clamp(min=1.0)
-        return (w * per_row).sum() / w.sum().clamp(min=1e-8)
-    n_tokens = (mask.sum(dim=-1) * (w > 0).to(mask.dtype)).sum().clamp(min=1.0)
-    return (w * per_row).sum() / n_tokens
+    log_ratio = torch.clamp(log_prob - old_log_prob, min=-20.0, max=20.0)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, max=1.0 + clip_high)  # d clipped / d log pi = r below the clip, 0 above
+    return -(clipped - clipped.detach() + log_prob.detach()), log_ratio, ratio
 
 
 def masked_mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -251,26 +236,16 @@ def masked_mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(dim=-2) / m.sum(dim=-2).clamp(min=1.0)
 
 
-def similarity_loss(
-    pred: torch.Tensor,
-    target: torch.Tensor,
-    weights: torch.Tensor,
-    noise_std: float = 0.0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """L_sim = - sum_b w_b cos(h_phi(f_theta)_b, sg(f_xi_b + eps_b)) / max(sum_b w_b, 1e-8),  eps ~ N(0, sigma^2).
+def representation_cosine(pred: torch.Tensor, target: torch.Tensor, noise: torch.Tensor | None = None,
+                          noise_std: float = 0.0) -> torch.Tensor:
+    """cos(h_phi(f_theta), sg(f_xi + eps)) per row, eps = noise_std * noise: L_sim's term (L_sim = -sum_y w(y) cos / sum_y w(y)).
 
-    Bounded in [-1, 1]; the target (the siamese side) never receives gradient.
+    The target (the siamese side) never receives gradient.
     """
-    if noise_std < 0:
-        raise ValueError(f"similarity_loss: noise_std must be >= 0, got {noise_std}")
     target = target.detach().to(pred.dtype)
-    if noise_std > 0:
-        eps = torch.randn(target.shape, generator=generator, device=target.device, dtype=target.dtype)
-        target = target + noise_std * eps
-    w = weights.detach().to(pred.dtype)
-    cos = F.cosine_similarity(pred, target, dim=-1)
-    return -(w * cos).sum() / w.sum().clamp(min=1e-8)
+    if noise is not None and noise_std > 0:
+        target = target + noise_std * noise.to(target.dtype)
+    return F.cosine_similarity(pred, target, dim=-1)
 
 
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15  # SplitMix64's increment (2^64 / phi)
@@ -362,12 +337,6 @@ def log_prob_change(new_token_log_probs: torch.Tensor, old_token_log_probs: torc
     new = sequence_log_probs(new_token_log_probs.double(), response_mask, length_normalize=True)
     old = sequence_log_probs(old_token_log_probs.double(), response_mask, length_normalize=True)
     return float((new - old)[rows].mean())
-
-
-def entropy_loss(entropy: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """L_ent = - sum_bt H_bt m_bt / max(sum_bt m_bt, 1): minus the mean token entropy (an entropy bonus)."""
-    m = mask.to(entropy.dtype)
-    return -(entropy * m).sum() / m.sum().clamp(min=1.0)
 
 
 @torch.no_grad()
@@ -466,61 +435,6 @@ class PredictorHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-@dataclass
-class PopoLossOutput:
-    loss: torch.Tensor
-    metrics: dict[str, float]
-
-
-def popo_loss(
-    token_log_probs: torch.Tensor,
-    response_mask: torch.Tensor,
-    weights: torch.Tensor,
-    entropy: torch.Tensor | None = None,
-    pred: torch.Tensor | None = None,
-    target: torch.Tensor | None = None,
-    alpha: float = 0.1,
-    beta: float = 0.01,
-    noise_std: float = 0.0,
-    entropy_mask: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-    nll_norm: str = "token",
-) -> PopoLossOutput:
-    """L = L_nll + alpha * L_sim + beta * L_ent.
-
-    L_sim is skipped (0) without pred/target, L_ent without entropy. `entropy_mask` picks the rows of
-    the entropy bonus (default: the positives' response tokens; pass the full response mask for
-    entropy_on=all), `nll_norm` the normalisation of L_nll. Returns the total and its parts as float metrics.
-    """
-    if alpha < 0 or beta < 0:
-        raise ValueError(f"popo_loss: alpha and beta must be >= 0, got alpha={alpha}, beta={beta}")
-    zero = token_log_probs.sum() * 0.0  # keeps the graph connected when every part is empty
-    l_nll = weighted_nll_loss(token_log_probs, weights, response_mask, norm=nll_norm)
-    l_sim, cos_mean = zero, float("nan")
-    if pred is not None and target is not None:
-        l_sim = similarity_loss(pred, target, weights, noise_std=noise_std, generator=generator)
-        with torch.no_grad():
-            w = weights.detach().float()
-            cos = F.cosine_similarity(pred.detach().float(), target.detach().float(), dim=-1)
-            cos_mean = float((w * cos).sum() / w.sum().clamp(min=1e-8)) if w.sum() > 0 else float("nan")
-    l_ent, ent_mean = zero, float("nan")
-    if entropy is not None:
-        if entropy_mask is None:
-            entropy_mask = response_mask * (weights.detach() > 0).to(response_mask.dtype).unsqueeze(-1)
-        l_ent = entropy_loss(entropy, entropy_mask)
-        ent_mean = -float(l_ent.detach())
-    total = l_nll + alpha * l_sim + beta * l_ent + zero
-    metrics = {
-        "popo/loss": float(total.detach()),
-        "popo/nll_loss": float(l_nll.detach()),
-        "popo/sim_loss": float(l_sim.detach()),
-        "popo/cos_sim": cos_mean,
-        "popo/ent_loss": float(l_ent.detach()),
-        "popo/entropy": ent_mean,
-    }
-    return PopoLossOutput(total, metrics)
 
 
 def weight_entropy(weights: torch.Tensor, group_index) -> float:

@@ -16,7 +16,7 @@ advantage; r = 1 on the first mini-batch of a rollout batch):
     L_sim = -dp * sum_b s_b cos(h_phi(f_theta)_b, sg(f_xi_b + eps_b))   (eps_b keyed by the row's tokens)
     L_ent = -agg_loss(H * c) over the entropy rows (positives, or all with entropy_on=all)
     L     = L_nll + alpha * L_sim + beta * L_ent
-which is `core.popo_loss` on the mini-batch at ratio 1 (tests/test_losses.py checks it).
+which is POPO.md's loss on the mini-batch at ratio 1 (tests/test_losses.py checks it against tests/reference_loss.py).
 """
 
 from __future__ import annotations
@@ -25,20 +25,14 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
-import torch.nn.functional as F
 
 from verl.trainer.ppo.core_algos import agg_loss
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
 from popo_verl import algos, core
-from popo_verl.layout import tokens_to_row
+from popo_verl.protocol import PRED_KEY, SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY, tokens_to_row
 from popo_verl.timing import DeviceTimer
-from popo_verl.engines.fsdp import PRED_KEY
-
-SIAMESE_KEY = "popo_siamese"
-SIM_WEIGHT_KEY = "popo_sim_weight"
-TOKEN_SCALE_KEY = "popo_token_scale"
 
 
 def row_keys(data) -> torch.Tensor:
@@ -143,8 +137,9 @@ def popo_actor_loss(
             seed = noise_seed() if callable(noise_seed) else noise_seed
             with noise_timer.span(target.device) if noise_timer is not None else nullcontext():
                 eps = core.feature_noise(row_keys(data).to(target.device), target.shape[-1], seed, target.dtype)
-                target = target + noise_std * eps
-        cos = F.cosine_similarity(pred, target.detach(), dim=-1)
+        else:
+            eps = None
+        cos = core.representation_cosine(pred, target, eps, noise_std)
         sim = -(s.to(cos.dtype) * cos).sum() * dp_size
         total = total + alpha * sim
         # dp-scaled like the loss: verl's SUM over micro-batches, mean over ranks gives the mini-batch's L_sim

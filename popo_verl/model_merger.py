@@ -26,8 +26,8 @@ import warnings
 
 
 def is_predictor_param(name: str) -> bool:
-    # imported when first asked: popo_verl.engines imports verl's engines, which `--help` need not load
-    from popo_verl.engines.fsdp import is_predictor_param as named_predictor
+    # imported when first asked: `--help` need not load torch
+    from popo_verl.protocol import is_predictor_param as named_predictor
 
     return named_predictor(name)
 

@@ -33,11 +33,10 @@ from verl.trainer.ppo.v1.trainer_base import register_trainer
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.utils.padding import response_from_nested
 
-from popo_verl import core
+from popo_verl import algos, core
 from popo_verl.config import get_popo_config, validate_popo_config
-from popo_verl.engines.fsdp import POOLED_KEY, POOLED_ONLY_KEY, WITH_DRIFT_KEY
-from popo_verl.layout import padded, row_to_tokens
-from popo_verl.losses import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY
+from popo_verl.protocol import (POOLED_KEY, POOLED_ONLY_KEY, SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY, WITH_DRIFT_KEY,
+                                padded, row_to_tokens)
 
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "INFO"))
@@ -268,15 +267,9 @@ class PopoTrainer(PPOTrainerSync):
         uid = _as_object_array(data["uid"])
         positive, real = self._popo_positive, self._popo_real
 
-        seq_lp = core.sequence_log_probs(old_lp.float(), mask[:, : old_lp.shape[1]], length_normalize=True)
-        weights = core.popo_weights(seq_lp, positive, uid, temperature=cfg.weight_temperature, mode=cfg.weight_mode)
-        if cfg.reward_mode == "graded":
-            r_tilde = core.normalised_reward(self._popo_rewards, positive, uid, cfg.reward_threshold)
-            weights = core.graded_weights(weights, r_tilde, uid)
-            if positive.any():
-                metrics["popo/normalised_reward_mean"] = float(r_tilde[positive].mean())
-        if cfg.length_normalize_weights:
-            weights = core.length_normalized_weights(weights, mask.sum(-1), uid)
+        weights, r_tilde = algos.popo_row_weights(old_lp, mask, self._popo_rewards, positive, uid, cfg)
+        if r_tilde is not None and positive.any():
+            metrics["popo/normalised_reward_mean"] = float(r_tilde[positive].mean())
 
         n_tokens = mask.sum(-1)
         pos_tokens = float((n_tokens * positive.float()).sum())

@@ -73,8 +73,7 @@ def make_micro_batch(seed=0, n=6, d=5, sim_weights=None, token_scale=1.0, dp=1):
     whole sequence (shifted by one), and the POPO fields the trainer writes."""
     from verl.utils import tensordict_utils as tu
 
-    from popo_verl.engines.fsdp import POOLED_KEY, PRED_KEY
-    from popo_verl.losses import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY
+    from popo_verl.protocol import POOLED_KEY, PRED_KEY, SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY
 
     g = torch.Generator().manual_seed(seed)
     p_len = torch.randint(2, 5, (n,), generator=g).tolist()

@@ -27,7 +27,8 @@ from verl.utils import tensordict_utils as tu  # noqa: E402
 from verl.utils.megatron_utils import get_hf_model_checkpoint_path, get_model_dist_checkpoint_path, unwrap_model  # noqa: E402
 from verl.workers.config import HFModelConfig, McoreEngineConfig, McoreOptimizerConfig  # noqa: E402
 
-from popo_verl.engines.fsdp import POOLED_KEY, PRED_KEY, is_predictor_param  # noqa: E402
+from popo_verl.config import PopoConfig  # noqa: E402
+from popo_verl.protocol import POOLED_KEY, PRED_KEY, is_predictor_param  # noqa: E402
 from popo_verl.engines.megatron import MegatronSiamese, PopoMegatronEngine, named_local_params  # noqa: E402
 
 TP, PP, CP = (int(os.environ.get(k, "1")) for k in ("TP", "PP", "CP"))
@@ -57,7 +58,7 @@ def build(model_path, dtype="float32", forward_only=False, clip_grad=1.0, predic
     oc = McoreOptimizerConfig(lr=1e-2, clip_grad=clip_grad, total_training_steps=10)
     e = PopoMegatronEngine(model_config=model, engine_config=ec, optimizer_config=oc,
                            checkpoint_config=checkpoint or CheckpointConfig())
-    e.configure_popo(predictor_hidden=16, predictor_layers=2, seed=0, predictor_clip_grad=predictor_clip_grad)
+    e.configure_popo(PopoConfig(predictor_hidden_dim=16, predictor_layers=2, predictor_clip_grad=predictor_clip_grad), seed=0)
     e.initialize()
     return e
 

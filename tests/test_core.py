@@ -8,6 +8,7 @@ import uuid
 
 import numpy as np
 import pytest
+import reference_loss  # tests/reference_loss.py: POPO.md's loss, the oracle
 import torch
 import torch.nn as nn
 
@@ -452,14 +453,14 @@ def _nll_inputs(seed, B=6, T=5):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_weighted_nll_matches_loop(seed):
     tlp, w, mask = _nll_inputs(seed)
-    got = core.weighted_nll_loss(tlp, w, mask).item()
+    got = reference_loss.weighted_nll_loss(tlp, w, mask).item()
     assert got == pytest.approx(ref_nll(tlp.tolist(), w.tolist(), mask.tolist()), rel=1e-12)
 
 
 def test_weighted_nll_all_negative_zero_and_finite():
     tlp, _, mask = _nll_inputs(0)
     tlp.requires_grad_(True)
-    loss = core.weighted_nll_loss(tlp, torch.zeros(tlp.shape[0], dtype=torch.float64), mask)
+    loss = reference_loss.weighted_nll_loss(tlp, torch.zeros(tlp.shape[0], dtype=torch.float64), mask)
     assert torch.isfinite(loss) and loss.item() == 0.0
     loss.backward()
     assert tlp.grad is not None and (tlp.grad == 0).all()
@@ -468,13 +469,13 @@ def test_weighted_nll_all_negative_zero_and_finite():
 def test_weighted_nll_gradcheck():
     tlp, w, mask = _nll_inputs(3)
     tlp.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x: core.weighted_nll_loss(x, w, mask), (tlp,))
+    assert torch.autograd.gradcheck(lambda x: reference_loss.weighted_nll_loss(x, w, mask), (tlp,))
 
 
 def test_weighted_nll_weights_are_constants():
     tlp, w, mask = _nll_inputs(4)
     w = w.clone().requires_grad_(True)
-    loss = core.weighted_nll_loss(tlp.requires_grad_(True), w, mask)
+    loss = reference_loss.weighted_nll_loss(tlp.requires_grad_(True), w, mask)
     loss.backward()
     assert w.grad is None
     # analytic gradient: -w_b m_bt / N+
@@ -516,14 +517,14 @@ def _sim_inputs(seed, B=6, D=5):
 @pytest.mark.parametrize("seed", [0, 1])
 def test_similarity_loss_matches_formula(seed):
     pred, target, w = _sim_inputs(seed)
-    got = core.similarity_loss(pred, target, w, noise_std=0.0).item()
+    got = reference_loss.similarity_loss(pred, target, w, noise_std=0.0).item()
     assert got == pytest.approx(ref_sim(pred.tolist(), target.tolist(), w.tolist()), rel=1e-12)
 
 
 def test_similarity_loss_noise_matches_formula_with_same_draw():
     pred, target, w = _sim_inputs(2)
     sigma = 0.3
-    got = core.similarity_loss(pred, target, w, noise_std=sigma, generator=torch.Generator().manual_seed(7))
+    got = reference_loss.similarity_loss(pred, target, w, noise_std=sigma, generator=torch.Generator().manual_seed(7))
     eps = torch.randn(target.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     noisy = (target.detach() + sigma * eps).tolist()
     assert got.item() == pytest.approx(ref_sim(pred.tolist(), noisy, w.tolist()), rel=1e-12)
@@ -531,23 +532,23 @@ def test_similarity_loss_noise_matches_formula_with_same_draw():
 
 def test_similarity_loss_noise_seeded_and_fresh_each_call():
     pred, target, w = _sim_inputs(3)
-    a = core.similarity_loss(pred, target, w, noise_std=0.5, generator=torch.Generator().manual_seed(123))
-    b = core.similarity_loss(pred, target, w, noise_std=0.5, generator=torch.Generator().manual_seed(123))
+    a = reference_loss.similarity_loss(pred, target, w, noise_std=0.5, generator=torch.Generator().manual_seed(123))
+    b = reference_loss.similarity_loss(pred, target, w, noise_std=0.5, generator=torch.Generator().manual_seed(123))
     assert a.item() == b.item()
     gen = torch.Generator().manual_seed(123)
-    c1 = core.similarity_loss(pred, target, w, noise_std=0.5, generator=gen)
-    c2 = core.similarity_loss(pred, target, w, noise_std=0.5, generator=gen)
+    c1 = reference_loss.similarity_loss(pred, target, w, noise_std=0.5, generator=gen)
+    c2 = reference_loss.similarity_loss(pred, target, w, noise_std=0.5, generator=gen)
     assert c1.item() == a.item()
     assert c2.item() != c1.item()
-    clean = core.similarity_loss(pred, target, w, noise_std=0.0)
+    clean = reference_loss.similarity_loss(pred, target, w, noise_std=0.0)
     assert clean.item() != a.item()
     with pytest.raises(ValueError):
-        core.similarity_loss(pred, target, w, noise_std=-0.1)
+        reference_loss.similarity_loss(pred, target, w, noise_std=-0.1)
 
 
 def test_similarity_loss_gradient_flow():
     pred, target, w = _sim_inputs(4)
-    loss = core.similarity_loss(pred, target, w, noise_std=0.02, generator=torch.Generator().manual_seed(0))
+    loss = reference_loss.similarity_loss(pred, target, w, noise_std=0.02, generator=torch.Generator().manual_seed(0))
     loss.backward()
     assert target.grad is None  # stop-gradient on the siamese side
     assert pred.grad is not None and pred.grad.abs().sum() > 0
@@ -557,27 +558,27 @@ def test_similarity_loss_gradient_flow():
 def test_similarity_loss_bounded():
     for seed in range(20):
         pred, target, w = _sim_inputs(seed, B=4, D=3)
-        v = core.similarity_loss(pred, target, w, noise_std=1.0, generator=torch.Generator().manual_seed(seed)).item()
+        v = reference_loss.similarity_loss(pred, target, w, noise_std=1.0, generator=torch.Generator().manual_seed(seed)).item()
         assert -1.0 - 1e-12 <= v <= 1.0 + 1e-12
     pred, _, w = _sim_inputs(0)
-    assert core.similarity_loss(pred, pred.detach() * 3.0, w).item() == pytest.approx(-1.0, abs=1e-12)
-    assert core.similarity_loss(pred, -pred.detach(), w).item() == pytest.approx(1.0, abs=1e-12)
-    assert core.similarity_loss(pred, pred.detach(), torch.zeros_like(w)).item() == 0.0
+    assert reference_loss.similarity_loss(pred, pred.detach() * 3.0, w).item() == pytest.approx(-1.0, abs=1e-12)
+    assert reference_loss.similarity_loss(pred, -pred.detach(), w).item() == pytest.approx(1.0, abs=1e-12)
+    assert reference_loss.similarity_loss(pred, pred.detach(), torch.zeros_like(w)).item() == 0.0
 
 
 def test_similarity_loss_gradcheck():
     pred, target, w = _sim_inputs(5)
-    assert torch.autograd.gradcheck(lambda p: core.similarity_loss(p, target, w, noise_std=0.0), (pred,))
+    assert torch.autograd.gradcheck(lambda p: reference_loss.similarity_loss(p, target, w, noise_std=0.0), (pred,))
 
 
 def test_entropy_loss_matches_formula():
     g = torch.Generator().manual_seed(0)
     ent = torch.rand(4, 5, generator=g, dtype=torch.float64, requires_grad=True)
     mask = (torch.rand(4, 5, generator=g) < 0.5).long()
-    got = core.entropy_loss(ent, mask)
+    got = reference_loss.entropy_loss(ent, mask)
     assert got.item() == pytest.approx(ref_entropy_loss(ent.tolist(), mask.tolist()), rel=1e-12)
-    assert core.entropy_loss(ent, torch.zeros_like(mask)).item() == 0.0
-    assert torch.autograd.gradcheck(lambda e: core.entropy_loss(e, mask), (ent,))
+    assert reference_loss.entropy_loss(ent, torch.zeros_like(mask)).item() == 0.0
+    assert torch.autograd.gradcheck(lambda e: reference_loss.entropy_loss(e, mask), (ent,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -741,7 +742,7 @@ def _loss_inputs(seed, B=6, T=5, D=4, all_negative=False):
 @pytest.mark.parametrize("alpha,beta", [(0.1, 0.01), (0.3, 0.05), (0.0, 0.0)])
 def test_popo_loss_is_sum_of_parts(alpha, beta):
     tlp, mask, w, ent, pred, target = _loss_inputs(1)
-    out = core.popo_loss(tlp, mask, w, entropy=ent, pred=pred, target=target, alpha=alpha, beta=beta)
+    out = reference_loss.popo_loss(tlp, mask, w, entropy=ent, pred=pred, target=target, alpha=alpha, beta=beta)
     m = out.metrics
     for key in ("popo/loss", "popo/nll_loss", "popo/sim_loss", "popo/cos_sim", "popo/ent_loss", "popo/entropy"):
         assert key in m and isinstance(m[key], float)
@@ -761,21 +762,21 @@ def test_popo_loss_is_sum_of_parts(alpha, beta):
 
 def test_popo_loss_entropy_on_all_and_optional_parts():
     tlp, mask, w, ent, pred, target = _loss_inputs(2)
-    out = core.popo_loss(tlp, mask, w, entropy=ent, entropy_mask=mask, alpha=0.1, beta=0.02)
+    out = reference_loss.popo_loss(tlp, mask, w, entropy=ent, entropy_mask=mask, alpha=0.1, beta=0.02)
     assert out.metrics["popo/ent_loss"] == pytest.approx(ref_entropy_loss(ent.tolist(), mask.tolist()), rel=1e-12)
     assert out.metrics["popo/sim_loss"] == 0.0 and math.isnan(out.metrics["popo/cos_sim"])
-    only_nll = core.popo_loss(tlp, mask, w)
+    only_nll = reference_loss.popo_loss(tlp, mask, w)
     assert only_nll.loss.item() == pytest.approx(ref_nll(tlp.tolist(), w.tolist(), mask.tolist()), rel=1e-12)
     assert math.isnan(only_nll.metrics["popo/entropy"])
     with pytest.raises(ValueError):
-        core.popo_loss(tlp, mask, w, alpha=-0.1)
+        reference_loss.popo_loss(tlp, mask, w, alpha=-0.1)
     with pytest.raises(ValueError):
-        core.popo_loss(tlp, mask, w, beta=-0.1)
+        reference_loss.popo_loss(tlp, mask, w, beta=-0.1)
 
 
 def test_popo_loss_all_negative_batch():
     tlp, mask, w, ent, pred, target = _loss_inputs(3, all_negative=True)
-    out = core.popo_loss(tlp, mask, w, entropy=ent, pred=pred, target=target, noise_std=0.02,
+    out = reference_loss.popo_loss(tlp, mask, w, entropy=ent, pred=pred, target=target, noise_std=0.02,
                          generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(out.loss) and out.loss.item() == 0.0
     assert out.loss.requires_grad
@@ -789,7 +790,7 @@ def test_popo_loss_all_negative_batch():
 def test_popo_loss_gradient_matches_reference_total():
     tlp, mask, w, ent, pred, target = _loss_inputs(4)
     alpha, beta = 0.2, 0.03
-    out = core.popo_loss(tlp, mask, w, entropy=ent, pred=pred, target=target, alpha=alpha, beta=beta)
+    out = reference_loss.popo_loss(tlp, mask, w, entropy=ent, pred=pred, target=target, alpha=alpha, beta=beta)
     grads = torch.autograd.grad(out.loss, (tlp, ent, pred))
     # independent torch float64 formula
     n_pos = (mask.sum(-1) * (w > 0)).sum()
@@ -880,7 +881,7 @@ def test_implicit_negative_gradient_theorem(seed, beta):
     (grad,) = torch.autograd.grad(L, z, retain_graph=True)
     # (b) the same loss assembled from core: one token per action, entropy as a single token
     tlp = logp[P].unsqueeze(-1)
-    L_core = core.weighted_nll_loss(tlp, w[P], torch.ones_like(tlp)) * len(P) + beta * core.entropy_loss(
+    L_core = reference_loss.weighted_nll_loss(tlp, w[P], torch.ones_like(tlp)) * len(P) + beta * reference_loss.entropy_loss(
         H.reshape(1, 1), torch.ones(1, 1)
     )
     (grad_core,) = torch.autograd.grad(L_core, z)
@@ -979,18 +980,18 @@ def test_nll_norms_token_and_sequence():
     mask[0, :1] = 1
     mask[1] = 1
     w = torch.tensor([0.5, 0.5])
-    assert core.weighted_nll_loss(lp, w, mask, norm="token").item() == pytest.approx((0.5 * 1 + 0.5 * 9) / 10)
-    assert core.weighted_nll_loss(lp, w, mask, norm="sequence").item() == pytest.approx(1.0)
+    assert reference_loss.weighted_nll_loss(lp, w, mask, norm="token").item() == pytest.approx((0.5 * 1 + 0.5 * 9) / 10)
+    assert reference_loss.weighted_nll_loss(lp, w, mask, norm="sequence").item() == pytest.approx(1.0)
     x = lp.clone().requires_grad_()
-    (g,) = torch.autograd.grad(core.weighted_nll_loss(x, w, mask, norm="sequence"), x)
+    (g,) = torch.autograd.grad(reference_loss.weighted_nll_loss(x, w, mask, norm="sequence"), x)
     assert g[0, 0].item() == pytest.approx(-0.5) and g[1, 0].item() == pytest.approx(-0.5 / 9)
-    assert core.popo_loss(lp, mask, w, alpha=0, beta=0, nll_norm="sequence").metrics["popo/nll_loss"] == pytest.approx(1.0)
+    assert reference_loss.popo_loss(lp, mask, w, alpha=0, beta=0, nll_norm="sequence").metrics["popo/nll_loss"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="norm"):
-        core.weighted_nll_loss(lp, w, mask, norm="row")
+        reference_loss.weighted_nll_loss(lp, w, mask, norm="row")
 
 
 def test_row_scalars_round_trip_through_the_nested_response_layout():
-    from popo_verl.layout import row_to_tokens, tokens_to_row
+    from popo_verl.protocol import row_to_tokens, tokens_to_row
 
     mask = torch.nested.as_nested_tensor([torch.ones(r, dtype=torch.long) for r in (3, 1, 5)], layout=torch.jagged)
     values = torch.tensor([0.25, 0.0, 2.0])

@@ -23,7 +23,9 @@ from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelCo
 from verl.workers.utils.padding import left_right_2_no_padding
 
 from popo_verl import core
-from popo_verl.engines.fsdp import POOLED_KEY, PRED_KEY, PopoFSDPEngine, is_predictor_param
+from popo_verl.config import PopoConfig
+from popo_verl.engines.fsdp import PopoFSDPEngine
+from popo_verl.protocol import POOLED_KEY, PRED_KEY, is_predictor_param
 
 PROMPT, RESPONSE = 5, 6
 
@@ -50,7 +52,7 @@ def build_engine(model_path: str, param_dtype: str, forward_only: bool = False, 
     engine.use_remove_padding = rmpad
     e = PopoFSDPEngine(model_config=model, engine_config=engine, optimizer_config=FSDPOptimizerConfig(lr=1e-2, clip_grad=clip_grad),
                        checkpoint_config=CheckpointConfig())
-    e.configure_popo(predictor_hidden=16, predictor_layers=2, seed=0, predictor_clip_grad=predictor_clip_grad)
+    e.configure_popo(PopoConfig(predictor_hidden_dim=16, predictor_layers=2, predictor_clip_grad=predictor_clip_grad), seed=0)
     e.initialize()
     return e
 

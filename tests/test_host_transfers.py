@@ -23,8 +23,11 @@ from torch.overrides import TorchFunctionMode
 from test_engine import build_engine, make_batch, process_group  # noqa: F401  (fixture)
 
 import popo_verl
-from popo_verl.losses import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY, popo_actor_loss
+from popo_verl.losses import popo_actor_loss
+from popo_verl.protocol import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY
 from popo_verl.timing import DeviceTimer
+from popo_verl.engines.fsdp import FsdpSiamese
+from popo_verl.siamese_ema import SiameseEma
 from popo_verl.workers import PopoActorRolloutRefWorker
 
 HOST_TRANSFERS = {"item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__"}
@@ -68,11 +71,10 @@ def _model(tmp_path_factory, layers: int) -> str:
 def _worker(actor, ref) -> PopoActorRolloutRefWorker:
     """The worker's per-step POPO state around two in-process engines (its Ray and hybrid-engine set-up left out)."""
     w = object.__new__(PopoActorRolloutRefWorker)
-    w.actor, w.ref, w.siamese = SimpleNamespace(engine=actor), SimpleNamespace(engine=ref), None
-    w.tau, w.ema_steps, w.max_update_norm, w.last_lr = 0.99, 0, 0.0, 0.0
-    w._max_update_norm_dev, w._predictor_ids = None, None
-    w.noise_timer, w.ema_timer, w.drift_timer = DeviceTimer(), DeviceTimer(), DeviceTimer()
-    w.copy_actor_to_siamese()
+    w.actor, w.ref = SimpleNamespace(engine=actor), SimpleNamespace(engine=ref)
+    w.ema = SiameseEma(FsdpSiamese(actor, ref), tau=0.99, clip_grad=actor.optimizer_config.clip_grad)
+    w.noise_timer = DeviceTimer()
+    w.ema.siamese.copy_from_actor()
     actor.popo_after_optimizer_step = w._after_optimizer_step
     return w
 
@@ -119,7 +121,7 @@ def _one_update(actor, worker, rows: int) -> TransferCounter:
             stats = worker.popo_stats(True)
     finally:
         actor.optimizer.step = step
-    assert worker.ema_steps >= 1 and stats["popo/drift"] > 0, "the update stepped the optimizer and the EMA"
+    assert worker.ema.ema_steps >= 1 and stats["popo/drift"] > 0, "the update stepped the optimizer and the EMA"
     return counter
 
 
@@ -159,7 +161,7 @@ def test_stats_without_drift_leave_out_the_pass_over_the_weights(process_group, 
     actor, ref = build_engine(tiny_random_model, "fp32"), build_engine(tiny_random_model, "fp32", forward_only=True)
     worker = _worker(actor, ref)
     read = []
-    worker._global_distance_sq = lambda paired: read.append(1) or torch.zeros((), dtype=torch.float64)
+    worker.ema.siamese.distance_sq = lambda: read.append(1) or torch.zeros((), dtype=torch.float64)
     stats = worker.popo_stats(False)
     assert "popo/drift" not in stats and "popo/drift_bound" in stats and not read
     assert "popo/drift" in worker.popo_stats(True) and read == [1]
@@ -191,7 +193,7 @@ class GroupStepAdam(torch.optim.Optimizer):
 def test_adam_direction_reads_the_step_count_wherever_the_optimizer_keeps_it():
     """G_t from torch's AdamW (step per parameter, a tensor) and from a FusedAdam-style optimizer (step in the group)
     on the same gradients: the same norm, and the update it describes is the one the optimizer applied."""
-    from popo_verl.workers import adam_direction_sq
+    from popo_verl.siamese_ema import adam_direction_sq
 
     torch.manual_seed(0)
     shapes = [(3, 4), (5,), (2, 2)]

@@ -70,6 +70,16 @@ def test_stock_hydra_refuses_the_bare_spelling():
         compose("algorithm=popo", env={"POPO_VERL_HYDRA": "0"})
 
 
+def test_the_yaml_group_lists_popoconfigs_defaults():
+    """PopoConfig is the one source of the defaults; algorithm/popo.yaml lists them for hydra and must agree."""
+    from pathlib import Path
+
+    import popo_verl.config
+
+    yaml = Path(popo_verl.config.__file__).parent / "algorithm" / "popo.yaml"
+    assert dict(OmegaConf.load(yaml).algorithm.popo) == popo_defaults()
+
+
 def test_defaults_match_popo_md():
     assert popo_defaults() == {**POPO_MD_DEFAULTS, "kl_monitor_interval": 20, "drift_interval": 1, "anchor": "cosine",
                                "implicit_negative_interval": 0, "nll_norm": "token", "predictor_clip_grad": 0.0}

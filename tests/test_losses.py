@@ -1,18 +1,19 @@
-"""POPO's actor loss (popo_verl/losses.py) against core.popo_loss, with verl's real data layout."""
+"""POPO's actor loss (popo_verl/losses.py) against reference_loss.popo_loss, with verl's real data layout."""
 
 import pytest
+import reference_loss  # tests/reference_loss.py: POPO.md's loss, the oracle
 import torch
 import torch.nn.functional as F
-from tensordict import TensorDict
-
 import verl  # noqa: F401
+from tensordict import TensorDict
+from test_core import python_row_hash  # the Python-integer reference of core.row_hash
 from verl.utils import tensordict_utils as tu
 from verl.utils.metric import Metric
 from verl.workers.config import FSDPActorConfig
 
 from popo_verl import core
-from popo_verl.losses import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY, popo_actor_loss, row_keys
-from test_core import python_row_hash  # the Python-integer reference of core.row_hash
+from popo_verl.losses import popo_actor_loss, row_keys
+from popo_verl.protocol import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY
 from popo_verl.trainer import spread_padding_order
 
 
@@ -28,7 +29,7 @@ def _config():
 def test_actor_loss_equals_core_popo_loss_at_ratio_one(micro_batch):
     data, out, ref = micro_batch()
     loss, metrics = popo_actor_loss(_config(), out, data, alpha=0.1, beta=0.01, noise_std=0.0)
-    expected = core.popo_loss(
+    expected = reference_loss.popo_loss(
         token_log_probs=ref["resp_lp"], response_mask=ref["mask"], weights=ref["weights"], entropy=ref["ent"],
         pred=ref["pred"], target=ref["target"], alpha=0.1, beta=0.01,
     )
@@ -43,7 +44,7 @@ def test_actor_loss_gradient_equals_core_gradient(micro_batch):
     # the same quantities through core, on leaf copies of the response log-probs
     lp = ref["resp_lp"].clone().requires_grad_()
     pred = ref["pred"].detach().clone().requires_grad_()
-    exp = core.popo_loss(lp, ref["mask"], ref["weights"], entropy=ref["ent"], pred=pred, target=ref["target"], alpha=0.3, beta=0.02)
+    exp = reference_loss.popo_loss(lp, ref["mask"], ref["weights"], entropy=ref["ent"], pred=pred, target=ref["target"], alpha=0.3, beta=0.02)
     g_lp, g_pred = torch.autograd.grad(exp.loss, [lp, pred])
     for i, s in enumerate(ref["seq_lp"]):
         r = int(ref["mask"][i].sum())
@@ -75,7 +76,7 @@ def test_feature_noise_follows_the_row_not_its_position(micro_batch):
     assert clean.item() != pytest.approx(loss.item(), rel=1e-6)
     # the noise is core.feature_noise keyed by a hash of each row's tokens
     eps = core.feature_noise(row_keys(data), ref["target"].shape[-1], 11, torch.float64)
-    expected = core.popo_loss(ref["resp_lp"], ref["mask"], ref["weights"], pred=ref["pred"],
+    expected = reference_loss.popo_loss(ref["resp_lp"], ref["mask"], ref["weights"], pred=ref["pred"],
                               target=ref["target"] + 0.5 * eps, alpha=1.0, beta=0.0)
     assert loss.item() == pytest.approx(expected.loss.item(), rel=1e-9)
 
@@ -166,7 +167,7 @@ def test_kl_anchor_replaces_the_similarity_penalty_with_k3_to_the_siamese(micro_
     r_len = [int(x) for x in ref["mask"].sum(-1)]
     data["ref_log_prob"] = nested([ref_lp[i, :r] for i, r in enumerate(r_len)])
     loss, metrics = popo_actor_loss(_config(), out, data, alpha=0.2, beta=0.01, anchor="kl")
-    base = core.popo_loss(token_log_probs=ref["resp_lp"], response_mask=ref["mask"], weights=ref["weights"],
+    base = reference_loss.popo_loss(token_log_probs=ref["resp_lp"], response_mask=ref["mask"], weights=ref["weights"],
                           entropy=ref["ent"], alpha=0.0, beta=0.01)
     pos_mask = ref["mask"] * (ref["weights"] > 0).unsqueeze(-1)
     kl = (core.k3_kl(ref["resp_lp"], ref_lp) * pos_mask).sum() / pos_mask.sum()
@@ -228,9 +229,9 @@ def test_nll_norm_sequence_weighs_each_response_by_w_whatever_its_length(micro_b
     data, out, ref = micro_batch(seed=8)
     s = ref["weights"] / ref["weights"].sum()
     loss, metrics = popo_actor_loss(_config(), out, data, alpha=0.0, beta=0.0, nll_norm="sequence")
-    expected = core.weighted_nll_loss(ref["resp_lp"], ref["weights"], ref["mask"], norm="sequence")
+    expected = reference_loss.weighted_nll_loss(ref["resp_lp"], ref["weights"], ref["mask"], norm="sequence")
     assert loss.item() == pytest.approx(expected.item(), rel=1e-9)
-    token = core.weighted_nll_loss(ref["resp_lp"], ref["weights"], ref["mask"], norm="token")
+    token = reference_loss.weighted_nll_loss(ref["resp_lp"], ref["weights"], ref["mask"], norm="token")
     assert abs(token.item() - expected.item()) > 1e-3, "rows of unequal length: the two norms differ here"
     # gradient at ratio 1: s_b / |y_b| on each of row b's response tokens
     g = torch.autograd.grad(loss, ref["seq_lp"], allow_unused=True)

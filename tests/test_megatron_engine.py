@@ -29,7 +29,7 @@ import torch
 pytest.importorskip("megatron.core", reason="megatron-core not installed: pip install -e '.[megatron-cpu]' (README, engine support)")
 pytest.importorskip("mbridge", reason="mbridge not installed: pip install -e '.[megatron-cpu]' (README, engine support)")
 
-from popo_verl.engines.fsdp import is_predictor_param  # noqa: E402
+from popo_verl.protocol import is_predictor_param  # noqa: E402
 
 WORKER = os.path.join(os.path.dirname(__file__), "megatron_worker.py")
 # name: (world size, TP, PP, CP, packed THD micro-batches)

@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from popo_verl.engines.fsdp import is_predictor_param
+from popo_verl.protocol import is_predictor_param
 from popo_verl.model_merger import MergeError, main, megatron_model_format
 
 

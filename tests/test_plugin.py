@@ -13,10 +13,10 @@ import uuid
 
 import numpy as np
 import pytest
+import reference_loss  # tests/reference_loss.py: POPO.md's loss, the oracle
 import torch
-from omegaconf import OmegaConf
-
 import verl  # noqa: F401  (loads the `verl.plugins` entry points, ours included)
+from omegaconf import OmegaConf
 from verl.trainer.ppo import core_algos
 from verl.utils import tensordict_utils as tu
 from verl.workers.config import ActorConfig
@@ -24,7 +24,6 @@ from verl.workers.config.actor import PolicyLossConfig
 from verl.workers.utils.losses import ppo_loss
 
 import popo_verl.algos as algos
-from popo_verl import core
 
 # ----------------------------------------------------------------------------------------------
 # registries
@@ -34,9 +33,9 @@ from popo_verl import core
 def test_registered_after_import_verl():
     assert "popo" in core_algos.ADV_ESTIMATOR_REGISTRY
     assert "popo" in core_algos.POLICY_LOSS_REGISTRY
-    assert core_algos.ADV_ESTIMATOR_REGISTRY["popo"] is algos.compute_popo_outcome_advantage
+    assert core_algos.ADV_ESTIMATOR_REGISTRY["popo"] is algos.compute_popo_advantage
     assert core_algos.POLICY_LOSS_REGISTRY["popo"] is algos.compute_policy_loss_popo
-    assert core_algos.get_adv_estimator_fn("popo") is algos.compute_popo_outcome_advantage
+    assert core_algos.get_adv_estimator_fn("popo") is algos.compute_popo_advantage
     assert core_algos.get_policy_loss_fn("popo") is algos.compute_policy_loss_popo
 
 
@@ -46,7 +45,7 @@ def test_reimport_is_harmless():
     importlib.reload(plugin)  # runs register_all() again: must not raise "already registered"
     algos.register()
     algos.register()
-    assert core_algos.ADV_ESTIMATOR_REGISTRY["popo"] is algos.compute_popo_outcome_advantage
+    assert core_algos.ADV_ESTIMATOR_REGISTRY["popo"] is algos.compute_popo_advantage
     assert core_algos.POLICY_LOSS_REGISTRY["popo"] is algos.compute_policy_loss_popo
     # the other entries are untouched
     assert "grpo" in core_algos.ADV_ESTIMATOR_REGISTRY and "vanilla" in core_algos.POLICY_LOSS_REGISTRY
@@ -86,45 +85,56 @@ def _adv_reference(scores, uid, mask, tau_r):
     return torch.tensor(out, dtype=torch.float64)
 
 
+def _old_log_probs(seed, mask):
+    g = torch.Generator().manual_seed(seed)
+    return -torch.rand(mask.shape, generator=g) * 3.0 * mask
+
+
 @pytest.mark.parametrize("seed", [0, 1])
-@pytest.mark.parametrize("tau_r", [None, 0.0, 0.5])
+@pytest.mark.parametrize("tau_r", [0.0, 0.5])
 def test_advantage_estimator_uniform_weights(seed, tau_r):
     rewards, mask, uid, scores = _adv_batch(seed)
-    if tau_r is None:
-        config = OmegaConf.create({"adv_estimator": "popo", "gamma": 1.0})
-        eff_tau = 0.0
-    else:
-        config = OmegaConf.create({"adv_estimator": "popo", "popo": {"tau_r": tau_r}})
-        eff_tau = tau_r
+    config = OmegaConf.create({"adv_estimator": "popo", "popo": {"reward_mode": "threshold", "tau_r": tau_r,
+                                                                  "weight_mode": "uniform"}})
     fn = core_algos.get_adv_estimator_fn("popo")
-    # the keyword call of verl/trainer/ppo/ray_trainer.py::compute_advantage
-    adv, ret = fn(token_level_rewards=rewards, response_mask=mask, config=config, index=uid)
-    ref = _adv_reference(scores, uid, mask, eff_tau)
+    # the keyword call of verl/trainer/ppo/ray_trainer.py::compute_advantage, plus the old log-probs POPO's trainer adds
+    adv, ret = fn(token_level_rewards=rewards, response_mask=mask, config=config, index=uid,
+                  old_log_probs=_old_log_probs(seed, mask))
+    ref = _adv_reference(scores, uid, mask, tau_r)
     assert adv.shape == rewards.shape and ret.shape == rewards.shape
     assert adv.dtype == rewards.dtype
     np.testing.assert_allclose(adv.double().numpy(), ref.numpy(), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(ret.double().numpy(), ref.numpy(), rtol=1e-6, atol=1e-7)
-    assert (adv >= 0).all()
     assert (adv[mask == 0] == 0).all()
 
 
-def test_advantage_estimator_tau_r_is_honoured():
-    rewards, mask, uid, scores = _adv_batch(3)
-    fn = core_algos.get_adv_estimator_fn("popo")
-    a0, _ = fn(token_level_rewards=rewards, response_mask=mask, config=OmegaConf.create({"popo": {"tau_r": 0.0}}), index=uid)
-    a5, _ = fn(token_level_rewards=rewards, response_mask=mask, config=OmegaConf.create({"popo": {"tau_r": 0.5}}), index=uid)
-    half = torch.from_numpy(scores == 0.5)
-    assert half.any()
-    assert (a0[half].sum(-1) > 0).all()  # 0.5 > 0: positive
-    assert (a5[half] == 0).all()  # 0.5 is not > 0.5: negative
+def test_advantage_estimator_gives_the_softmax_weights_of_popo_md():
+    """The default weights: softmax over each prompt's positives of the length-normalised old sequence log-probs."""
+    rewards, mask, uid, scores = _adv_batch(5)
+    rewards = (rewards == 1.0).float()  # binary rewards: the default reward_mode
+    old = _old_log_probs(5, mask)
+    adv, _ = core_algos.get_adv_estimator_fn("popo")(token_level_rewards=rewards, response_mask=mask,
+                                                     config=OmegaConf.create({"popo": {}}), index=uid, old_log_probs=old)
+    seq = (old * mask).sum(-1) / mask.sum(-1)
+    for g in set(uid.tolist()):
+        pos = [i for i in range(len(uid)) if uid[i] == g and scores[i] == 1.0]
+        expected = torch.softmax(seq[pos].double(), 0) if pos else torch.zeros(0)
+        got = torch.stack([adv[i][mask[i] > 0][0] for i in pos]).double() if pos else torch.zeros(0)
+        np.testing.assert_allclose(got.numpy(), expected.numpy(), rtol=1e-5)
+    negatives = torch.from_numpy(scores != 1.0)
+    assert (adv[negatives] == 0).all()
 
 
-def test_advantage_estimator_needs_index_and_all_negative_is_zero():
+def test_advantage_estimator_refuses_to_run_outside_popos_trainer():
+    """verl's own advantage step passes no old log-probs: the estimator says where POPO runs instead of guessing."""
     rewards, mask, uid, _ = _adv_batch(4)
     fn = core_algos.get_adv_estimator_fn("popo")
-    with pytest.raises(ValueError):
-        fn(token_level_rewards=rewards, response_mask=mask, config=None, index=None)
-    adv, _ = fn(token_level_rewards=torch.zeros_like(rewards), response_mask=mask, config=None, index=uid)
+    with pytest.raises(ValueError, match="algorithm=popo.*trainer.v1.trainer_mode=popo"):
+        fn(token_level_rewards=rewards, response_mask=mask, config=None, index=uid)
+    with pytest.raises(ValueError, match="uid"):
+        fn(token_level_rewards=rewards, response_mask=mask, config=None, index=None, old_log_probs=_old_log_probs(4, mask))
+    adv, _ = fn(token_level_rewards=torch.zeros_like(rewards), response_mask=mask, config=None, index=uid,
+                old_log_probs=_old_log_probs(4, mask))
     assert torch.isfinite(adv).all() and (adv == 0).all()
 
 
@@ -188,7 +198,7 @@ def test_policy_loss_gradient_at_ratio_one_equals_weighted_nll(seed):
     (g,) = torch.autograd.grad(loss, log_prob)
 
     ref_lp = old.clone().requires_grad_(True)
-    ref_loss = core.weighted_nll_loss(ref_lp, adv[:, 0], mask)
+    ref_loss = reference_loss.weighted_nll_loss(ref_lp, adv[:, 0], mask)
     (g_ref,) = torch.autograd.grad(ref_loss, ref_lp)
     np.testing.assert_allclose(g.numpy(), g_ref.numpy(), rtol=1e-12, atol=1e-15)
     # the value is the weighted NLL as well
@@ -258,7 +268,7 @@ def test_policy_loss_through_verl_ppo_loss(micro_batch):
     grads = torch.autograd.grad(loss, seq_lp)
 
     ref_lp = resp_lp.clone().requires_grad_(True)
-    expected = core.weighted_nll_loss(ref_lp, w, mask)
+    expected = reference_loss.weighted_nll_loss(ref_lp, w, mask)
     (g_ref,) = torch.autograd.grad(expected, ref_lp)
     assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
     for i, s in enumerate(seq_lp):

@@ -13,7 +13,7 @@ import torch
 from transfer_queue import KVBatchMeta
 
 from popo_verl import trainer as trainer_mod
-from popo_verl.engines.fsdp import WITH_DRIFT_KEY
+from popo_verl.protocol import WITH_DRIFT_KEY
 from popo_verl.trainer import PopoTrainer
 
 STATS = {"popo/drift": 0.5, "popo/drift_bound": 2.0, "timing_s/ema_update": 0.01, "timing_s/popo_noise": 0.002}

@@ -210,6 +210,6 @@ def test_the_megatron_engine_hooks_still_fit_verl():
     for needle in ("self.bridge.save_weights(self.model, hf_ckpt_path", "self.bridge.save_hf_weights(self.model, hf_ckpt_path",
                    "self.bridge.load_weights(self.model, hf_model_path)", "self.bridge.load_hf_weights(self.model, hf_model_path)"):
         assert needle in ckpt, needle
-    from popo_verl.engines.fsdp import PREDICTOR_ATTR
+    from popo_verl.protocol import PREDICTOR_ATTR
 
     assert PREDICTOR_ATTR == "popo_predictor"

@@ -1,4 +1,11 @@
-"""POPO's configuration: defaults, typed view and validation of `algorithm.popo.*`."""
+"""POPO's configuration: the one source of its defaults (`PopoConfig`), its typed view and validation.
+
+Where a user edits it: `algorithm.popo.*` on the command line (hydra overrides), or the `algorithm/popo.yaml` group
+next to this file, which lists PopoConfig's defaults for hydra (tests/test_hydra.py pins the two equal). The
+driver validates it (`validate_popo_config`), then hands it to the workers as `actor_rollout_ref.popo`; every part
+reads it through `popo_config`, never with defaults of its own. (`hydra_plugins/` only adds this package's config
+folder to hydra's search path; `recipe/popo/config` holds the recipe's run configs, which compose `algorithm=popo`.)
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,9 @@ WEIGHT_MODES = ("softmax", "uniform")
 ENTROPY_ON = ("positives", "all")
 ANCHORS = ("cosine", "kl")
 NLL_NORMS = ("token", "sequence")
+# binary: POPO as the paper defines it, for a verifier that scores 1 (correct) or 0 (wrong);
+# threshold: any reward, positive iff r > tau_r, weights as in binary;
+# graded: positive iff r > tau_r, and each positive's weight is scaled by its normalised reward.
 REWARD_MODES = ("binary", "threshold", "graded")
 
 
@@ -63,7 +73,14 @@ def _popo_section(config) -> dict:
 
 
 def get_popo_config(config) -> PopoConfig:
-    section = _popo_section(config)
+    """The typed `algorithm.popo` of a composed config."""
+    return popo_config(_popo_section(config))
+
+
+def popo_config(section) -> PopoConfig:
+    """A `popo` section (algorithm.popo, or the workers' actor_rollout_ref.popo) as a PopoConfig, PopoConfig's
+    defaults for the keys it leaves out."""
+    section = dict(section or {})
     known = {f.name: f.type for f in fields(PopoConfig)}
     unknown = sorted(set(section) - set(known))
     if unknown:

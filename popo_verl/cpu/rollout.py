@@ -30,12 +30,14 @@ from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica, TokenOutput
 from verl.workers.rollout.utils import ensure_async_iterator
 
+from popo_verl.protocol import PREDICTOR_PREFIX
+
 logger = logging.getLogger(__name__)
 logger.setLevel(os.getenv("VERL_LOGGING_LEVEL", "WARNING"))
 
 SERVER_NAME_PREFIX = "hf_"
 #: Parameter names that never belong in the rollout model (filled by POPO's predictor head, say).
-EXCLUDED_WEIGHT_PREFIXES: tuple[str, ...] = ("popo_predictor.",)
+EXCLUDED_WEIGHT_PREFIXES: tuple[str, ...] = (PREDICTOR_PREFIX,)
 
 
 def _server_name(replica_rank: int, node_rank: int = 0) -> str:

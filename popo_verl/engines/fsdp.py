@@ -23,21 +23,14 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from verl.utils import tensordict_utils as tu
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
 from popo_verl import core
-
-PREDICTOR_ATTR = "popo_predictor"
-PREDICTOR_PREFIX = PREDICTOR_ATTR + "."
-POOLED_KEY = "popo_pooled"
-PRED_KEY = "popo_pred"
-#: non-tensor flag of a forward-only batch: compute the pooled states only (see `pooled_only`)
-POOLED_ONLY_KEY = "popo_pooled_only"
-#: update batch (extra_info): whether the step's stats that the update returns include the drift (drift_interval)
-WITH_DRIFT_KEY = "popo_with_drift"
-
+from popo_verl.engines.common import PopoEngineBase, Siamese, pooled_only, response_states
+from popo_verl.protocol import POOLED_KEY, PRED_KEY, PREDICTOR_ATTR, is_predictor_param
 
 def final_norm(module: torch.nn.Module) -> torch.nn.Module:
     """The final norm of an HF causal LM (`model.model.norm` for Llama/Qwen-style models)."""
@@ -50,83 +43,7 @@ def final_norm(module: torch.nn.Module) -> torch.nn.Module:
     return norm
 
 
-def response_states(values: torch.Tensor, data, width: int | None = None) -> torch.Tensor:
-    """The packed states (nnz, H) at each row's response tokens -> (B, R, H), zero-padded (R = `width`, the longest
-    response, when the caller knows it: reading it from the lengths is a device sync).
-
-    Row b holds its prompt then its r_b response tokens (EOS included), rows back to back: the response
-    states are the row's last r_b. The window of the reference's pooling (first response token through EOS);
-    verl's `no_padding_2_padding` (verl/workers/utils/padding.py), which this mirrors for the lengths, takes
-    the window one token earlier: the states that *predict* the response tokens, what log-probs need.
-    """
-    prompts, responses = data["prompts"], data["responses"]
-    if prompts.is_nested:
-        prompt_lens, response_lens = prompts.offsets().diff(), responses.offsets().diff()
-    else:
-        attention = data["attention_mask"]
-        prompt_lens = attention[:, : prompts.shape[1]].sum(dim=1)
-        response_lens = attention[:, prompts.shape[1]:].sum(dim=1)
-    ends = (prompt_lens + response_lens).cumsum(dim=0).to(values.device)
-    response_lens = response_lens.to(values.device)
-    torch._assert_async(ends[-1] == values.shape[0], "POPO pooling: the packed states and the rows' tokens differ in number")
-    width = int(response_lens.max()) if width is None else width
-    offs = torch.arange(width, device=values.device).unsqueeze(0)
-    valid = offs < response_lens.unsqueeze(1)
-    index = torch.where(valid, (ends - response_lens).unsqueeze(1) + offs, torch.zeros_like(offs))
-    return values[index] * valid.unsqueeze(-1).to(values.dtype)
-
-
-def pooled_only(micro_batch) -> bool:
-    """A forward that returns the pooled states alone (the siamese under anchor=cosine): no LM-head log-probs."""
-    return bool(tu.get_non_tensor_data(data=micro_batch, key=POOLED_ONLY_KEY, default=False))
-
-
-def is_predictor_param(name: str) -> bool:
-    return name.startswith(PREDICTOR_PREFIX) or f".{PREDICTOR_PREFIX}" in name
-
-
-class PopoStepReporting:
-    """What POPO's FSDP and Megatron engines share: the predictor settings, and after each optimizer step the
-    siamese EMA callback and the head's gradient norm metric."""
-
-    popo_predictor_hidden: int = 1024
-    popo_predictor_layers: int = 2
-    popo_predictor_seed: int = 0
-
-    def configure_popo(self, predictor_hidden: int, predictor_layers: int, seed: int = 0, predictor_clip_grad: float = 0.0) -> None:
-        self.popo_predictor_hidden = int(predictor_hidden)
-        self.popo_predictor_layers = int(predictor_layers)
-        self.popo_predictor_seed = int(seed)
-        self.popo_predictor_clip_grad = float(predictor_clip_grad)
-
-    #: the predictor head's own max grad norm (0 = no clip); set by configure_popo
-    popo_predictor_clip_grad: float = 0.0
-
-    #: called as fn(grad_norm) after every optimizer step that updated the weights (the siamese EMA)
-    popo_after_optimizer_step = None
-    #: the head's gradient norm at the last optimizer step (before its clip), for popo/predictor_grad_norm
-    popo_predictor_grad_norm: float | None = None
-
-    def _after_step(self, grad_norm):
-        callback = self.popo_after_optimizer_step
-        if callback is not None and grad_norm is not None:
-            gn = float(grad_norm.item() if isinstance(grad_norm, torch.Tensor) else grad_norm)
-            if gn == gn and gn not in (float("inf"), float("-inf")):  # verl skips non-finite steps
-                callback(gn)
-        return grad_norm
-
-    def train_batch(self, data, loss_function):
-        self.popo_predictor_grad_norm = None
-        outputs = super().train_batch(data, loss_function)
-        if self.popo_predictor_grad_norm is not None and self.is_mp_src_rank_with_outputs():
-            from verl.utils.metric import AggregationType, Metric
-
-            # the norm is global (same on every rank); verl averages Metrics over ranks, then over mini-batches
-            outputs["metrics"]["popo/predictor_grad_norm"] = Metric(AggregationType.MEAN, self.popo_predictor_grad_norm)
-        return outputs
-
-
-class PopoFSDPEngine(PopoStepReporting, FSDPEngineWithLMHead):
+class PopoFSDPEngine(PopoEngineBase, FSDPEngineWithLMHead):
     """FSDP engine that also returns POPO's pooled representation (and predictor output)."""
 
     # ------------------------------------------------------------------ model construction
@@ -292,3 +209,82 @@ class PopoFSDPEngine(PopoStepReporting, FSDPEngineWithLMHead):
     def get_per_tensor_param(self, *args, **kwargs):
         params, peft_config = super().get_per_tensor_param(*args, **kwargs)
         return ((name, t) for name, t in params if not is_predictor_param(name)), peft_config
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+class FsdpSiamese(Siamese):
+    """The siamese under FSDP/FSDP2: verl's ref engine, built in fp32 on the actor's mesh and wrap policy, so each
+    rank's siamese shard pairs with its actor shard and the EMA is a local `lerp_`, with no communication."""
+
+    def __init__(self, actor_engine: PopoFSDPEngine, ref_engine):
+        self.actor_engine, self.ref_engine = actor_engine, ref_engine
+        self.check_layout()
+        _, thetas = self.pairs()
+        self.device = thetas[0].device if thetas else torch.device("cpu")
+        self._predictor_ids: set[int] | None = None
+
+    def _actor(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.actor_engine.module.named_parameters() if not is_predictor_param(n)}
+
+    def _siamese(self) -> dict[str, torch.Tensor]:
+        return dict(self.ref_engine.module.named_parameters())
+
+    def pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(xi, theta) local shards, name by name: one walk over the parameters."""
+        actor, siamese = self._actor(), self._siamese()
+        names = sorted(siamese)
+        return [_local(siamese[n].data) for n in names], [_local(actor[n].data) for n in names]
+
+    def check_layout(self) -> None:
+        actor, siamese = self._actor(), self._siamese()
+        if set(actor) != set(siamese):
+            missing = sorted(set(actor) ^ set(siamese))[:5]
+            raise RuntimeError(f"POPO siamese and actor differ in parameters: {missing}")
+        for n, p in siamese.items():
+            if p.dtype != torch.float32:
+                raise RuntimeError(
+                    f"POPO siamese parameter {n} is {p.dtype}; the EMA needs fp32 "
+                    "(actor_rollout_ref.ref.fsdp_config.model_dtype=fp32)"
+                )
+            if _local(p.data).shape != _local(actor[n].data).shape:
+                raise RuntimeError(
+                    f"POPO siamese shard of {n} {tuple(_local(p.data).shape)} does not match the actor's "
+                    f"{tuple(_local(actor[n].data).shape)}: ref and actor need the same FSDP mesh and wrap policy"
+                )
+
+    @torch.no_grad()
+    def copy_from_actor(self) -> None:
+        for xi, theta in zip(*self.pairs(), strict=True):
+            xi.copy_(theta.to(device=xi.device, dtype=xi.dtype))
+
+    def ema(self, tau: float) -> None:
+        core.ema_update_(*self.pairs(), tau)
+
+    def distance_sq(self) -> torch.Tensor:
+        return core.parameter_distance_sq(*self.pairs())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {n: _local(p.data).detach().cpu().clone() for n, p in self._siamese().items()}
+
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        for n, p in self._siamese().items():
+            _local(p.data).copy_(state[n].to(_local(p.data).device))
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.actor_engine.optimizer]
+
+    def predictor_param_ids(self) -> set[int]:
+        if self._predictor_ids is None:  # the parameters never change identity: name them once
+            named = self.actor_engine.module.named_parameters()
+            self._predictor_ids = {id(p) for n, p in named if is_predictor_param(n)}
+        return self._predictor_ids
+
+    def named_actor_params(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.actor_engine.module.named_parameters())
+
+    def named_siamese_params(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self._siamese().items())

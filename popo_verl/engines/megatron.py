@@ -56,14 +56,8 @@ from verl.workers.engine.megatron import transformer_impl
 from verl.workers.engine.megatron.transformer_impl import MegatronEngineWithLMHead
 
 from popo_verl import core
-from popo_verl.engines.fsdp import (
-    POOLED_KEY,
-    PRED_KEY,
-    PREDICTOR_ATTR,
-    PopoStepReporting,
-    is_predictor_param,
-    response_states,
-)
+from popo_verl.engines.common import PopoEngineBase, Siamese, response_states
+from popo_verl.protocol import POOLED_KEY, PRED_KEY, PREDICTOR_ATTR, is_predictor_param
 
 
 class Fp32PredictorHead(core.PredictorHead):
@@ -129,7 +123,7 @@ def reindex_mixed_dtype_groups(opt) -> None:
             index[param] = (group, order)
 
 
-class PopoMegatronEngine(PopoStepReporting, MegatronEngineWithLMHead):
+class PopoMegatronEngine(PopoEngineBase, MegatronEngineWithLMHead):
     """Megatron engine that also returns POPO's pooled representation (and predictor output)."""
 
     @property
@@ -506,7 +500,7 @@ def host_empty(shape) -> torch.Tensor:
         return torch.empty(shape, dtype=torch.float32, device="cpu")
 
 
-class MegatronSiamese:
+class MegatronSiamese(Siamese):
     """The siamese's fp32 shadow next to verl's bf16 forward-only Megatron model in the ref role.
 
     `shadow[k]` is the fp32 EMA of theta's fp32 main values that this rank's optimizer steps (`fp32_main_params`),
@@ -521,6 +515,8 @@ class MegatronSiamese:
     (`param_offload` / `optimizer_offload`): then in pinned host memory, staged through the device one parameter
     at a time by each update (4 B per element each way per step; the device holds one parameter's worth, while
     the step runs), so that it takes no device memory between steps (the rollout's)."""
+
+    every_rank_reduces = True  # a rank of the distributed optimizer may hold no shard, and still joins
 
     def __init__(self, actor_engine, ref_engine):
         self.actor_engine, self.ref_engine = actor_engine, ref_engine
@@ -656,3 +652,16 @@ class MegatronSiamese:
                 saved = saved.reshape(-1)[slots[k].start:slots[k].end]
             v.copy_(saved.reshape(v.shape))
         self.write_to_model()
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The torch optimizers inside Megatron's (chained) optimizer: they step the main shards."""
+        return [o.optimizer for o in self.actor_engine._sub_optimizers()]
+
+    def predictor_param_ids(self) -> set[int]:
+        return set().union(*self.actor_engine._popo_head_shards.values())
+
+    def named_actor_params(self) -> list[tuple[str, torch.Tensor]]:
+        return list(named_local_params(self.actor_engine, with_head=True).items())
+
+    def named_siamese_params(self) -> list[tuple[str, torch.Tensor]]:
+        return list(self.shadow.items())
