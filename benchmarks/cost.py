@@ -68,7 +68,7 @@ LARGE_RESPONSE_LENGTH = 256
 LARGE_MICRO_BATCH = 16
 #: the hf rollout server's peak, as popo_verl/gpu_rollout.py's peak_line prints it (GB, torch.cuda.max_memory_allocated)
 ROLLOUT_PEAK = re.compile(r"popo-verl hf rollout: max_memory_allocated_gb=([0-9.]+)")
-#: POPO's metric of the KL monitor's step (popo_verl/trainer.py _maybe_kl_monitor)
+#: POPO's metric of the KL monitor's step (popo_verl/diagnostics.py _maybe_kl_monitor)
 KL_MONITOR_KEY = "popo/kl_policy_siamese"
 
 

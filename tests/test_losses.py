@@ -14,7 +14,7 @@ from verl.workers.config import FSDPActorConfig
 from popo_verl import core
 from popo_verl.losses import popo_actor_loss, row_keys
 from popo_verl.protocol import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY
-from popo_verl.trainer import spread_padding_order
+from popo_verl.update_batch import spread_padding_order
 
 
 def nested(rows):
@@ -253,12 +253,10 @@ def test_nll_norm_sequence_weighs_each_response_by_w_whatever_its_length(micro_b
 def test_the_update_batch_carries_what_the_update_reads():
     """The driver sends the actor update only what it reads: verl's returns and rewards stay behind (its step metrics
     read them on the driver), the siamese's log-probs travel only with anchor=kl (the cosine reads pooled states)."""
-    from types import SimpleNamespace
-
-    from popo_verl.trainer import PopoTrainer
+    from popo_verl.update_batch import update_fields
 
     step = ["input_ids", "prompts", "responses", "response_mask", "old_log_probs", "advantages", "returns", "rm_scores",
             "token_level_rewards", "uid", SIM_WEIGHT_KEY, TOKEN_SCALE_KEY]
     for anchor, siamese in (("cosine", {SIAMESE_KEY}), ("kl", {SIAMESE_KEY, "ref_log_prob"})):
-        fields = PopoTrainer._update_fields(SimpleNamespace(popo=SimpleNamespace(anchor=anchor)), step)
+        fields = update_fields(step, anchor)
         assert set(fields) == (set(step) - {"returns", "rm_scores", "token_level_rewards"}) | siamese
