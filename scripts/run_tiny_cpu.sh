@@ -169,7 +169,7 @@ case "$ROLLOUT" in
   hf) ROLLOUT_ENGINE_ARGS=(actor_rollout_ref.rollout.name=hf) ;;
   vllm)
     # the CPU pieces (no sleep mode, weights kept for re-packing, a bounded weight sync) switch on by themselves
-    # on the CPU platform (popo_verl/cpu/vllm.py); these are the sizes for a 105k-parameter model on 2 cores
+    # on the CPU platform (popo_verl/rollout/vllm_cpu.py); these are the sizes for a 105k-parameter model on 2 cores
     export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}   # GiB of KV cache (vLLM's CPU default is 4)
     ROLLOUT_ENGINE_ARGS=(
       actor_rollout_ref.rollout.name=vllm

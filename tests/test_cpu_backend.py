@@ -176,12 +176,12 @@ _VLLM_REGISTRATION = """
 
 
 def test_cpu_vllm_pieces_switch_on_only_on_the_cpu_platform():
-    """`rollout.name=vllm`: on the CPU platform, popo_verl/cpu/vllm.py's adapter and replica (no sleep mode, weights
+    """`rollout.name=vllm`: on the CPU platform, popo_verl/rollout/vllm_cpu.py's adapter and replica (no sleep mode, weights
     kept for re-packing, a bounded weight sync); on a CUDA machine verl's own, untouched (sleep mode, CUDA IPC, its
     worker extension). The registrations only name the classes: nothing here needs vLLM installed."""
     cpu = _run(textwrap.dedent(_FAKE_CPU_MACHINE) + textwrap.dedent(_VLLM_REGISTRATION), {"POPO_VERL_CPU": "1"})
     assert cpu.returncode == 0, cpu.stderr[-2000:]
-    assert cpu.stdout.split()[-3:] == ["popo_verl.cpu.vllm.CPUvLLMServerAdapter",
+    assert cpu.stdout.split()[-3:] == ["popo_verl.rollout.vllm_cpu.CPUvLLMServerAdapter",
                                        "popo_verl.cpu.backend._load_cpu_vllm_replica", "False"]
     stock = ["verl.workers.rollout.vllm_rollout.ServerAdapter", "verl.workers.rollout.replica._load_vllm", "True"]
     for machine in ("import torch\ntorch.cuda.is_available = lambda: True\n", textwrap.dedent(_FAKE_CPU_MACHINE)):

@@ -1,6 +1,6 @@
-"""The CPU-checkable parts of the GPU path (issue 16): the sized random models (popo_verl/sized_models.py), the
-synthetic verifier (popo_verl/synthetic_reward.py), benchmarks/cost.py's GPU options and report, and
-scripts/gpu_check.sh with its Python half (popo_verl/gpu_check.py). What needs a GPU is run by scripts/gpu_check.sh
+"""The CPU-checkable parts of the GPU path (issue 16): the sized random models (popo_verl/bench/sized_models.py), the
+synthetic verifier (popo_verl/bench/synthetic_reward.py), benchmarks/cost.py's GPU options and report, and
+scripts/gpu_check.sh with its Python half (popo_verl/bench/gpu_check.py). What needs a GPU is run by scripts/gpu_check.sh
 on one; here the script must fail fast and clearly."""
 
 import asyncio
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from popo_verl import gpu_check, sized_models, synthetic_reward
-from popo_verl.synthetic_reward import compute_score, is_positive, positives_per_group, verl_overrides
+from popo_verl.bench import gpu_check, sized_models, synthetic_reward
+from popo_verl.bench.synthetic_reward import compute_score, is_positive, positives_per_group, verl_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -434,7 +434,7 @@ def test_a_cpu_run_has_no_allocator_peak_and_no_memory_verdict(cost, tmp_path):
 def test_gpu_memory_falls_back_to_torch_where_nvidia_smi_names_no_process(cost, tmp_path):
     """In a container nvidia-smi lists host PIDs: the per-process table came out empty. Then each role's
     torch.cuda.max_memory_allocated is shown: the trainer worker's from verl's metric, the hf rollout server's from the
-    line popo_verl/gpu_rollout.py prints (parsed from the run's log)."""
+    line popo_verl/rollout/hf_gpu.py prints (parsed from the run's log)."""
     log = "\n".join(["(TaskRunner pid=1) step:1 - x:1", "(HFGPURolloutServer pid=9) popo-verl hf rollout: "
                      "max_memory_allocated_gb=3.250", "(HFGPURolloutServer pid=9) popo-verl hf rollout: "
                      "max_memory_allocated_gb=3.500"])
@@ -596,6 +596,8 @@ def test_report_fails_when_a_stage_failed_or_a_run_logged_nothing(tmp_path, caps
 
 
 def test_one_step_runs_keep_their_only_step():
-    steps = [(1, {"timing_s/step": 2.0})]
-    assert gpu_check.phase_medians(steps)["step"] == 2.0
-    assert math.isnan(gpu_check.phase_medians([])["step"])
+    from popo_verl.bench.phases import phase_medians
+
+    assert phase_medians({1: {"timing_s/step": 2.0}})["step"] == 2.0
+    assert phase_medians({1: {"timing_s/step": 9.0}, 2: {"timing_s/step": 2.0}, 3: {"timing_s/step": 4.0}})["step"] == 3.0
+    assert math.isnan(phase_medians({})["step"])

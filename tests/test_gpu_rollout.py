@@ -1,4 +1,4 @@
-"""The hf rollout on a GPU (popo_verl/gpu_rollout.py). On the CPU: the device and dtype choice (CUDA faked), the
+"""The hf rollout on a GPU (popo_verl/rollout/hf_gpu.py). On the CPU: the device and dtype choice (CUDA faked), the
 registration on a (faked) GPU machine, the sampler, the KV-cache budget and its chunks, sleep/wake moving the weights
 off and back on (the CPU standing in for the GPU), the CUDA device of every worker thread (torch.cuda.device recorded,
 as no GPU exists here), and the weight sync through verl's own bucketed transfer (shared memory where CUDA IPC is
@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from popo_verl import gpu_rollout
-from popo_verl.gpu_rollout import (HFGPURolloutServer, HFGPUServerAdapter, RowUniforms, cuda_index, inverse_cdf_sample,
+from popo_verl.rollout import hf_gpu
+from popo_verl.rollout.hf_gpu import (HFGPURolloutServer, HFGPUServerAdapter, RowUniforms, cuda_index, inverse_cdf_sample,
                                    kv_budget_bytes, kv_bytes_per_token, kv_fraction, rollout_placement,
                                    sequences_per_chunk)
 from test_cpu_backend import _FAKE_GPU_MACHINE, _run
@@ -85,7 +85,7 @@ def test_registration_follows_the_machine_and_the_env():
 
 
 # ------------------------------------------------------------------------------------------------ sampling
-def _uniforms(seeds, block=gpu_rollout.UNIFORM_BLOCK):
+def _uniforms(seeds, block=hf_gpu.UNIFORM_BLOCK):
     return RowUniforms([torch.Generator().manual_seed(s) for s in seeds], torch.device("cpu"), block)
 
 
@@ -267,7 +267,7 @@ def test_the_peak_memory_line_is_printed_as_it_grows_and_read_by_cost_py(server,
     peak[0] = 3.5 * 2**30
     server._report_peak()
     out = capsys.readouterr().out
-    assert out.splitlines() == [gpu_rollout.peak_line(2.5), gpu_rollout.peak_line(3.5)], "once per new peak"
+    assert out.splitlines() == [hf_gpu.peak_line(2.5), hf_gpu.peak_line(3.5)], "once per new peak"
     assert cost.rollout_peak_gb(f"(HFGPURolloutServer pid=7) {out}") == 3.5
 
 
@@ -442,7 +442,7 @@ def test_on_the_gpu_weight_sync_goes_through_cuda_ipc(tiny_random_model):
 
 _IPC_SENDER = """
 import asyncio, sys, torch
-from popo_verl.gpu_rollout import bucketed_weight_transfer
+from popo_verl.rollout.hf_gpu import bucketed_weight_transfer
 weights = {k: v.cuda() for k, v in torch.load(sys.argv[2]).items()}
 sender = bucketed_weight_transfer().BucketedWeightSender(zmq_handle=sys.argv[1], bucket_size_mb=1, use_shm=False)
 asyncio.run(sender.async_send_weights(iter(weights.items())))
@@ -452,7 +452,7 @@ print("sent from cuda", torch.cuda.current_device(), flush=True)
 _IPC_RECEIVER = """
 import asyncio, sys, torch
 from types import SimpleNamespace
-from popo_verl.gpu_rollout import HFGPURolloutServer
+from popo_verl.rollout.hf_gpu import HFGPURolloutServer
 handle, weights_file, model, index = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 cfg = SimpleNamespace(prompt_length=16, response_length=12, max_num_seqs=64, seed=3, dtype="bfloat16", free_cache_engine=True)
 s = HFGPURolloutServer(cfg, SimpleNamespace(path=model, local_path=model, trust_remote_code=False), device=f"cuda:{index}")

@@ -373,7 +373,7 @@ def test_broken_plugin_is_loud_through_verl_import():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("first", ["popo_verl.workers", "popo_verl.cpu.rollout", "popo_verl.losses", "popo_verl.algos"])
+@pytest.mark.parametrize("first", ["popo_verl.workers", "popo_verl.rollout.hf", "popo_verl.losses", "popo_verl.algos"])
 def test_a_glue_module_imported_first_still_registers_everything(first):
     """A Ray worker unpickling a POPO class imports that module before verl: verl's plugin loader then meets it
     half-initialised. Registration must still complete, and the CPU platform must be in place before verl

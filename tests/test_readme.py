@@ -4,6 +4,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
 def _bash_blocks(text: str) -> list[str]:
@@ -57,3 +58,19 @@ def test_ci_installs_the_vllm_environment_the_readme_gives():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert any(line.startswith("timeout ") and line.split(None, 2)[2].startswith(install) for line in ci)
     assert any("tests/test_vllm_cpu.py" in line and line.startswith("timeout ") for line in ci)
+
+
+def test_the_layout_section_matches_the_tree():
+    """Every module and package of popo_verl is named in the README's Layout, and every path it names exists."""
+    layout = README.read_text().split("## Layout", 1)[1].split("```", 2)[1]
+    pkg = ROOT / "popo_verl"
+    entries = {p.name for p in pkg.iterdir() if (p.suffix == ".py" and p.name != "__init__.py")
+               or (p.is_dir() and not p.name.startswith(("_", ".")) and p.name != "__pycache__")}
+    missing = sorted(e for e in entries if not re.search(rf"(?<![\w.]){re.escape(e)}", layout))
+    assert not missing, f"README Layout leaves out {missing}"
+    named = re.findall(r"(popo_verl/[\w/]+(?:\.py)?)", layout)
+    assert named and all((ROOT / n).exists() for n in named), [n for n in named if not (ROOT / n).exists()]
+    for sub in ("engines", "rollout", "bench", "config", "cpu", "tiny", "data"):
+        for f in (pkg / sub).glob("*.py"):
+            if f.name not in ("__init__.py", "__main__.py") and sub in ("engines", "rollout", "bench"):
+                assert f.name in layout, f"README Layout leaves out popo_verl/{sub}/{f.name}"

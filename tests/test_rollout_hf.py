@@ -1,4 +1,4 @@
-"""The `hf` rollout server (popo_verl/cpu/rollout.py) without Ray: sampling, log-probs, EOS, weights."""
+"""The `hf` rollout server (popo_verl/rollout/hf.py) without Ray: sampling, log-probs, EOS, weights."""
 
 import asyncio
 from types import SimpleNamespace
@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from popo_verl.cpu.rollout import HFRolloutServer, _filter_top_k_top_p
+from popo_verl.rollout.hf import HFRolloutServer, _filter_top_k_top_p
 
 
 @pytest.fixture()

@@ -132,7 +132,7 @@ def test_the_cpu_backend_changes_verl_when_asked_for():
     assert r["platform"] == "cpu" and r["replay buffer __init__ wrapped"] and not r["agent loop's hydra"]
     assert r["process group init wrapped"] and r["CPUOffloadPolicy"].startswith("popo_verl.")
     assert r["env"]["VERL_PLATFORM"] == "cpu" and r["env"]["VERL_ENGINE_DEVICE"] == "cuda" and r["env"]["TQ_NUM_THREADS"]
-    assert r["vllm rollout"] == "popo_verl.cpu.vllm.CPUvLLMServerAdapter"
+    assert r["vllm rollout"] == "popo_verl.rollout.vllm_cpu.CPUvLLMServerAdapter"
     assert r["validate_config wrapped"] is False, "POPO's driver check is hydra's callback, on every platform"
 
 

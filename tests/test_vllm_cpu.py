@@ -8,7 +8,7 @@ hybrid engine, and its bucketed weight sync over shared memory, on the tiny task
   received are the policy's, without POPO's predictor head.
 - A killed engine (SIGKILL to vLLM's EngineCore mid-run) ends the run within 60 s, non-zero, naming vLLM, with no
   /dev/shm segment left.
-The pieces of popo_verl/cpu/vllm.py are tested on vLLM's own code below the runs.
+The pieces of popo_verl/rollout/vllm_cpu.py are tested on vLLM's own code below the runs.
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def test_cpu_linear_layers_keep_their_weights_for_the_next_sync():
     extension's patch the weight stays, and a load into it followed by a re-pack changes the layer's output."""
     from vllm.model_executor.layers import utils as layer_utils
 
-    from popo_verl.cpu.vllm import _keep_cpu_linear_weights
+    from popo_verl.rollout.vllm_cpu import _keep_cpu_linear_weights
 
     original = layer_utils.dispatch_cpu_unquantized_gemm
     layer = torch.nn.Module()
@@ -231,7 +231,7 @@ def test_a_weight_sync_without_an_engine_ends_and_frees_its_segment(tmp_path):
     `finally` unlinks the shared-memory bucket."""
     import zmq
 
-    from popo_verl.cpu.vllm import _BoundedSender
+    from popo_verl.rollout.vllm_cpu import _BoundedSender
 
     before = shm_entries()
     sender = _BoundedSender(zmq_handle=f"ipc://{tmp_path}/nobody.sock", bucket_size_mb=1, use_shm=True, timeout_s=0.5)
@@ -248,7 +248,7 @@ def test_shm_bucket_fits_dev_shm(tmp_path, monkeypatch):
     import shutil
     from collections import namedtuple
 
-    from popo_verl.cpu.vllm import shm_bucket_megabytes
+    from popo_verl.rollout.vllm_cpu import shm_bucket_megabytes
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda _: usage(64 << 20, 0, 64 << 20))
@@ -261,7 +261,7 @@ def test_shm_bucket_fits_dev_shm(tmp_path, monkeypatch):
 def test_layouts_vllm_cpu_cannot_serve_are_named(tiny_hd32):
     from transformers import AutoConfig, Qwen3Config
 
-    from popo_verl.cpu.vllm import cpu_layout_problem
+    from popo_verl.rollout.vllm_cpu import cpu_layout_problem
 
     assert cpu_layout_problem(AutoConfig.from_pretrained(os.path.join(tiny_hd32, "model"))) is None
     problem = cpu_layout_problem(Qwen3Config(hidden_size=64, num_attention_heads=4, head_dim=16))
@@ -319,7 +319,7 @@ def test_shm_reaper_unlinks_after_the_processes_exit(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ verl pins
 def test_the_verl_and_vllm_code_the_cpu_pieces_override_is_still_there():
-    """What popo_verl/cpu/vllm.py subclasses or relies on by name in verl 0.9.1 and vLLM 0.24; an upgrade that
+    """What popo_verl/rollout/vllm_cpu.py subclasses or relies on by name in verl 0.9.1 and vLLM 0.24; an upgrade that
     renames one would silently bypass the CPU piece (tests/test_verl_pins.py does this for the rest of the glue)."""
     import inspect
 

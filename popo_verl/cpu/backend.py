@@ -142,16 +142,16 @@ def _register_hf_rollout_class() -> None:
 
     # the same answer in every process of a run: the env and the machine decide
     rollout_base._ROLLOUT_REGISTRY[(HF_ROLLOUT, "async")] = (
-        "popo_verl.gpu_rollout.HFGPUServerAdapter" if hf_rollout_on_gpu() else "popo_verl.cpu.rollout.HFServerAdapter"
+        "popo_verl.rollout.hf_gpu.HFGPUServerAdapter" if hf_rollout_on_gpu() else "popo_verl.rollout.hf.HFServerAdapter"
     )
 
 
 def _load_hf_replica():
     if hf_rollout_on_gpu():
-        from popo_verl.gpu_rollout import HFGPUReplica
+        from popo_verl.rollout.hf_gpu import HFGPUReplica
 
         return HFGPUReplica
-    from popo_verl.cpu.rollout import HFReplica
+    from popo_verl.rollout.hf import HFReplica
 
     return HFReplica
 
@@ -166,17 +166,17 @@ VLLM_ROLLOUT = "vllm"
 
 
 def _register_cpu_vllm_rollout_class() -> None:
-    """`rollout.name=vllm` on the CPU platform: verl's vLLM classes with the CPU pieces of popo_verl/cpu/vllm.py
+    """`rollout.name=vllm` on the CPU platform: verl's vLLM classes with the CPU pieces of popo_verl/rollout/vllm_cpu.py
     (imported only when a run builds its rollout: vLLM lives in its own environment, scripts/install_vllm_cpu.sh).
     Replaces verl's entries (verl/workers/rollout/base.py `_ROLLOUT_REGISTRY`, verl/workers/rollout/replica.py
     `RolloutReplicaRegistry`) on the CPU platform only; elsewhere verl's own vLLM path runs untouched."""
     from verl.workers.rollout import base as rollout_base
 
-    rollout_base._ROLLOUT_REGISTRY[(VLLM_ROLLOUT, "async")] = "popo_verl.cpu.vllm.CPUvLLMServerAdapter"
+    rollout_base._ROLLOUT_REGISTRY[(VLLM_ROLLOUT, "async")] = "popo_verl.rollout.vllm_cpu.CPUvLLMServerAdapter"
 
 
 def _load_cpu_vllm_replica():
-    from popo_verl.cpu.vllm import CPUvLLMReplica
+    from popo_verl.rollout.vllm_cpu import CPUvLLMReplica
 
     return CPUvLLMReplica
 

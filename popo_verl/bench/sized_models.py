@@ -16,7 +16,7 @@ embedding that makes 155 M of Qwen3-0.6B and 311 M of Qwen3-1.7B is nearly gone;
 count back to the size named. The compute per token is the transformer stack's, as in Qwen3; only the
 vocabulary projection (a large share of a real model's logits cost) is small here.
 
-    python -m popo_verl.sized_models build 0.5b [--out DIR]      # prints the model directory
+    python -m popo_verl.bench.sized_models build 0.5b [--out DIR]      # prints the model directory
 
 The weights are random (seeded); 0.5b and 1.5b are written in bf16 (the GPU actor's compute dtype), tiny in
 fp32. Cached: a second build with the same spec returns at once.
@@ -157,7 +157,7 @@ def _write(size: str, spec: SizeSpec, out: Path, log) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m popo_verl.sized_models", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m popo_verl.bench.sized_models", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("build", help="build (or reuse) a model of the given size; prints its directory")
     b.add_argument("size", choices=sorted(SIZES))

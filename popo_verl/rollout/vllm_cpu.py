@@ -33,7 +33,7 @@ from verl.workers.rollout.vllm_rollout.bucketed_weight_transfer import BucketedW
 from verl.workers.rollout.vllm_rollout.utils import vLLMColocateWorkerExtension
 from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer, vLLMReplica
 
-from popo_verl.cpu.rollout import EXCLUDED_WEIGHT_PREFIXES
+from popo_verl.rollout.hf import EXCLUDED_WEIGHT_PREFIXES
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """`rollout.name=hf` on a GPU: the hf rollout server colocated with the actor, as verl's hybrid engine runs vLLM.
 
-For machines where vLLM cannot be installed. popo_verl/cpu/rollout.py is the CPU server; here it runs on the GPU
+For machines where vLLM cannot be installed. popo_verl/rollout/hf.py is the CPU server; here it runs on the GPU
 of the replica's first trainer worker, mirroring verl 0.9.1's vLLM rollout (verl/workers/rollout/vllm_rollout/):
 - weights in the rollout's dtype (`actor_rollout_ref.rollout.dtype`, verl's default bfloat16, the actor's
   compute dtype), synced from the actor's full tensors through verl's bucketed CUDA-IPC transfer (no copy
@@ -40,7 +40,7 @@ from typing import Optional
 import ray
 import torch
 
-from popo_verl.cpu.rollout import EXCLUDED_WEIGHT_PREFIXES, HFReplica, HFRolloutServer, HFServerAdapter
+from popo_verl.rollout.hf import EXCLUDED_WEIGHT_PREFIXES, HFReplica, HFRolloutServer, HFServerAdapter
 from verl.workers.rollout.utils import ensure_async_iterator
 
 logger = logging.getLogger(__name__)

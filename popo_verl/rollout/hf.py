@@ -9,7 +9,7 @@ Three pieces, mirroring verl 0.9.1's vLLM rollout (verl/workers/rollout/vllm_rol
   weight sync it drains the weight generator on every rank (the FSDP gather is collective) and ships
   the full tensors of its replica to the server.
 
-This is the CPU server (fp32, on the CPU). popo_verl/gpu_rollout.py subclasses it for a GPU: it overrides the
+This is the CPU server (fp32, on the CPU). popo_verl/rollout/hf_gpu.py subclasses it for a GPU: it overrides the
 hooks below (`device`, `_load_model`, `_sample`, `_forward_kwargs`, `_server_placement`), which on the CPU do
 exactly what this module always did.
 """

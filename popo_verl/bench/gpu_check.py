@@ -1,8 +1,8 @@
 """The Python half of scripts/gpu_check.sh: the device check, the GPU overrides of its tiny-task runs, its report.
 
-    python -m popo_verl.gpu_check device                    # exit 2 with one line where no CUDA GPU is usable
-    python -m popo_verl.gpu_check overrides --rollout hf --engine fsdp2   # the GPU overrides of the runs, one per line
-    python -m popo_verl.gpu_check report --stage tests=0 --stage popo=0 --stage grpo=1 \\
+    python -m popo_verl.bench.gpu_check device                    # exit 2 with one line where no CUDA GPU is usable
+    python -m popo_verl.bench.gpu_check overrides --rollout hf --engine fsdp2   # the GPU overrides of the runs, one per line
+    python -m popo_verl.bench.gpu_check report --stage tests=0 --stage popo=0 --stage grpo=1 \\
         --popo POPO_LOG --grpo GRPO_LOG [--header TEXT] [--json FILE]
 
 The report reads verl's console lines `step:N - key:value - ...` (popo_verl.tiny.summary.parse_steps) from each
@@ -20,18 +20,17 @@ import argparse
 import json
 import math
 import shutil
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
 
+from popo_verl.bench.phases import PHASES, median, phase_medians, ratio
 from popo_verl.tiny.summary import parse_steps
 
 #: exit status of `device` (and of scripts/gpu_check.sh) where there is no usable GPU
 NO_GPU_EXIT = 2
 #: the phases the report compares (verl's timing_s/<phase>; `ref` is POPO's siamese forward, GRPO's reference)
-PHASES = ("gen", "old_log_prob", "ref", "adv", "update_actor", "ema_update", "update_weights", "step")
 #: the phases whose ratio the report's summary line names
 KEY_PHASES = ("update_actor", "step")
 MEMORY_KEY = "actor/perf/max_memory_allocated_gb"
@@ -76,7 +75,7 @@ ENGINES = ("fsdp", "fsdp2", "megatron")
 def gpu_overrides(rollout: str, engine: str = "fsdp2") -> list[str]:
     """What a GPU run changes in scripts/run_tiny_cpu.sh's settings: CUDA, bf16 compute for the actor and the
     reference (the script's fp32 is for the CPU; POPO keeps its siamese and predictor in fp32 whatever this says),
-    and the rollout (`hf`: popo_verl/gpu_rollout.py on the GPU; `vllm` where vLLM is installed). The environment
+    and the rollout (`hf`: popo_verl/rollout/hf_gpu.py on the GPU; `vllm` where vLLM is installed). The environment
     must also say POPO_VERL_CPU=0 (the script defaults it to 1).
 
     The dtype key is the engine's: FSDP's `fsdp_config.mixed_precision.param_dtype` is no key of verl's config
@@ -95,21 +94,6 @@ def gpu_overrides(rollout: str, engine: str = "fsdp2") -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ report
-def _median(xs: list[float]) -> float:
-    return statistics.median(xs) if xs else float("nan")
-
-
-def phase_medians(steps: list[tuple[int, dict]], phases=PHASES) -> dict[str, float]:
-    """phase -> median of `timing_s/<phase>` over the steps after the first (the first is warm-up; a one-step run
-    keeps it rather than report nothing)."""
-    measured = [m for s, m in steps if s != 1] or [m for _, m in steps]
-    return {ph: _median([m[f"timing_s/{ph}"] for m in measured if f"timing_s/{ph}" in m]) for ph in phases}
-
-
-def ratio(a: float, b: float) -> float:
-    return a / b if b > 0 and not math.isnan(a) and not math.isnan(b) else float("nan")
-
-
 def peak(steps: list[tuple[int, dict]], key: str = MEMORY_KEY) -> float:
     vals = [m[key] for _, m in steps if key in m]
     return max(vals) if vals else float("nan")
@@ -117,12 +101,12 @@ def peak(steps: list[tuple[int, dict]], key: str = MEMORY_KEY) -> float:
 
 def compare(popo_steps, grpo_steps) -> dict:
     """The report's figures from two runs' parsed step lines."""
-    p, g = phase_medians(popo_steps), phase_medians(grpo_steps)
+    p, g = phase_medians(dict(popo_steps)), phase_medians(dict(grpo_steps))
     return {
         "phases": {ph: {"popo_s": p[ph], "grpo_s": g[ph], "ratio": ratio(p[ph], g[ph])} for ph in PHASES},
         "steps": {"popo": len(popo_steps), "grpo": len(grpo_steps)},
         "peak_memory_gb": {"popo": peak(popo_steps), "grpo": peak(grpo_steps)},
-        "positive_fraction": _median([m["popo/positive_ratio"] for _, m in popo_steps if "popo/positive_ratio" in m]),
+        "positive_fraction": median([m["popo/positive_ratio"] for _, m in popo_steps if "popo/positive_ratio" in m]),
     }
 
 
@@ -170,7 +154,7 @@ def _steps_of(path: Optional[str]) -> list:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m popo_verl.gpu_check", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m popo_verl.bench.gpu_check", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("device", help=f"exit {NO_GPU_EXIT} with one line where no CUDA GPU is usable; else print the GPUs")
     o = sub.add_parser("overrides", help="the GPU overrides of the tiny-task runs, one per line")
