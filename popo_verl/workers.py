@@ -32,7 +32,7 @@ from popo_verl import checkpoint
 from popo_verl.config import PopoConfig, popo_config
 from popo_verl.cpu.platform import cpu_platform_wanted
 from popo_verl.engines.fsdp import FsdpSiamese, PopoFSDPEngine
-from popo_verl.losses import popo_actor_loss
+from popo_verl.actor_loss import popo_actor_loss
 from popo_verl.protocol import WITH_DRIFT_KEY, is_predictor_param
 from popo_verl.siamese_ema import SiameseEma
 from popo_verl.timing import DeviceTimer

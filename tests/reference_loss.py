@@ -1,4 +1,4 @@
-"""POPO's loss over a whole batch as POPO.md writes it: the oracle that the verl loss (popo_verl/losses.py, per
+"""POPO's loss over a whole batch as POPO.md writes it: the oracle that the verl loss (popo_verl/actor_loss.py, per
 micro-batch, with verl's normalisation) and the registered policy loss (popo_verl/algos.py) are checked against.
 Built from popo_verl.core's formulas; nothing trains with it.
 """

@@ -23,7 +23,7 @@ from torch.overrides import TorchFunctionMode
 from test_engine import build_engine, make_batch, process_group  # noqa: F401  (fixture)
 
 import popo_verl
-from popo_verl.losses import popo_actor_loss
+from popo_verl.actor_loss import popo_actor_loss
 from popo_verl.protocol import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY
 from popo_verl.timing import DeviceTimer
 from popo_verl.engines.fsdp import FsdpSiamese

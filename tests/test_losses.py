@@ -1,4 +1,4 @@
-"""POPO's actor loss (popo_verl/losses.py) against reference_loss.popo_loss, with verl's real data layout."""
+"""POPO's actor loss (popo_verl/actor_loss.py) against reference_loss.popo_loss, with verl's real data layout."""
 
 import pytest
 import reference_loss  # tests/reference_loss.py: POPO.md's loss, the oracle
@@ -12,7 +12,7 @@ from verl.utils.metric import Metric
 from verl.workers.config import FSDPActorConfig
 
 from popo_verl import core
-from popo_verl.losses import popo_actor_loss, row_keys
+from popo_verl.actor_loss import popo_actor_loss, row_keys
 from popo_verl.protocol import SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY
 from popo_verl.update_batch import spread_padding_order
 

@@ -24,6 +24,7 @@ from verl.workers.config.actor import PolicyLossConfig
 from verl.workers.utils.losses import ppo_loss
 
 import popo_verl.algos as algos
+import popo_verl.policy_loss as policy_loss
 
 # ----------------------------------------------------------------------------------------------
 # registries
@@ -34,9 +35,9 @@ def test_registered_after_import_verl():
     assert "popo" in core_algos.ADV_ESTIMATOR_REGISTRY
     assert "popo" in core_algos.POLICY_LOSS_REGISTRY
     assert core_algos.ADV_ESTIMATOR_REGISTRY["popo"] is algos.compute_popo_advantage
-    assert core_algos.POLICY_LOSS_REGISTRY["popo"] is algos.compute_policy_loss_popo
+    assert core_algos.POLICY_LOSS_REGISTRY["popo"] is policy_loss.compute_policy_loss_popo
     assert core_algos.get_adv_estimator_fn("popo") is algos.compute_popo_advantage
-    assert core_algos.get_policy_loss_fn("popo") is algos.compute_policy_loss_popo
+    assert core_algos.get_policy_loss_fn("popo") is policy_loss.compute_policy_loss_popo
 
 
 def test_reimport_is_harmless():
@@ -46,7 +47,7 @@ def test_reimport_is_harmless():
     algos.register()
     algos.register()
     assert core_algos.ADV_ESTIMATOR_REGISTRY["popo"] is algos.compute_popo_advantage
-    assert core_algos.POLICY_LOSS_REGISTRY["popo"] is algos.compute_policy_loss_popo
+    assert core_algos.POLICY_LOSS_REGISTRY["popo"] is policy_loss.compute_policy_loss_popo
     # the other entries are untouched
     assert "grpo" in core_algos.ADV_ESTIMATOR_REGISTRY and "vanilla" in core_algos.POLICY_LOSS_REGISTRY
 
@@ -373,7 +374,7 @@ def test_broken_plugin_is_loud_through_verl_import():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("first", ["popo_verl.workers", "popo_verl.rollout.hf", "popo_verl.losses", "popo_verl.algos"])
+@pytest.mark.parametrize("first", ["popo_verl.workers", "popo_verl.rollout.hf", "popo_verl.actor_loss", "popo_verl.policy_loss", "popo_verl.algos"])
 def test_a_glue_module_imported_first_still_registers_everything(first):
     """A Ray worker unpickling a POPO class imports that module before verl: verl's plugin loader then meets it
     half-initialised. Registration must still complete, and the CPU platform must be in place before verl

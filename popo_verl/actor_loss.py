@@ -30,7 +30,8 @@ from verl.trainer.ppo.core_algos import agg_loss
 from verl.utils.metric import AggregationType, Metric
 from verl.workers.utils.padding import no_padding_2_padding
 
-from popo_verl import algos, core
+from popo_verl import core
+from popo_verl.policy_loss import compute_policy_loss_popo, popo_policy_loss_per_sequence
 from popo_verl.protocol import PRED_KEY, SIAMESE_KEY, SIM_WEIGHT_KEY, TOKEN_SCALE_KEY, tokens_to_row
 from popo_verl.timing import DeviceTimer
 
@@ -101,12 +102,12 @@ def popo_actor_loss(
 
     # 1. bounded weighted NLL (the registered "popo" policy loss)
     if nll_norm == "sequence":
-        nll, pg_metrics = algos.popo_policy_loss_per_sequence(
+        nll, pg_metrics = popo_policy_loss_per_sequence(
             old_log_prob=tensors["old_log_probs"], log_prob=log_prob, row_weights=s, response_mask=response_mask,
             config=config, dp_size=dp_size,
         )
     else:
-        nll, pg_metrics = algos.compute_policy_loss_popo(
+        nll, pg_metrics = compute_policy_loss_popo(
             old_log_prob=tensors["old_log_probs"],
             log_prob=log_prob,
             advantages=(weights * c).unsqueeze(-1) * response_mask,
