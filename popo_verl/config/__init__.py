@@ -1,7 +1,8 @@
 """POPO's configuration: the one source of its defaults (`PopoConfig`), its typed view and validation.
 
-Where a user edits it: `algorithm.popo.*` on the command line (hydra overrides), or the `algorithm/popo.yaml` group
-next to this file, which lists PopoConfig's defaults for hydra (tests/test_hydra.py pins the two equal). The
+Where a user sets it: `algorithm.popo.*` on the command line (hydra overrides), or in a config of their own that
+composes `algorithm=popo`: the `algorithm/popo.yaml` group next to this file, which lists PopoConfig's defaults for
+hydra (tests/test_hydra.py pins the two equal). The
 driver validates it (`validate_popo_config`), then hands it to the workers as `actor_rollout_ref.popo`; every part
 reads it through `popo_config`, never with defaults of its own. (`hydra_plugins/` only adds this package's config
 folder to hydra's search path; `recipe/popo/config` holds the recipe's run configs, which compose `algorithm=popo`.)
