@@ -90,14 +90,15 @@ def begin(actor_dir: str, rank: int, world: int) -> None:
         _fsync(os.path.dirname(manifest))
 
 
-def commit(actor_dir: str, rank: int, world: int, siamese_state: dict) -> None:
-    """After verl's shards: the siamese file, then the manifest of this rank's files (each flushed to disk first)."""
+def commit(actor_dir: str, rank: int, world: int, siamese_state: dict, written_by: dict | None = None) -> None:
+    """After verl's shards: the siamese file, then the manifest of this rank's files (each flushed to disk first);
+    `written_by` (the host and Ray node of the rank) goes into the manifest, for whoever reads a multi-node save."""
     atomic_save(siamese_state, siamese_file(actor_dir, rank, world))
     sizes = {}
     for path in [*verl_files(actor_dir, rank, world), siamese_file(actor_dir, rank, world)]:
         _fsync(path)  # verl's torch.save does not fsync: the manifest must not reach the disk before them
         sizes[os.path.relpath(path, actor_dir)] = os.path.getsize(path)
-    manifest = json.dumps({"files": sizes}, indent=1).encode()
+    manifest = json.dumps({"files": sizes, **({"written_by": written_by} if written_by else {})}, indent=1).encode()
     _atomic_write(manifest_file(actor_dir, rank, world), lambda f: f.write(manifest))
 
 

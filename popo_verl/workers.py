@@ -40,6 +40,16 @@ from popo_verl.timing import DeviceTimer
 logger = logging.getLogger(__name__)
 
 
+def _where() -> dict:
+    """This process's host and Ray node (a rank's address in a multi-node run)."""
+    import socket
+
+    import ray
+
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return {"host": socket.gethostname(), "ray_node": node}
+
+
 def popo_engine_cls(engine) -> type:
     """POPO's subclass of the stock engine verl built: FSDP/FSDP2, or Megatron (where megatron-core is installed)."""
     if type(engine) is FSDPEngineWithLMHead:
@@ -186,8 +196,7 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
             from popo_verl.model_merger import strip_predictor_from_hf_dir
 
             strip_predictor_from_hf_dir(os.path.join(local_path, "huggingface"))
-        state = self.ema.state()
-        checkpoint.commit(local_path, self.rank, self.world_size, state)
+        checkpoint.commit(local_path, self.rank, self.world_size, self.ema.state(), written_by=_where())
         if dist.is_initialized():
             dist.barrier()
 

@@ -192,15 +192,23 @@ ROLLOUT_ARGS=(
 )
 CPU_ARGS=(
   trainer.device=cpu
-  ray_kwargs.ray_init.num_cpus=32
-  # no Ray dashboard: its ten processes cost start-up time and CPU on 2 cores, and nothing here reads it
-  +ray_kwargs.ray_init.include_dashboard=false
   # one agent-loop and one reward worker: each extra Ray process costs seconds of imports on 2 cores
   actor_rollout_ref.rollout.agent.num_workers="${AGENT_WORKERS:-1}"
   reward.num_workers="${REWARD_WORKERS:-1}"
-  +ray_kwargs.ray_init.num_gpus="$N_GPUS_PER_NODE"
   transfer_queue.backend.SimpleStorage.num_data_storage_units=1
 )
+if [[ -n ${RAY_ADDRESS:-} ]]; then
+  # an existing Ray cluster (`ray start` on each node, NNODES of them): its nodes bring their own CPUs and GPU slots,
+  # which Ray refuses to be told again when a driver joins
+  CPU_ARGS+=(ray_kwargs.ray_init.num_cpus=null)
+else
+  CPU_ARGS+=(
+    ray_kwargs.ray_init.num_cpus=32
+    # no Ray dashboard: its ten processes cost start-up time and CPU on 2 cores, and nothing here reads it
+    +ray_kwargs.ray_init.include_dashboard=false
+    +ray_kwargs.ray_init.num_gpus="$N_GPUS_PER_NODE"
+  )
+fi
 TRAINER_ARGS=(
   trainer.nnodes="$NNODES"
   trainer.n_gpus_per_node="$N_GPUS_PER_NODE"

@@ -330,7 +330,7 @@ def test_the_verl_and_vllm_code_the_cpu_pieces_override_is_still_there():
     from vllm.model_executor.layers import linear
     from vllm.model_executor.layers import utils as layer_utils
 
-    from popo_verl.cpu import vllm as cpu_vllm
+    from popo_verl.rollout import vllm_cpu as cpu_vllm
 
     overrides = [
         (cpu_vllm.CPUvLLMWorkerExtension, vLLMColocateWorkerExtension, ["update_weights_from_ipc", "_update_weights"]),
