@@ -14,6 +14,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,10 @@ from test_e2e_cpu import run_tiny
 pytestmark = pytest.mark.e2e
 
 
+#: the `ray` command of this interpreter's environment
+RAY = str(Path(sys.executable).parent / "ray") if (Path(sys.executable).parent / "ray").exists() else "ray"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -31,7 +36,7 @@ def _free_port() -> int:
 
 
 def _ray_start(*args: str, env: dict) -> None:
-    r = subprocess.run(["ray", "start", "--disable-usage-stats", "--num-cpus=8", "--num-gpus=1", *args],
+    r = subprocess.run([RAY, "start", "--disable-usage-stats", "--num-cpus=8", "--num-gpus=1", *args],
                        env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
 
@@ -39,8 +44,14 @@ def _ray_start(*args: str, env: dict) -> None:
 def _cluster_pids(temp_dir: str) -> list[int]:
     """The cluster's processes (GCS, raylets, monitors): their command lines name its temp dir. `ray stop` would stop
     every Ray on the machine, a parallel test's too."""
-    out = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split(None, 1)[0]) for line in out.splitlines() if temp_dir in line]
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and temp_dir.encode() in (proc / "cmdline").read_bytes():
+                pids.append(int(proc.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return pids
 
 
 @pytest.fixture(scope="module")
