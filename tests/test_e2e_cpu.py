@@ -8,6 +8,7 @@ import glob
 import os
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -194,15 +195,34 @@ def test_popo_with_two_fsdp2_ranks_and_padded_micro_batches(tmp_path_factory, ti
     assert any(not torch.allclose(siamese[k], actor[k]) for k in siamese)
 
 
-def test_resume_continues_exactly(popo_1rank, tmp_path_factory, tiny_dir):
-    """(d) stop after the step-2 checkpoint, resume: step 3 equals the uninterrupted run's step 3, feature
-    noise included (it is seeded by the restored optimizer-step count and keyed by each row's tokens)."""
-    tmp = tmp_path_factory.mktemp("popo_resume")
-    ckpt = tmp / "ckpt"
+def test_a_worker_killed_mid_step_ends_the_run_and_the_rerun_continues_exactly(popo_1rank, tmp_path_factory, tiny_dir):
+    """(d) A run resumed from the uninterrupted run's step-2 checkpoint loses its training worker to a SIGKILL in the
+    middle of step 3's update (tests/kill_mid_step.py: after the optimizer step, before the EMA): it ends within 60 s,
+    non-zero, naming the lost worker and where a rerun resumes. The same command then resumes from step 2 again, and
+    its step 3 equals the uninterrupted run's, feature noise included (seeded by the restored optimizer-step count,
+    keyed by each row's tokens), with the siamese, the actor and the predictor head saved after it equal to 1e-6:
+    the dead attempt left nothing behind. (Equality needs the same checkpoint: two fresh runs of the same command
+    already differ by ~1e-6 in the weights after one step, CPU kernels' run-to-run noise.)"""
+    tmp = tmp_path_factory.mktemp("popo_killed")
+    ckpt, stamp = tmp / "ckpt", tmp / "killed_at"
     ckpt.mkdir()
     for name in ("global_step_1", "global_step_2"):
         shutil.copytree(popo_1rank["ckpt"] / name, ckpt / name)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
+    kill = {"VERL_USE_EXTERNAL_MODULES": "kill_mid_step", "POPO_TEST_KILL_AT_EMA_STEP": "2",
+            "POPO_TEST_KILL_STAMP": str(stamp),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
+    killed = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, PACKED, steps=3, save_freq=1, ckpt=ckpt, expect_ok=False,
+                      env_extra=kill)
+    ended = time.time()
+    assert killed["rc"] != 0 and stamp.exists(), killed["log"][-4000:]
+    assert ended - float(stamp.read_text()) < 60, "the run ends within a minute of losing its worker"
+    assert not killed["steps"] and (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert not (ckpt / "global_step_3").exists()
+    died = [line for line in killed["stdout"].splitlines() if line.startswith("a Ray worker died: WorkerDict_0:0 (pid ")]
+    assert died and died[0].endswith("the steps after step 2 are lost; the same command resumes from there "
+                                     "(trainer.resume_mode=auto)"), killed["stdout"][-3000:]
+
     out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, PACKED, steps=3, save_freq=1, ckpt=ckpt)
     assert sorted(out["steps"]) == [3], "the resumed run starts at step 3"
     a, b = popo_1rank["steps"][3], out["steps"][3]
