@@ -12,15 +12,10 @@ import math
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 
 from popo_verl import core
-from popo_verl.engines.common import Siamese
+from popo_verl.engines.common import Siamese, local_shard
 from popo_verl.timing import DeviceTimer
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def optimizer_step_count(optimizer: torch.optim.Optimizer, group: dict, state: dict):
@@ -49,7 +44,7 @@ def adam_direction_sq(optimizers, skip_ids: set[int]) -> tuple[torch.Tensor, int
                 step = optimizer_step_count(opt, group, st)
                 if step is None:
                     continue
-                m, v = _local(st["exp_avg"]), _local(st["exp_avg_sq"])
+                m, v = local_shard(st["exp_avg"]), local_shard(st["exp_avg_sq"])
                 if isinstance(step, torch.Tensor):
                     step = step.to(m.device)
                 c1, c2 = 1 - betas[0] ** step, 1 - betas[1] ** step

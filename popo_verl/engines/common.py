@@ -6,11 +6,17 @@ interface of the siamese that each engine implements (`Siamese`).
 from __future__ import annotations
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from verl.utils import tensordict_utils as tu
 
 from popo_verl.config import PopoConfig
 from popo_verl.protocol import POOLED_ONLY_KEY
+
+
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a (possibly DTensor) parameter or optimizer state."""
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def response_states(values: torch.Tensor, data, width: int | None = None) -> torch.Tensor:

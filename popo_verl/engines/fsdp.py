@@ -23,13 +23,12 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.distributed.tensor import DTensor
 
 from verl.utils import tensordict_utils as tu
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
 from popo_verl import core
-from popo_verl.engines.common import PopoEngineBase, Siamese, pooled_only, response_states
+from popo_verl.engines.common import PopoEngineBase, Siamese, local_shard, pooled_only, response_states
 from popo_verl.protocol import POOLED_KEY, PRED_KEY, PREDICTOR_ATTR, is_predictor_param
 
 def final_norm(module: torch.nn.Module) -> torch.nn.Module:
@@ -211,10 +210,6 @@ class PopoFSDPEngine(PopoEngineBase, FSDPEngineWithLMHead):
         return ((name, t) for name, t in params if not is_predictor_param(name)), peft_config
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 class FsdpSiamese(Siamese):
     """The siamese under FSDP/FSDP2: verl's ref engine, built in fp32 on the actor's mesh and wrap policy, so each
     rank's siamese shard pairs with its actor shard and the EMA is a local `lerp_`, with no communication."""
@@ -236,7 +231,7 @@ class FsdpSiamese(Siamese):
         """(xi, theta) local shards, name by name: one walk over the parameters."""
         actor, siamese = self._actor(), self._siamese()
         names = sorted(siamese)
-        return [_local(siamese[n].data) for n in names], [_local(actor[n].data) for n in names]
+        return [local_shard(siamese[n].data) for n in names], [local_shard(actor[n].data) for n in names]
 
     def check_layout(self) -> None:
         actor, siamese = self._actor(), self._siamese()
@@ -249,10 +244,10 @@ class FsdpSiamese(Siamese):
                     f"POPO siamese parameter {n} is {p.dtype}; the EMA needs fp32 "
                     "(actor_rollout_ref.ref.fsdp_config.model_dtype=fp32)"
                 )
-            if _local(p.data).shape != _local(actor[n].data).shape:
+            if local_shard(p.data).shape != local_shard(actor[n].data).shape:
                 raise RuntimeError(
-                    f"POPO siamese shard of {n} {tuple(_local(p.data).shape)} does not match the actor's "
-                    f"{tuple(_local(actor[n].data).shape)}: ref and actor need the same FSDP mesh and wrap policy"
+                    f"POPO siamese shard of {n} {tuple(local_shard(p.data).shape)} does not match the actor's "
+                    f"{tuple(local_shard(actor[n].data).shape)}: ref and actor need the same FSDP mesh and wrap policy"
                 )
 
     @torch.no_grad()
@@ -267,12 +262,12 @@ class FsdpSiamese(Siamese):
         return core.parameter_distance_sq(*self.pairs())
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {n: _local(p.data).detach().cpu().clone() for n, p in self._siamese().items()}
+        return {n: local_shard(p.data).detach().cpu().clone() for n, p in self._siamese().items()}
 
     @torch.no_grad()
     def load(self, state: dict[str, torch.Tensor]) -> None:
         for n, p in self._siamese().items():
-            _local(p.data).copy_(state[n].to(_local(p.data).device))
+            local_shard(p.data).copy_(state[n].to(local_shard(p.data).device))
 
     def optimizers(self) -> list[torch.optim.Optimizer]:
         return [self.actor_engine.optimizer]
