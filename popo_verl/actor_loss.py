@@ -145,8 +145,9 @@ def popo_actor_loss(
         total = total + alpha * sim
         # dp-scaled like the loss: verl's SUM over micro-batches, mean over ranks gives the mini-batch's L_sim
         scalars["popo/sim_loss"] = (sim, aggregation)
-        rows = (weights > 0).to(cos.dtype)
-        scalars["popo/cos_sim"] = ((cos.detach() * rows).sum() / rows.sum(), AggregationType.MEAN)  # NaN without positives
+        # the s-weighted mean cosine of the mini-batch, -L_sim: summed and dp-scaled like it, so that every micro-batch
+        # reports one value (a micro-batch of padding rows, s = 0, adds 0) and verl's per-rank value counts agree
+        scalars["popo/cos_sim"] = (-sim.detach(), aggregation)
     elif alpha > 0 and pred is None:
         raise RuntimeError("POPO loss: the engine returned no predictor output; is the POPO engine installed?")
 
@@ -168,12 +169,7 @@ def popo_actor_loss(
     total = total + 0.0 * log_prob.sum()
     if pred is not None:
         total = total + 0.0 * pred.sum()
-    metrics = _metrics_on_host(scalars)
-    cos_sim = metrics.get("popo/cos_sim")
-    if cos_sim is not None and cos_sim.values[0] != cos_sim.values[0]:
-        # a micro-batch without a positive (padding rows) has no cosine to report: leave it out of verl's mean
-        del metrics["popo/cos_sim"]
-    return total, metrics
+    return total, _metrics_on_host(scalars)
 
 
 def _metrics_on_host(scalars: dict[str, tuple[torch.Tensor | float, AggregationType]]) -> dict[str, Metric]:

@@ -114,8 +114,9 @@ def test_negatives_get_no_gradient_and_an_all_negative_batch_is_finite(micro_bat
     data0["advantages"] = nested([torch.zeros(int(m.sum()), dtype=torch.float64) for m in ref0["mask"]])
     loss0, metrics0 = popo_actor_loss(_config(), out0, data0, alpha=0.1, beta=0.01)
     assert torch.isfinite(loss0)
-    # no positive, no cosine: left out rather than a NaN that would turn verl's mean over micro-batches into NaN
-    assert "popo/cos_sim" not in metrics0 and "popo/sim_loss" in metrics0
+    # no positive: the cosine adds 0 (s = 0), and the key is there all the same: verl's dp aggregation needs every
+    # rank to report each metric once per micro-batch (a rank whose micro-batch was padding alone crashed step 2)
+    assert metrics0["popo/cos_sim"].values == [0.0] and "popo/sim_loss" in metrics0
     loss0.backward()  # connected to the graph: every rank can still join the collectives
 
 
@@ -200,6 +201,7 @@ def test_sim_loss_is_logged_as_the_weighted_cosine_at_dp_2(micro_batch):
                 for idx in ([0, 1, 2], [3, 4, 5])]
     logged = Metric.aggregate_dp([m["popo/sim_loss"] for m in per_rank])
     assert logged == pytest.approx(expected, rel=1e-9)
+    assert Metric.aggregate_dp([m["popo/cos_sim"] for m in per_rank]) == pytest.approx(-expected, rel=1e-9)
     assert abs(expected) > 0.05, "a cosine sum far enough from 0 that a factor of 2 shows"
     one_rank = popo_actor_loss(_config(), out, data, alpha=0.1, beta=0.0)[1]["popo/sim_loss"]
     assert Metric.aggregate_dp([one_rank]) == pytest.approx(expected, rel=1e-9)

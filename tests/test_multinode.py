@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,8 +57,10 @@ def _cluster_pids(temp_dir: str) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def two_nodes(tmp_path_factory):
-    temp_dir = str(tmp_path_factory.mktemp("ray"))  # short: Ray's socket paths must fit 107 characters
+def two_nodes():
+    # short, under /tmp: Ray's socket paths (temp dir + session + sockets/plasma_store) must fit 107 characters, which
+    # pytest's own temp dirs under xdist (/tmp/pytest-of-root/pytest-N/popen-gwK/...) do not leave room for
+    temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
     port = _free_port()
     _ray_start("--head", f"--port={port}", "--include-dashboard=false", f"--temp-dir={temp_dir}", env=env)
@@ -70,6 +74,7 @@ def two_nodes(tmp_path_factory):
             except ProcessLookupError:
                 pass
         time.sleep(1)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _manifests(ckpt: Path, step: int) -> list[dict]:
