@@ -30,7 +30,6 @@ from popo_verl.tiny.summary import parse_steps
 
 #: exit status of `device` (and of scripts/gpu_check.sh) where there is no usable GPU
 NO_GPU_EXIT = 2
-#: the phases the report compares (verl's timing_s/<phase>; `ref` is POPO's siamese forward, GRPO's reference)
 #: the phases whose ratio the report's summary line names
 KEY_PHASES = ("update_actor", "step")
 MEMORY_KEY = "actor/perf/max_memory_allocated_gb"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import statistics
 
+#: the phases the reports compare (verl's timing_s/<phase>; `ref` is POPO's siamese forward, GRPO's reference)
 PHASES = ("gen", "old_log_prob", "ref", "adv", "update_actor", "ema_update", "update_weights", "step")
 
 

@@ -517,6 +517,7 @@ class MegatronSiamese(Siamese):
     the step runs), so that it takes no device memory between steps (the rollout's)."""
 
     every_rank_reduces = True  # a rank of the distributed optimizer may hold no shard, and still joins
+    _predictor_ids: set[int] | None = None
 
     def __init__(self, actor_engine, ref_engine):
         self.actor_engine, self.ref_engine = actor_engine, ref_engine
@@ -658,7 +659,9 @@ class MegatronSiamese(Siamese):
         return [o.optimizer for o in self.actor_engine._sub_optimizers()]
 
     def predictor_param_ids(self) -> set[int]:
-        return set().union(*self.actor_engine._popo_head_shards.values())
+        if self._predictor_ids is None:  # found once, when the engine initialised: name them once here too
+            self._predictor_ids = set().union(*self.actor_engine._popo_head_shards.values())
+        return self._predictor_ids
 
     def named_actor_params(self) -> list[tuple[str, torch.Tensor]]:
         return list(named_local_params(self.actor_engine, with_head=True).items())
