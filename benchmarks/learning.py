@@ -62,15 +62,20 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "psr": ("psr", []),
     "nsr": ("nsr", []),
     "w_reinforce": ("w_reinforce", []),
+    # positive-aware dynamic sampling (issue #35): regenerate the groups without a positive until all 16 of the
+    # step's groups (run_tiny_cpu.sh's TRAIN_BATCH) have one, within max_gen_rounds (3) x 16 prompts
+    "popo_dynamic": ("popo", ["algorithm.popo.min_groups_with_positive=16"]),
 }
 MAIN = ("popo", "grpo")
 QUICK_STEPS = 20
 QUICK_OVERRIDES = ["actor_rollout_ref.actor.optim.lr_scheduler_type=constant"]
 #: measured on request only (`--variants popo_nll_sequence`, `--variants psr nsr w_reinforce`): not the paper's ablations
-EXTRA = ("popo_nll_sequence", "psr", "nsr", "w_reinforce")
+EXTRA = ("popo_nll_sequence", "psr", "nsr", "w_reinforce", "popo_dynamic")
 DATA_SOURCE = "tiny_arith"
 VAL_N = 8
-STEP_METRICS = {"reward": "critic/score/mean", "neg_delta": "popo/neg_logprob_delta", "pos_delta": "popo/pos_logprob_delta"}
+STEP_METRICS = {"reward": "critic/score/mean", "neg_delta": "popo/neg_logprob_delta", "pos_delta": "popo/pos_logprob_delta",
+                "step_s": "timing_s/step", "gen_rounds": "popo/gen_rounds",
+                "groups_without_positive": "popo/groups_without_positive"}
 
 
 def parse_steps(text: str) -> list[tuple[int, dict[str, float]]]:
@@ -259,7 +264,8 @@ def summarise(results: list[dict], out_dir: Path) -> str:
                   f"gain difference {m:+.3f}, 95 % interval [{lo:+.3f}, {hi:+.3f}] over {len(d)} seeds; "
                   f"target POPO >= GRPO - 0.02: {'met' if m >= -0.02 else 'missed'} on the mean"
                   + (", and the interval lies above -0.02" if lo >= -0.02 else "") + ".", ""]
-    ablations = [v for v in order if v not in MAIN and "popo" in by]
+    # popo_dynamic adds to POPO rather than removing a part: its own section below reads it
+    ablations = [v for v in order if v not in MAIN and v != "popo_dynamic" and "popo" in by]
     if ablations:
         lines += ["## Each ablation against POPO (gain of the ablation - gain of POPO, paired by seed)", "",
                   "The last column pairs the ablation with GRPO instead: where POPO trails GRPO, it shows which "
@@ -289,11 +295,94 @@ def summarise(results: list[dict], out_dir: Path) -> str:
                   f"steps below 0), popo/pos_logprob_delta mean {statistics.mean(pos):+.5f} "
                   f"({sum(x > 0 for x in pos)}/{len(pos)} steps above 0); the negatives were never in the update. "
                   f"Target neg_logprob_delta < 0 on average: {'met' if statistics.mean(neg) < 0 else 'missed'}.", ""]
+    if "popo" in by and "popo_dynamic" in by:
+        lines += dynamic_sampling_section(by["popo_dynamic"], by["popo"], out_dir / "dynamic_sampling.png")
     text = "\n".join(lines)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "learning.md").write_text(text + "\n")
     _plot(by, order, out_dir / "learning.png")
     return text
+
+
+def _seconds_at(run: dict) -> dict[int, float]:
+    """Training seconds spent up to each step (the sum of verl's timing_s/step; validation not counted)."""
+    step_s, total, out = _curve(run, "step_s"), 0.0, {0: 0.0}
+    for s in sorted(step_s):
+        total += step_s[s]
+        out[s] = total
+    return out
+
+
+def dynamic_sampling_section(dynamic: list[dict], popo: list[dict], png: Path) -> list[str]:
+    """Positive-aware dynamic sampling against POPO without it: held-out pass@1 per step and per training second,
+    paired by seed, and the plot of both curves against steps and against seconds."""
+    base = {_key(r): r for r in popo}
+    pairs = [(r, base[_key(r)]) for r in sorted(dynamic, key=_key) if _key(r) in base]
+    if not pairs:
+        return []
+    lines = ["## Positive-aware dynamic sampling (popo_dynamic) against POPO without it, paired by seed", "",
+             "popo_dynamic: `algorithm.popo.min_groups_with_positive=16` (every group of the step's batch with a "
+             "positive, at most max_gen_rounds = 3 rounds of 16 prompts). Training seconds: the sum of verl's "
+             "`timing_s/step` (generation, reward, forwards and update; validation excluded), measured side by side "
+             "in one benchmark run, one run at a time.", "",
+             "| seed | variant | gen rounds / step | groups without a positive / step | pass@1 start -> end | gain | "
+             "training s | gain per 1000 training s |", "|---|---|---|---|---|---|---|---|"]
+    per_s: dict[str, list[float]] = {"popo_dynamic": [], "popo": []}
+    for r, b in pairs:
+        for run in (r, b):
+            secs = max(_seconds_at(run).values())
+            rounds = _curve(run, "gen_rounds")
+            without = _curve(run, "groups_without_positive")
+            per_s[run["variant"]].append(1000 * gain(run) / secs if secs else float("nan"))
+            lines.append(
+                f"| {run['seed']} | {run['variant']} | {statistics.mean(rounds.values()) if rounds else 1.0:.3f} | "
+                f"{statistics.mean(without.values()) if without else float('nan'):.2f} | "
+                "{:.3f} -> {:.3f} | ".format(*start_end(run)) + f"{gain(run):+.3f} | {secs:.0f} | {per_s[run['variant']][-1]:+.3f} |")
+    base_gains = [gain(b) for _, b in pairs]
+    lines += ["", f"The baseline, POPO without dynamic sampling, gains {_mean_sd(base_gains)} (min {min(base_gains):+.3f}): "
+              + ("it learns on every seed, so the comparison means something." if min(base_gains) > 0 else
+                 "it does NOT improve on every seed, so the comparison means little.")]
+    d = [gain(r) - gain(b) for r, b in pairs]
+    m, lo, hi = mean_ci(d)
+    ratio = [max(_seconds_at(r).values()) / max(_seconds_at(b).values()) for r, b in pairs]
+    dps = [x - y for x, y in zip(per_s["popo_dynamic"], per_s["popo"])]
+    mp, lop, hip = mean_ci(dps)
+    lines += ["", f"Per step: gain difference (dynamic - POPO) {m:+.3f}, 95 % interval [{lo:+.3f}, {hi:+.3f}] over "
+              f"{_seeds(len(d))}: {_direction(lo, hi)}.",
+              f"Per training second: dynamic sampling's runs took {statistics.mean(ratio):.2f}x POPO's training time "
+              f"(per seed {', '.join(f'{x:.2f}' for x in ratio)}); gain per 1000 training s, difference {mp:+.3f}, "
+              f"95 % interval [{lop:+.3f}, {hip:+.3f}]: {_direction(lop, hip)}.", ""]
+    _plot_dynamic([r for r, _ in pairs], [b for _, b in pairs], png)
+    lines += [f"Plot: `{png.name}` (held-out pass@1 against the training step and against training seconds).", ""]
+    return lines
+
+
+def _plot_dynamic(dynamic: list[dict], popo: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for runs, colour, name in ((popo, "C0", "POPO"), (dynamic, "C2", "POPO + dynamic sampling")):
+        for i, run in enumerate(runs):
+            curve, secs = _curve(run, "pass@1"), _seconds_at(run)
+            steps = sorted(curve)
+            label = name if i == 0 else None
+            axes[0].plot(steps, [curve[s] for s in steps], color=colour, marker="o", markersize=3, alpha=0.8, label=label)
+            timed = [s for s in steps if s in secs]
+            axes[1].plot([secs[s] for s in timed], [curve[s] for s in timed], color=colour, marker="o", markersize=3,
+                         alpha=0.8, label=label)
+    for ax, xlabel in zip(axes, ("training step", "training seconds (sum of timing_s/step)")):
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out pass@1 (T=1)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_title("per step (one line per seed)")
+    axes[1].set_title("per training second")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _mean_curve(runs: list[dict], metric: str) -> tuple[list[int], list[float]]:

@@ -7,7 +7,8 @@ as trainer mode "popo", which `algorithm=popo` selects (trainer.v1.trainer_mode)
   EMA of the siamese after every optimizer step (inside the worker) -> the update batch's padding rows
   cleared from TransferQueue. A step without positives skips the update but still steps the LR schedule.
 Overrides (each mirrors the verl method of the same name): `_init_resource_pool_mgr` (POPO's worker),
-`_compute_ref_log_prob`, `_compute_advantage`, `_update_actor`. tests/test_e2e_cpu.py pins them.
+`_build_replay_buffer` (positive-aware dynamic sampling, replay_buffer.py), `_compute_ref_log_prob`,
+`_compute_advantage`, `_update_actor`. tests/test_verl_pins.py pins them.
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ class PopoTrainer(PopoDiagnostics, PPOTrainerSync):
         with open_dict(config):
             # The workers only see actor_rollout_ref: hand them POPO's knobs there.
             config.actor_rollout_ref.popo = OmegaConf.create(OmegaConf.to_container(config.algorithm.popo, resolve=True))
+            if self.popo.min_groups_with_positive > 0:
+                # exact refills fetch one prompt at a time, as verl sets for its own filter_groups (trainer_base.py
+                # `_init_dataloader`), which it does not know POPO's dynamic sampling needs
+                config.data.gen_batch_size = 1
         super().__init__(config)
         # trainer.v1.trainer_mode names this class; the schedule itself is verl's synchronous one
         # (verl's base trainer switches to async buffers and TQ checkpoints for any mode but "sync").
@@ -91,6 +96,29 @@ class PopoTrainer(PopoDiagnostics, PPOTrainerSync):
         self.mapping[Role.ActorRolloutRef] = "global_pool"
         self.resource_pool_manager = ResourcePoolManager(
             resource_pool_spec=self.resource_pool_manager.resource_pool_spec, mapping=self.mapping
+        )
+
+    def _build_replay_buffer(self):
+        """verl's replay buffer, or with algorithm.popo.min_groups_with_positive > 0 POPO's positive-aware one
+        (replay_buffer.py), built with the arguments verl's `_build_replay_buffer` (trainer_base.py) gives its sync
+        buffer under filter_groups. verl's base __init__ calls this before trainer_mode is "sync"; __init__ rebuilds."""
+        if self.popo.min_groups_with_positive <= 0 or self.trainer_mode != "sync":
+            return super()._build_replay_buffer()
+        from popo_verl.replay_buffer import PositiveGroupsReplayBuffer
+
+        sampler = self.config.trainer.v1.sampler
+        return PositiveGroupsReplayBuffer(
+            trainer_mode="sync",
+            trainer_config=self.config.trainer.v1.get("sync", {}),
+            max_off_policy_threshold=sampler.max_off_policy_threshold,
+            max_off_policy_strategy=sampler.max_off_policy_strategy,
+            sampler_kwargs=sampler.sampler_kwargs,
+            refill_fn=self._add_prompts_to_generate,
+            train_batch_size=self.config.data.train_batch_size,
+            gen_batch_size=1,
+            max_inflight_gen_batches=1,
+            sync_refill_failed_groups=bool(sampler.get("sync_refill_failed_groups", False)),
+            popo=self.popo,
         )
 
     # ------------------------------------------------------------------ helpers

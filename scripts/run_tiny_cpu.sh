@@ -197,9 +197,9 @@ CPU_ARGS=(
   reward.num_workers="${REWARD_WORKERS:-1}"
   transfer_queue.backend.SimpleStorage.num_data_storage_units=1
 )
-if [[ -n ${RAY_ADDRESS:-} ]]; then
+if [[ -n ${RAY_ADDRESS:-} && ${RAY_ADDRESS} != local ]]; then
   # an existing Ray cluster (`ray start` on each node, NNODES of them): its nodes bring their own CPUs and GPU slots,
-  # which Ray refuses to be told again when a driver joins
+  # which Ray refuses to be told again when a driver joins (RAY_ADDRESS=local is Ray's name for a fresh local one)
   CPU_ARGS+=(ray_kwargs.ray_init.num_cpus=null)
 else
   CPU_ARGS+=(

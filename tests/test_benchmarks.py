@@ -23,7 +23,8 @@ def _log(vals):
 def test_curves_come_from_verls_validation_and_step_keys(learning):
     curves = learning.curves_from_log(_log({0: (0.25, 0.4), 10: (0.3, 0.5)}))
     assert curves == {"pass@1": {0: 0.25, 10: 0.3}, "pass@8": {0: 0.4, 10: 0.5}, "reward": {1: 0.25, 11: 0.25},
-                      "neg_delta": {1: -0.01, 11: -0.01}, "pos_delta": {1: 0.02, 11: 0.02}}
+                      "neg_delta": {1: -0.01, 11: -0.01}, "pos_delta": {1: 0.02, 11: 0.02}, "step_s": {},
+                      "gen_rounds": {}, "groups_without_positive": {}}
 
 
 def _run(variant, seed, start, end, neg=-0.01):
@@ -68,6 +69,26 @@ def test_summary_tables_paired_difference_and_verdicts(learning, tmp_path):
     assert (tmp_path / "learning.png").stat().st_size > 1000
     runs[3:6] = [_run("grpo", s, 0.3, 0.2) for s in (0, 1, 2)]
     assert "does NOT improve on every seed" in learning.summarise(runs, tmp_path)
+
+
+def test_dynamic_sampling_is_compared_per_step_and_per_training_second(learning, tmp_path):
+    """popo_dynamic against POPO, paired by seed: the gain per step, and per 1000 s of verl's timing_s/step."""
+    def timed(variant, seed, end, step_s, rounds=None):
+        run = _run(variant, seed, 0.3, end)
+        run["curves"]["step_s"] = {"1": step_s, "2": step_s}
+        run["curves"]["pass@1"] = {"0": 0.3, "2": end}
+        if rounds:
+            run["curves"]["gen_rounds"] = {"1": rounds, "2": rounds}
+        return run
+
+    runs = [timed("popo", s, 0.4, 50.0) for s in (0, 1, 2)] + [timed("popo_dynamic", s, e, 100.0, 1.5)
+                                                               for s, e in ((0, 0.45), (1, 0.46), (2, 0.44))]
+    text = learning.summarise(runs, tmp_path)
+    # seed 0: POPO gains 0.1 in 100 s (1.0 per 1000 s), dynamic 0.15 in 200 s (0.75 per 1000 s)
+    assert "| 0 | popo_dynamic | 1.500 | nan | 0.300 -> 0.450 | +0.150 | 200 | +0.750 |" in text
+    assert "| 0 | popo | 1.000 | nan | 0.300 -> 0.400 | +0.100 | 100 | +1.000 |" in text
+    assert "gain difference (dynamic - POPO) +0.050" in text and "took 2.00x POPO's training time" in text
+    assert "difference -0.250" in text and (tmp_path / "dynamic_sampling.png").stat().st_size > 1000
 
 
 def test_resume_keeps_finished_runs_and_skips_them(learning, tmp_path, monkeypatch, capsys):

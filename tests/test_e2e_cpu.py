@@ -173,15 +173,43 @@ def test_siamese_is_the_ema_of_the_actor(popo_1rank, tiny_dir):
     assert pred1 and any(not torch.equal(pred1[k], pred3[k]) for k in pred1), "L_sim trains the predictor"
 
 
-def test_popo_with_two_fsdp2_ranks_and_padded_micro_batches(tmp_path_factory, tiny_dir):
-    """2 ranks, and the padded layout (use_remove_padding=false; the 1-rank runs cover the packed one)."""
+EVEN_PROMPTS_WRONG = """\
+from popo_verl.reward import compute_score as tiny_reward
+
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
+    # every response to an even-numbered prompt is wrong: about half the groups have no positive
+    wrong = int(extra_info["index"]) % 2 == 0
+    return 0.0 if wrong else tiny_reward(data_source, solution_str, ground_truth, extra_info, **kwargs)
+"""
+ROUNDS = 3
+
+
+def test_popo_with_two_fsdp2_ranks_padded_micro_batches_and_dynamic_sampling(tmp_path_factory, tiny_dir):
+    """2 ranks, and the padded layout (use_remove_padding=false; the 1-rank runs cover the packed one).
+    Positive-aware dynamic sampling (algorithm.popo.min_groups_with_positive = the batch's 8 groups) under a reward
+    that fails every response to half of the prompts: the groups without a positive are regenerated, within
+    max_gen_rounds x 8 prompts per step."""
     tmp = tmp_path_factory.mktemp("popo2")
+    reward = tmp / "even_prompts_wrong.py"
+    reward.write_text(EVEN_PROMPTS_WRONG)
     # micro-batches of 4 rows (verl's log-prob passes need the 32 rows of a rank to divide): a rank's positives are
     # padded up to a multiple of 4 whenever their count is not one of dp x 4 = 8, so the padding rows do not hang on
     # an odd positive count alone (the samples of a loaded machine vary)
     out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, "actor_rollout_ref.model.use_remove_padding=false",
-                   ranks=2, steps=3, save_freq=3, env_extra={"MICRO": "4"})
+                   "algorithm.popo.min_groups_with_positive=8", f"algorithm.popo.max_gen_rounds={ROUNDS}",
+                   ranks=2, steps=3, save_freq=3, env_extra={"MICRO": "4", "REWARD_FILE": str(reward)})
     assert sorted(out["steps"]) == [1, 2, 3]
+    budget = (ROUNDS - 1) * 8 // 2  # groups regenerated at most: 2 new prompts each, (rounds - 1) x 8 prompts
+    for m in out["steps"].values():
+        assert 1 <= m["popo/gen_rounds"] <= ROUNDS
+        # 2 new prompts per regenerated group, less the ones still owed when the batch filled up
+        assert 1 + (m["popo/groups_regenerated"] > 0) / 8 <= m["popo/gen_rounds"] <= 1 + 2 * m["popo/groups_regenerated"] / 8
+        assert m["popo/groups_regenerated"] <= budget
+        # the batch holds 8 groups with a positive, unless the budget ran out first
+        assert m["popo/groups_without_positive"] == 0 or m["popo/groups_regenerated"] == budget, m
+    # a round of 8 prompts without an even-numbered one has odds 1/256: some step regenerated groups
+    assert any(m["popo/groups_regenerated"] > 0 for m in out["steps"].values())
     assert any(m["popo/rows_updated"] % 8 for m in out["steps"].values()), "padding rows at dp = 2 in some step"
     for m in out["steps"].values():
         assert m["training/rollout_probs_diff_max"] < 1e-4, "padded forward gives the rollout's log-probs"

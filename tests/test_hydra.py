@@ -82,7 +82,8 @@ def test_the_yaml_group_lists_popoconfigs_defaults():
 
 def test_defaults_match_popo_md():
     assert popo_defaults() == {**POPO_MD_DEFAULTS, "kl_monitor_interval": 20, "drift_interval": 1, "anchor": "cosine",
-                               "implicit_negative_interval": 0, "nll_norm": "token", "predictor_clip_grad": 0.0}
+                               "implicit_negative_interval": 0, "nll_norm": "token", "predictor_clip_grad": 0.0,
+                               "min_groups_with_positive": 0, "max_gen_rounds": 3}
 
 
 @pytest.mark.parametrize(
@@ -104,6 +105,8 @@ def test_defaults_match_popo_md():
         ("predictor_clip_grad", -1.0, "algorithm.popo.predictor_clip_grad"),
         ("reward_mode", "partial", "algorithm.popo.reward_mode must be one of"),
         ("tau_r", 0.5, r"algorithm.popo.tau_r=0.5 is a reward threshold.*algorithm.popo.reward_mode=threshold"),
+        ("min_groups_with_positive", -1, "algorithm.popo.min_groups_with_positive"),
+        ("max_gen_rounds", 0, "algorithm.popo.max_gen_rounds"),
     ],
 )
 def test_bad_values_fail_naming_the_key(key, value, match):

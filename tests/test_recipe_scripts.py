@@ -369,6 +369,16 @@ def test_tiny_script_engine_block(engine, tiny_dir):
             assert (m["tensor_model_parallel_size"], m["pipeline_model_parallel_size"], m["context_parallel_size"]) == (2, 1, 2)
 
 
+@pytest.mark.parametrize("address, own_ray", [(None, True), ("local", True), ("127.0.0.1:6379", False)])
+def test_tiny_script_starts_its_own_ray_unless_given_a_cluster(address, own_ray, tiny_dir):
+    """RAY_ADDRESS=local is Ray's name for a fresh local instance (benchmarks/learning.py sets it for every run, which
+    then found no GPU slot): the script declares its CPUs and GPU slots; a cluster's address joins it, declaring none."""
+    env = {"TINY_DIR": tiny_dir, "N_GPUS_PER_NODE": "2", **({"RAY_ADDRESS": address} if address else {})}
+    ray_init = _compose("run_tiny_cpu.sh", **env)["ray_kwargs"]["ray_init"]
+    assert (ray_init.get("num_gpus") == 2) == own_ray
+    assert (ray_init["num_cpus"] is None) == (not own_ray)
+
+
 def test_tiny_script_refuses_an_unknown_engine():
     r = _run("run_tiny_cpu.sh", "--cfg", "job", env={"ENGINE": "deepspeed"}, timeout=60)
     assert r.returncode == 2 and "ENGINE must be fsdp2 or megatron, got 'deepspeed'" in r.stderr

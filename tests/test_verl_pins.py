@@ -13,7 +13,10 @@ from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
+from verl.trainer.ppo.v1.replay_buffer import ReplayBuffer
+
 from popo_verl.engines.fsdp import PopoFSDPEngine
+from popo_verl.replay_buffer import PositiveGroupsReplayBuffer
 from popo_verl.trainer import PopoTrainer
 from popo_verl.workers import PopoActorRolloutRefWorker, PopoTrainingWorker
 
@@ -26,6 +29,7 @@ OVERRIDES = [
     (PopoActorRolloutRefWorker, ActorRolloutRefWorker, ["init_model", "save_checkpoint", "load_checkpoint",
                                                         "update_actor"]),
     (PopoTrainingWorker, TrainingWorker, ["__init__"]),
+    (PositiveGroupsReplayBuffer, ReplayBuffer, ["_dapo_filtered_keys", "_select_prompt_uids", "sample"]),
 ]
 
 

@@ -52,6 +52,11 @@ class PopoConfig:
     # max norm of the predictor head's own gradient clip (0 = none, as in the reference); the policy is
     # clipped alone by actor.optim.clip_grad either way
     predictor_clip_grad: float = 0.0
+    # positive-aware dynamic sampling (replay_buffer.py): keep generating until the step's batch holds at least
+    # this many groups with a positive (0 = off, verl's plain sampling), within max_gen_rounds x train_batch_size
+    # prompts generated per step
+    min_groups_with_positive: int = 0
+    max_gen_rounds: int = 3
 
     @property
     def reward_threshold(self) -> float | None:
@@ -104,6 +109,38 @@ def megatron_missing(vanilla_mbridge: bool) -> list[str]:
 
     wanted = {"megatron-core": "megatron.core", **({"mbridge": "mbridge"} if vanilla_mbridge else {})}
     return [pkg for pkg, module in wanted.items() if not found(module)]
+
+
+def _validate_dynamic_sampling(config, cfg: PopoConfig) -> None:
+    p = "algorithm.popo."
+    batch = (config.get("data", None) or {}).get("train_batch_size", None)
+    if cfg.min_groups_with_positive < 0 or (batch is not None and cfg.min_groups_with_positive > int(batch)):
+        raise ValueError(
+            f"{p}min_groups_with_positive must lie in [0, data.train_batch_size={batch}] (0 = off; a batch holds "
+            f"train_batch_size groups), got {cfg.min_groups_with_positive}"
+        )
+    if cfg.max_gen_rounds < 1:
+        raise ValueError(f"{p}max_gen_rounds must be >= 1 (rounds of train_batch_size prompts per step), got {cfg.max_gen_rounds}")
+    filter_groups = (config.get("algorithm", None) or {}).get("filter_groups", None) or {}
+    if bool(filter_groups.get("enable", False)):
+        raise ValueError(
+            "algorithm.filter_groups.enable=true (DAPO's dynamic sampling) drops the all-correct groups, which POPO "
+            f"trains on: use {p}min_groups_with_positive=K instead (it replaces only the groups without a positive)"
+        )
+    if cfg.min_groups_with_positive > 0:
+        sampler = ((config.get("trainer", None) or {}).get("v1", None) or {}).get("sampler", None) or {}
+        custom = sampler.get("custom_sampler", None) or {}
+        if custom.get("path") and custom.get("name"):
+            raise ValueError(
+                f"{p}min_groups_with_positive brings its own replay buffer (popo_verl/replay_buffer.py): it cannot run "
+                "with trainer.v1.sampler.custom_sampler; unset one of the two"
+            )
+        reward_model = (config.get("reward", None) or {}).get("reward_model", None) or {}
+        if bool(reward_model.get("enable", False)) and not bool(reward_model.get("enable_resource_pool", False)):
+            raise ValueError(
+                f"{p}min_groups_with_positive needs each group's rewards while generating: use a rule-based reward or "
+                "reward.reward_model.enable_resource_pool=true (a colocated reward model scores only after sampling)"
+            )
 
 
 def validate_popo_config(config) -> PopoConfig:
@@ -173,6 +210,7 @@ def validate_popo_config(config) -> PopoConfig:
         raise ValueError(f"{p}kl_monitor_interval must be >= 0, got {cfg.kl_monitor_interval}")
     if cfg.drift_interval < 0:
         raise ValueError(f"{p}drift_interval must be >= 0, got {cfg.drift_interval}")
+    _validate_dynamic_sampling(config, cfg)
     n = config.actor_rollout_ref.rollout.n
     if n < 2:
         raise ValueError(f"actor_rollout_ref.rollout.n must be >= 2 for POPO (a group needs several responses), got {n}")
