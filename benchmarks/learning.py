@@ -328,9 +328,10 @@ def dynamic_sampling_section(dynamic: list[dict], popo: list[dict], png: Path) -
              "| seed | variant | gen rounds / step | groups without a positive / step | pass@1 start -> end | gain | "
              "training s | gain per 1000 training s |", "|---|---|---|---|---|---|---|---|"]
     per_s: dict[str, list[float]] = {"popo_dynamic": [], "popo": []}
+    total_s = {id(run): max(_seconds_at(run).values()) for pair in pairs for run in pair}
     for r, b in pairs:
         for run in (r, b):
-            secs = max(_seconds_at(run).values())
+            secs = total_s[id(run)]
             rounds = _curve(run, "gen_rounds")
             without = _curve(run, "groups_without_positive")
             per_s[run["variant"]].append(1000 * gain(run) / secs if secs else float("nan"))
@@ -344,7 +345,7 @@ def dynamic_sampling_section(dynamic: list[dict], popo: list[dict], png: Path) -
                  "it does NOT improve on every seed, so the comparison means little.")]
     d = [gain(r) - gain(b) for r, b in pairs]
     m, lo, hi = mean_ci(d)
-    ratio = [max(_seconds_at(r).values()) / max(_seconds_at(b).values()) for r, b in pairs]
+    ratio = [total_s[id(r)] / total_s[id(b)] for r, b in pairs]
     dps = [x - y for x, y in zip(per_s["popo_dynamic"], per_s["popo"])]
     mp, lop, hip = mean_ci(dps)
     lines += ["", f"Per step: gain difference (dynamic - POPO) {m:+.3f}, 95 % interval [{lo:+.3f}, {hi:+.3f}] over "

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 from collections import Counter
 
-import torch
 import transfer_queue as tq
 
 from verl.trainer.ppo.v1.replay_buffer import FILTER_GROUPS_REWARD_METRIC, ReplayBuffer
 
 from popo_verl import core
+from popo_verl.protocol import padded
 
 #: prompts verl's sync DAPO loop dispatches for each evicted group (replay_buffer.py: `refill_credit += 2 * k`)
 REFILL_PER_EVICTED_GROUP = 2
@@ -50,7 +50,6 @@ class PositiveGroupsReplayBuffer(ReplayBuffer):
         kwargs["filter_groups_metric"] = FILTER_GROUPS_REWARD_METRIC
         super().__init__(*args, **kwargs)
         self.popo = popo
-        self.target = min(int(popo.min_groups_with_positive), int(self.train_batch_size))
         self._has_positive: dict[str, bool] = {}
         self._step_batch_size = int(self.train_batch_size)
         self._dispatched = 0
@@ -75,7 +74,9 @@ class PositiveGroupsReplayBuffer(ReplayBuffer):
         without = {uid for uid in finished if not self._has_positive[uid]}
         budget = int(self.popo.max_gen_rounds) * self._step_batch_size - self._step_batch_size
         budget_left = budget - REFILL_PER_EVICTED_GROUP * self._evicted
-        evict = groups_to_regenerate(without, n_with, self.target, budget_left)
+        # a step samples batch_size groups: train_batch_size, or its share when verl splits the step
+        target = min(int(self.popo.min_groups_with_positive), self._step_batch_size)
+        evict = groups_to_regenerate(without, n_with, target, budget_left)
         self._evicted += len(evict)
         # no {reward: count} breakdown: verl's DAPO diagnostic is about groups with all-equal rewards
         return evict, Counter()
@@ -95,8 +96,6 @@ class PositiveGroupsReplayBuffer(ReplayBuffer):
         if partition_id == "val":
             return super().sample(global_steps, partition_id, batch_size)
         self._step_batch_size, self._dispatched, self._evicted = int(batch_size), 0, 0
-        # a step of parameter_sync_step > 1 samples train_batch_size / parameter_sync_step groups at a time
-        self.target = min(int(self.popo.min_groups_with_positive), int(batch_size))
         batch, metrics = super().sample(global_steps, partition_id, batch_size)
         metrics["popo/gen_rounds"] = (batch_size + self._dispatched) / batch_size
         metrics["popo/groups_regenerated"] = self._evicted
@@ -107,19 +106,18 @@ class PositiveGroupsReplayBuffer(ReplayBuffer):
         """Record for each newly finished group whether one of its responses is a positive (POPO's own rule)."""
         if not uids:
             return
+        self._has_positive.update(dict.fromkeys(uids, False))  # a group without trajectories has no positive
         keys = [key for key in self.partitions[partition_id] if key.split("_")[0] in uids]
-        rewards: dict[str, list[float]] = {uid: [] for uid in uids}
-        if keys:
-            data = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=["rm_scores"])
-            for key, score in zip(keys, list(data["rm_scores"]), strict=True):
-                rewards[key.split("_")[0]].append(float(score.sum().item()))
-        for uid, values in rewards.items():
-            self._has_positive[uid] = bool(values) and bool(self._positive(torch.tensor(values)).any())
-
-    def _positive(self, rewards: torch.Tensor) -> torch.Tensor:
+        if not keys:
+            return
+        data = tq.kv_batch_get(keys=keys, partition_id=partition_id, select_fields=["rm_scores"])
+        rewards = padded(data["rm_scores"]).sum(dim=-1).float()  # a response's reward, as the trainer reads it
         try:
-            return core.positive_mask(rewards, self.popo.reward_threshold, self.popo.reward_mode)
+            positive = core.positive_mask(rewards, self.popo.reward_threshold, self.popo.reward_mode)
         except core.NonBinaryRewardError:
             # the trainer stops on these rewards with its own message at the step's "ref" phase; here only the
             # rewards that are exactly 1 count as positives
-            return rewards == core.CORRECT_SCORE
+            positive = rewards == core.CORRECT_SCORE
+        for key, is_positive in zip(keys, positive.tolist(), strict=True):
+            if is_positive:
+                self._has_positive[key.split("_")[0]] = True
