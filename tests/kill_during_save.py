@@ -1,4 +1,4 @@
-"""Test hook for tests/test_checkpoints.py, imported by every verl process through VERL_USE_EXTERNAL_MODULES.
+"""Test hook for tests/test_e2e_cpu.py, imported by every verl process through VERL_USE_EXTERNAL_MODULES.
 
 When the worker writes the first POPO file of the checkpoint named by POPO_TEST_KILL_IN_SAVE (`global_step_N`),
 after verl's shards of that checkpoint are complete, it writes half of it and exits with os._exit: no exception,

@@ -2,14 +2,13 @@
 names the broken file and the checkpoint to resume from instead.
 
 The unit tests save real checkpoints with verl's FSDP2 engine and checkpoint manager in-process (one gloo rank,
-no Ray), in the worker's order (PopoActorRolloutRefWorker.save_checkpoint); the e2e test kills a run of
-scripts/run_tiny_cpu.sh in the middle of a save and resumes.
+no Ray), in the worker's order (PopoActorRolloutRefWorker.save_checkpoint); a run of scripts/run_tiny_cpu.sh
+killed in the middle of a save, refused and resumed, is in tests/test_e2e_cpu.py (it shares the killed-worker
+test's runs).
 """
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
 import sys
 from functools import partial
@@ -19,10 +18,9 @@ import pytest
 import torch
 
 from popo_verl import checkpoint
-from test_e2e_cpu import run_tiny
+from test_e2e_cpu import resume_override
 from test_engine import build_engine, process_group  # noqa: F401  (process_group: a fixture)
 
-TESTS = Path(__file__).resolve().parent
 SHARD = "model_world_size_1_rank_0.pt"  # verl's name for rank 0's model shard (the predictor head is in it)
 SIAMESE = "popo_siamese/rank_0_of_1.pt"
 
@@ -32,8 +30,6 @@ def truncate(path: Path, keep: float = 0.5) -> None:
     path.write_bytes(data[: int(len(data) * keep)])
 
 
-def resume_override(root: Path, step: int) -> str:
-    return f"trainer.resume_mode=resume_path trainer.resume_from_path={root / f'global_step_{step}'}"
 
 
 # ------------------------------------------------------------------------------------------------ atomic writes
@@ -94,6 +90,29 @@ def test_a_complete_checkpoint_loads_the_actor_and_returns_the_siamese_state(eng
     got = load(engine, actor)
     assert got["ema_steps"] == 3 and torch.equal(got["siamese"]["w"], state["siamese"]["w"])
     assert torch.equal(dict(engine.module.named_parameters())[name].full_tensor(), saved)
+
+
+def test_a_checkpoint_without_siamese_warns_and_restarts_the_siamese_from_the_actor(engine, tiny_random_model, tmp_path):
+    """A checkpoint of a non-POPO run (or saved with another number of ranks): the actor loads, and the siamese
+    restarts from the actor's weights with a warning (the worker's load_checkpoint, through SiameseEma.restore)."""
+    import shutil
+
+    from popo_verl.engines.fsdp import FsdpSiamese
+    from popo_verl.siamese_ema import SiameseEma
+
+    ema = SiameseEma(FsdpSiamese(engine, build_engine(tiny_random_model, "fp32", forward_only=True)), tau=0.9)
+    with torch.no_grad():
+        for xi in ema.siamese.pairs()[0]:
+            xi.add_(1.0)  # the siamese away from the actor
+    actor = tmp_path / "global_step_1" / "actor"
+    save(engine, actor, 1)
+    shutil.rmtree(actor / "popo_siamese")
+    state = load(engine, actor)
+    assert state is None
+    assert ema.siamese.distance_sq().item() > 0
+    with pytest.warns(UserWarning, match=r"no siamese state in .*: the siamese restarts from the actor's weights"):
+        ema.restore(state, str(actor / "popo_siamese"))
+    assert ema.siamese.distance_sq().item() == 0
 
 
 def test_truncated_actor_shard_names_the_file_and_the_previous_checkpoint(engine, two_checkpoints):
@@ -192,46 +211,3 @@ def test_a_failure_that_is_not_a_broken_file_is_raised_unchanged(engine, two_che
 
     with pytest.raises(ValueError, match="size mismatch"):
         checkpoint.load(str(two_checkpoints / "global_step_2" / "actor"), 0, 1, fails)
-
-
-# ------------------------------------------------------------------------------------------------ end to end
-@pytest.mark.e2e
-def test_run_killed_while_saving_resumes_from_the_previous_checkpoint(tmp_path, tiny_dir):
-    """scripts/run_tiny_cpu.sh killed in the middle of saving global_step_2, after verl's shards and halfway
-    through POPO's siamese file. The kill is deterministic: tests/kill_during_save.py, loaded into the worker through
-    verl's VERL_USE_EXTERNAL_MODULES, makes the worker os._exit at that point (a timed SIGKILL would land anywhere,
-    or after the save). Then:
-    - verl's tracker still names step 1 (it is written after every rank's save returned);
-    - resuming from the unfinished global_step_2 by path is refused by the driver before Ray starts, naming the
-      missing manifest and printing the override for global_step_1 (before: a warning, and the run went on with
-      the siamese reset to the actor);
-    - that override resumes with the siamese state of step 1 (EMA step count 1 + 1) and saves a complete step 2.
-    A truncated file behind the same refusal (resume_mode=auto picking it) is the unit tests' part: same load path.
-    Three runs of 2 steps with 4 responses per prompt: start-up is most of each run's time."""
-    ckpt = tmp_path / "ckpt"
-    small = {"ROLLOUT_N": "4"}
-    kill = {**small, "VERL_USE_EXTERNAL_MODULES": "kill_during_save", "POPO_TEST_KILL_IN_SAVE": "global_step_2",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(TESTS), os.environ.get("PYTHONPATH")]))}
-    killed = run_tiny(tmp_path, tiny_dir, "popo", steps=2, save_freq=1, ckpt=ckpt, expect_ok=False, env_extra=kill)
-    step2 = ckpt / "global_step_2" / "actor"
-    assert killed["rc"] != 0 and (step2 / SHARD).exists(), killed["log"][-4000:]
-    assert (step2 / f"{SIAMESE}.tmp").exists() and not (step2 / SIAMESE).exists(), "died halfway through the siamese"
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "1"
-    died = [line for line in killed["stdout"].splitlines() if line.startswith("a Ray worker died: WorkerDict_0:0 (pid ")]
-    assert died and died[0].endswith("the steps after step 1 are lost; the same command resumes from there "
-                                     "(trainer.resume_mode=auto)"), killed["stdout"][-3000:]
-
-    refused = run_tiny(tmp_path, tiny_dir, "popo", *resume_override(ckpt, 2).split(), steps=2, ckpt=ckpt,
-                       expect_ok=False, env_extra=small)
-    assert refused["rc"] == 2, "an unfinished checkpoint must not be resumed from"
-    assert "Started a local Ray instance" not in refused["log"], "refused by the driver, before Ray starts"
-    assert f"cannot resume from checkpoint {ckpt / 'global_step_2'}: {step2}/popo_siamese/manifest_rank_0_of_1.json " \
-           "is missing" in refused["log"], refused["log"][-4000:]
-    override = re.search(r"^\s*(trainer\.resume_mode=resume_path trainer\.resume_from_path=\S+)$", refused["log"], re.M)
-    assert override and override.group(1) == resume_override(ckpt, 1)
-
-    resumed = run_tiny(tmp_path, tiny_dir, "popo", *override.group(1).split(), steps=2, save_freq=1, ckpt=ckpt,
-                       env_extra=small)
-    assert sorted(resumed["steps"]) == [2]
-    assert resumed["steps"][2]["popo/ema_steps"] == 2, "the siamese state of step 1 was loaded"
-    assert checkpoint.problem(str(step2), 0, 1) is None and (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -223,23 +224,42 @@ def test_popo_with_two_fsdp2_ranks_padded_micro_batches_and_dynamic_sampling(tmp
     assert any(not torch.allclose(siamese[k], actor[k]) for k in siamese)
 
 
-def test_a_worker_killed_mid_step_ends_the_run_and_the_rerun_continues_exactly(popo_1rank, tmp_path_factory, tiny_dir):
-    """(d) A run resumed from the uninterrupted run's step-2 checkpoint loses its training worker to a SIGKILL in the
-    middle of step 3's update (tests/kill_mid_step.py: after the optimizer step, before the EMA): it ends within 60 s,
-    non-zero, naming the lost worker and where a rerun resumes. The same command then resumes from step 2 again, and
-    its step 3 equals the uninterrupted run's, feature noise included (seeded by the restored optimizer-step count,
-    keyed by each row's tokens), with the siamese, the actor and the predictor head saved after it equal to 1e-6:
-    the dead attempt left nothing behind. (Equality needs the same checkpoint: two fresh runs of the same command
-    already differ by ~1e-6 in the weights after one step, CPU kernels' run-to-run noise.)"""
+def resume_override(root: Path, step: int) -> str:
+    return f"trainer.resume_mode=resume_path trainer.resume_from_path={root / f'global_step_{step}'}"
+
+
+def test_killed_mid_step_then_while_saving_the_reruns_resume_from_the_last_complete_checkpoint_exactly(
+        popo_1rank, tmp_path_factory, tiny_dir):
+    """(d) From the uninterrupted run's step-2 checkpoint, the same command three times, then once more:
+    1. its training worker is SIGKILLed in the middle of step 3's update (tests/kill_mid_step.py: after the optimizer
+       step, before the EMA): the run ends within 60 s, non-zero, naming the lost worker and where a rerun resumes;
+    2. the rerun dies in the middle of saving global_step_3, after verl's shards and halfway through POPO's siamese
+       file (tests/kill_during_save.py makes the worker os._exit there: a timed SIGKILL would land anywhere). verl's
+       tracker still names step 2 (it is written after every rank's save returned);
+    3. resuming from the unfinished global_step_3 by path is refused by the driver before Ray starts, naming the
+       missing manifest and printing the override for global_step_2;
+    4. the same command resumes from step 2 again, and its step 3 equals the uninterrupted run's, feature noise
+       included (seeded by the restored optimizer-step count, keyed by each row's tokens), with the siamese, the actor
+       and the predictor head saved after it equal to 1e-6: the dead attempts left nothing behind, and global_step_3
+       is complete. (Equality needs the same checkpoint: two fresh runs of the same command already differ by ~1e-6
+       in the weights after one step, CPU kernels' run-to-run noise.)
+    A truncated file behind the same refusal (resume_mode=auto picking it) is tests/test_checkpoints.py's part."""
+    from popo_verl import checkpoint
+
     tmp = tmp_path_factory.mktemp("popo_killed")
     ckpt, stamp = tmp / "ckpt", tmp / "killed_at"
     ckpt.mkdir()
     for name in ("global_step_1", "global_step_2"):
         shutil.copytree(popo_1rank["ckpt"] / name, ckpt / name)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("2")
+    hooks = os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))
+    lost = ("the steps after step 2 are lost; the same command resumes from there (trainer.resume_mode=auto)")
+
+    def died_line(run):
+        return [line for line in run["stdout"].splitlines() if line.startswith("a Ray worker died: WorkerDict_0:0 (pid ")]
+
     kill = {"VERL_USE_EXTERNAL_MODULES": "kill_mid_step", "POPO_TEST_KILL_AT_EMA_STEP": "2",
-            "POPO_TEST_KILL_STAMP": str(stamp),
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests"), os.environ.get("PYTHONPATH")]))}
+            "POPO_TEST_KILL_STAMP": str(stamp), "PYTHONPATH": hooks}
     killed = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, PACKED, steps=3, save_freq=1, ckpt=ckpt, expect_ok=False,
                       env_extra=kill)
     ended = time.time()
@@ -247,12 +267,34 @@ def test_a_worker_killed_mid_step_ends_the_run_and_the_rerun_continues_exactly(p
     assert ended - float(stamp.read_text()) < 60, "the run ends within a minute of losing its worker"
     assert not killed["steps"] and (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
     assert not (ckpt / "global_step_3").exists()
-    died = [line for line in killed["stdout"].splitlines() if line.startswith("a Ray worker died: WorkerDict_0:0 (pid ")]
-    assert died and died[0].endswith("the steps after step 2 are lost; the same command resumes from there "
-                                     "(trainer.resume_mode=auto)"), killed["stdout"][-3000:]
+    died = died_line(killed)
+    assert died and died[0].endswith(lost), killed["stdout"][-3000:]
+
+    in_save = {"VERL_USE_EXTERNAL_MODULES": "kill_during_save", "POPO_TEST_KILL_IN_SAVE": "global_step_3",
+               "PYTHONPATH": hooks}
+    killed = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, PACKED, steps=3, save_freq=1, ckpt=ckpt, expect_ok=False,
+                      env_extra=in_save)
+    step3 = ckpt / "global_step_3" / "actor"
+    siamese = "popo_siamese/rank_0_of_1.pt"
+    assert killed["rc"] != 0 and (step3 / "model_world_size_1_rank_0.pt").exists(), killed["log"][-4000:]
+    assert (step3 / f"{siamese}.tmp").exists() and not (step3 / siamese).exists(), "died halfway through the siamese"
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
+    died = died_line(killed)
+    assert died and died[0].endswith(lost), killed["stdout"][-3000:]
+
+    refused = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, PACKED, *resume_override(ckpt, 3).split(), steps=3,
+                       ckpt=ckpt, expect_ok=False)
+    assert refused["rc"] == 2, "an unfinished checkpoint must not be resumed from"
+    assert "Started a local Ray instance" not in refused["log"], "refused by the driver, before Ray starts"
+    assert f"cannot resume from checkpoint {ckpt / 'global_step_3'}: {step3}/popo_siamese/manifest_rank_0_of_1.json " \
+           "is missing" in refused["log"], refused["log"][-4000:]
+    override = re.search(r"^\s*(trainer\.resume_mode=resume_path trainer\.resume_from_path=\S+)$", refused["log"], re.M)
+    assert override and override.group(1) == resume_override(ckpt, 2)
 
     out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, PACKED, steps=3, save_freq=1, ckpt=ckpt)
     assert sorted(out["steps"]) == [3], "the resumed run starts at step 3"
+    assert checkpoint.problem(str(ckpt / "global_step_3"), 0, 1) is None
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "3"
     a, b = popo_1rank["steps"][3], out["steps"][3]
     for key in ("popo/positive_ratio", "popo/rows_updated", "critic/score/mean", "popo/ema_steps"):
         assert a[key] == b[key], key
@@ -265,17 +307,6 @@ def test_a_worker_killed_mid_step_ends_the_run_and_the_rerun_continues_exactly(p
         assert torch.allclose(sa[k], sb[k], atol=1e-6), k
     for k in ma:  # actor and predictor
         assert torch.allclose(ma[k], mb[k], atol=1e-6), k
-
-
-def test_resume_without_siamese_warns_and_restarts_it_from_the_actor(popo_1rank, tmp_path_factory, tiny_dir):
-    tmp = tmp_path_factory.mktemp("popo_resume_old")
-    ckpt = tmp / "ckpt"
-    shutil.copytree(popo_1rank["ckpt"] / "global_step_1", ckpt / "global_step_1")
-    shutil.rmtree(ckpt / "global_step_1" / "actor" / "popo_siamese")
-    (ckpt / "latest_checkpointed_iteration.txt").write_text("1")
-    out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, PACKED, steps=2, save_freq=-1, ckpt=ckpt)
-    assert "no siamese state" in out["log"]
-    assert sorted(out["steps"]) == [2]
 
 
 def test_hf_export_drops_the_predictor(popo_1rank, tmp_path):

@@ -45,8 +45,9 @@ def process_group():
 
 
 def build_engine(model_path: str, param_dtype: str, forward_only: bool = False, rmpad: bool = True, sp: int = 1,
-                 clip_grad: float = 1.0, predictor_clip_grad: float = 0.0) -> PopoFSDPEngine:
-    model = HFModelConfig(path=model_path, use_remove_padding=rmpad, override_config={"attn_implementation": "sdpa"})
+                 clip_grad: float = 1.0, predictor_clip_grad: float = 0.0, **model_kwargs) -> PopoFSDPEngine:
+    model = HFModelConfig(path=model_path, use_remove_padding=rmpad, override_config={"attn_implementation": "sdpa"},
+                          **model_kwargs)
     engine = FSDPEngineConfig(strategy="fsdp2", mixed_precision={"param_dtype": param_dtype}, forward_only=forward_only,
                               use_torch_compile=False, ulysses_sequence_parallel_size=sp)
     engine.use_remove_padding = rmpad

@@ -25,9 +25,10 @@ OVERRIDES = [
                                    "_update_actor", "_build_replay_buffer"]),
     (PopoFSDPEngine, FSDPEngineWithLMHead, ["_build_module", "_build_fsdp_module", "prepare_model_inputs",
                                             "prepare_model_outputs", "forward_step", "optimizer_step",
-                                            "get_per_tensor_param", "_gather_and_unpad_packed"]),
+                                            "get_per_tensor_param", "_gather_and_unpad_packed", "_build_lora_module",
+                                            "infer_batch"]),
     (PopoActorRolloutRefWorker, ActorRolloutRefWorker, ["init_model", "save_checkpoint", "load_checkpoint",
-                                                        "update_actor"]),
+                                                        "update_actor", "compute_ref_log_prob"]),
     (PopoTrainingWorker, TrainingWorker, ["__init__"]),
     (PositiveGroupsReplayBuffer, ReplayBuffer, ["_dapo_filtered_keys", "_select_prompt_uids", "sample"]),
 ]
@@ -58,6 +59,19 @@ def test_hooks_we_call_into_exist():
     assert "pad_size" in inspect.getsource(FSDPEngineWithLMHead.prepare_model_inputs)
 
 
+def test_what_the_lora_siamese_rests_on():
+    """Under LoRA the worker builds verl's actor_rollout role (no ref engine, the memory LoRA saves) and sends the ref
+    mesh's batches to the actor's engine with the siamese's adapters swapped in (workers.py, engines/fsdp.py)."""
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngine
+
+    init = inspect.getsource(ActorRolloutRefWorker.init_model)
+    assert 'if "ref" in self.role:' in init and 'if "actor" in self.role:' in init, "verl picks the engines by role"
+    assert "_build_lora_module(module)" in inspect.getsource(FSDPEngine._build_model_optimizer), \
+        "verl applies PEFT after _build_module, where the head is attached"
+    assert "self.engine.infer_batch(" in inspect.getsource(TrainingWorker.infer_batch)
+    assert "self.ref.infer_batch(" in inspect.getsource(ActorRolloutRefWorker.compute_ref_log_prob)
+
+
 def test_update_actor_keeps_verls_dispatch():
     """The worker's update_actor (which returns POPO's step stats with the update) is dispatched and collected as
     verl's: split over the actor mesh's DP ranks, rank 0's metadata kept. Fails if verl changes the mode."""
@@ -69,6 +83,7 @@ def test_update_actor_keeps_verls_dispatch():
         return attrs["execute_mode"], attrs["blocking"], {k: (f.func, f.args) for k, f in d.items()}
 
     assert mode(PopoActorRolloutRefWorker.update_actor) == mode(ActorRolloutRefWorker.update_actor)
+    assert mode(PopoActorRolloutRefWorker.compute_ref_log_prob) == mode(ActorRolloutRefWorker.compute_ref_log_prob)
     from verl.utils import tensordict_utils as tu
 
     # verl's concat of metadata-only outputs (the update's metrics) keeps the first rank's

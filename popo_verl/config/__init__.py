@@ -143,9 +143,39 @@ def _validate_dynamic_sampling(config, cfg: PopoConfig) -> None:
             )
 
 
+def _validate_lora(config) -> None:
+    """LoRA (model.lora_rank > 0): what POPO's LoRA siamese (engines/fsdp.py `LoraSiamese`) is built and tested for."""
+    ref = config.actor_rollout_ref
+    model = ref.get("model", None) or {}
+    rank = int(model.get("lora_rank", 0) or 0)
+    megatron_rank = int((model.get("lora", None) or {}).get("rank", 0) or 0)
+    m = "actor_rollout_ref.model."
+    if model.get("lora_adapter_path", None):
+        raise ValueError(f"{m}lora_adapter_path (starting from a trained adapter) is not supported with POPO yet")
+    if rank <= 0 and megatron_rank <= 0:
+        return
+    actor = ref.get("actor", None) or {}
+    strategy = str(actor.get("strategy", ""))
+    if strategy == "megatron" or rank <= 0:
+        raise ValueError(
+            f"POPO with LoRA runs on the FSDP engines (strategy fsdp|fsdp2, {m}lora_rank > 0); got strategy={strategy}, "
+            f"{m}lora_rank={rank}, {m}lora.rank={megatron_rank}"
+        )
+    if bool((actor.get("checkpoint", None) or {}).get("save_lora_only", False)):
+        raise ValueError(
+            "actor_rollout_ref.actor.checkpoint.save_lora_only=true would leave POPO's predictor head out of the "
+            "checkpoint (it is not an adapter): keep it false"
+        )
+    if str((ref.get("rollout", None) or {}).get("name", "")) == "hf" and not bool((model.get("lora", None) or {}).get("merge", False)):
+        raise ValueError(
+            f"the hf rollout loads whole weights, not LoRA adapters: set {m}lora.merge=true with rollout.name=hf"
+        )
+
+
 def validate_popo_config(config) -> PopoConfig:
     """Raise ValueError naming the offending key for any value POPO cannot run with."""
     cfg = get_popo_config(config)
+    _validate_lora(config)  # first: LoRA on Megatron is refused whether or not megatron-core is installed
     p = "algorithm.popo."
     if not 0.0 <= cfg.tau <= 1.0:
         raise ValueError(f"{p}tau must lie in [0, 1], got {cfg.tau}")

@@ -21,6 +21,7 @@ tests/test_engine.py builds the engine in-process and pins what this relies on.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -42,6 +43,11 @@ def final_norm(module: torch.nn.Module) -> torch.nn.Module:
     return norm
 
 
+def head_owner(module: torch.nn.Module) -> torch.nn.Module:
+    """The HF model that holds the predictor head: the module itself, or the model inside PEFT's wrapper (LoRA)."""
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
+
+
 class PopoFSDPEngine(PopoEngineBase, FSDPEngineWithLMHead):
     """FSDP engine that also returns POPO's pooled representation (and predictor output)."""
 
@@ -58,15 +64,29 @@ class PopoFSDPEngine(PopoEngineBase, FSDPEngineWithLMHead):
         self._popo_hook = final_norm(module).register_forward_hook(self._popo_norm_hook)
         return module
 
-    def _build_fsdp_module(self, module):
+    # verl/workers/engine/fsdp/transformer_impl.py FSDPEngine._build_model_optimizer applies PEFT after _build_module:
+    # with target_modules=all-linear PEFT would wrap the head's Linears in adapters and freeze the head itself.
+    def _build_lora_module(self, module):
+        """verl's PEFT wrapping with the head held out: it is re-attached to the wrapped HF model afterwards, fully
+        trainable and fp32, so no adapter save, merge or rollout sync of PEFT's ever sees it as an adapter."""
         head = getattr(module, PREDICTOR_ATTR, None)
+        if head is not None:
+            delattr(module, PREDICTOR_ATTR)
+        module = super()._build_lora_module(module)
+        if head is not None:
+            setattr(head_owner(module), PREDICTOR_ATTR, head)
+        return module
+
+    def _build_fsdp_module(self, module):
+        owner = head_owner(module)
+        head = getattr(owner, PREDICTOR_ATTR, None)
         if head is None or self.engine_config.strategy != "fsdp2":
             # FSDP1: the head is one more parameter of the root unit, computed in its param_dtype.
             return super()._build_fsdp_module(module)
-        delattr(module, PREDICTOR_ATTR)
+        delattr(owner, PREDICTOR_ATTR)
         module = super()._build_fsdp_module(module)
         self._shard_predictor_fp32(head)
-        setattr(module, PREDICTOR_ATTR, head)
+        setattr(owner, PREDICTOR_ATTR, head)
         return module
 
     def _shard_predictor_fp32(self, head: torch.nn.Module) -> None:
@@ -204,6 +224,14 @@ class PopoFSDPEngine(PopoEngineBase, FSDPEngineWithLMHead):
             p.grad = g
         return self._after_step(grad_norm)
 
+    #: a context entered around the next forward-only batch (LoRA: the siamese's adapters in the actor's place)
+    popo_infer_context = None
+
+    def infer_batch(self, data, loss_function=None):
+        context = self.popo_infer_context
+        with context() if context is not None else nullcontext():
+            return super().infer_batch(data, loss_function=loss_function)
+
     # ------------------------------------------------------------------ weight export
     def get_per_tensor_param(self, *args, **kwargs):
         params, peft_config = super().get_per_tensor_param(*args, **kwargs)
@@ -283,3 +311,99 @@ class FsdpSiamese(Siamese):
 
     def named_siamese_params(self) -> list[tuple[str, torch.Tensor]]:
         return list(self._siamese().items())
+
+
+def is_adapter_param(name: str) -> bool:
+    """Whether a parameter name is a PEFT LoRA adapter's (`...lora_A.default.weight`, `...lora_B.default.weight`)."""
+    return ".lora_A." in name or ".lora_B." in name or ".lora_embedding_A." in name or ".lora_embedding_B." in name
+
+
+class LoraSiamese(Siamese):
+    """The siamese under LoRA: the frozen base, shared with the actor, plus an fp32 EMA of the actor's adapters.
+
+    No second model: the EMA lives in buffers shaped like the adapters' parameters (DTensors under FSDP2, so each
+    rank holds its shard). For the siamese forward `swapped_in` copies the EMA into the actor's adapters and
+    restores them after (the live adapters wait in a copy meanwhile). Memory: the adapters' size in fp32, once for
+    the EMA and once for the copy during the forward, against a full fp32 model for `FsdpSiamese`.
+    The EMA is taken of A and B separately, as of any other weight, so the siamese's update B_xi A_xi is not the
+    EMA of the products B A.
+    """
+
+    def __init__(self, actor_engine: PopoFSDPEngine):
+        self.actor_engine = actor_engine
+        with torch.no_grad():
+            self._ema = {n: p.detach().to(torch.float32).clone() for n, p in self._adapters().items()}
+        self.check_layout()
+        self.device = next(iter(self._ema.values())).device
+        self._predictor_ids: set[int] | None = None
+
+    def _adapters(self) -> dict[str, torch.Tensor]:
+        """The actor's trainable adapter parameters, by name (looked up each time: an offload moves them)."""
+        return {n: p for n, p in self.actor_engine.module.named_parameters()
+                if p.requires_grad and is_adapter_param(n) and not is_predictor_param(n)}
+
+    def pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        adapters = self._adapters()
+        names = sorted(self._ema)
+        return [local_shard(self._ema[n]) for n in names], [local_shard(adapters[n].data) for n in names]
+
+    def check_layout(self) -> None:
+        adapters = self._adapters()
+        if not adapters:
+            raise RuntimeError("POPO LoRA siamese: the actor has no trainable LoRA adapters (lora_rank > 0 expected)")
+        if set(adapters) != set(self._ema):
+            raise RuntimeError(f"POPO LoRA siamese and actor adapters differ: {sorted(set(adapters) ^ set(self._ema))[:5]}")
+
+    @torch.no_grad()
+    def copy_from_actor(self) -> None:
+        for xi, theta in zip(*self.pairs(), strict=True):
+            xi.copy_(theta)
+
+    def ema(self, tau: float) -> None:
+        core.ema_update_(*self.pairs(), tau)
+
+    def distance_sq(self) -> torch.Tensor:
+        return core.parameter_distance_sq(*self.pairs())
+
+    @contextmanager
+    def swapped_in(self):
+        """The actor's module as the siamese: the EMA adapters in place of the live ones, restored on exit."""
+        xis, thetas = self.pairs()
+        with torch.no_grad():
+            live = [theta.clone() for theta in thetas]
+            for xi, theta in zip(xis, thetas, strict=True):
+                theta.copy_(xi)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for theta, saved in zip(thetas, live, strict=True):
+                    theta.copy_(saved)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {n: local_shard(t).detach().cpu().clone() for n, t in self._ema.items()}
+
+    @torch.no_grad()
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        if set(state) != set(self._ema):
+            raise RuntimeError(
+                "POPO: the checkpoint's siamese is not this run's LoRA siamese (saved without LoRA, or with other "
+                f"target modules): {sorted(set(state) ^ set(self._ema))[:5]}"
+            )
+        for n, t in self._ema.items():
+            local_shard(t).copy_(state[n].to(local_shard(t).device))
+
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        return [self.actor_engine.optimizer]
+
+    def predictor_param_ids(self) -> set[int]:
+        if self._predictor_ids is None:
+            self._predictor_ids = {id(p) for n, p in self.actor_engine.module.named_parameters() if is_predictor_param(n)}
+        return self._predictor_ids
+
+    def named_actor_params(self) -> list[tuple[str, torch.Tensor]]:
+        """The adapters and the head: what the siamese pairs with, and what POPO trains."""
+        return [(n, p) for n, p in self.actor_engine.module.named_parameters() if p.requires_grad]
+
+    def named_siamese_params(self) -> list[tuple[str, torch.Tensor]]:
+        return sorted(self._ema.items())

@@ -89,9 +89,14 @@ class TinySpec:
     sft_lr: float = 3e-3
     target_pass: float = 0.28  # stop the warm start once the dev pass@1 (temperature 1) reaches this
     eval_samples: int = 8  # samples per held-out prompt for the manifest's pass@1 / pass@8
+    # False: keep a warm start that misses the pass@k band (a short build that checks the build itself, not the task)
+    check_band: bool = True
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps({**asdict(self), "v": BUILD_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
+        fields = asdict(self)
+        if fields["check_band"]:
+            del fields["check_band"]  # the default: the same digest as before the field existed, so caches stay valid
+        return hashlib.sha256(json.dumps({**fields, "v": BUILD_VERSION}, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -357,7 +362,7 @@ def build(out_dir, spec: TinySpec = TinySpec(), force: bool = False, log=print) 
     test_p1, test_pk = pass_at_k(model, tok, test_rows, n=spec.eval_samples, seed=spec.seed)
     greedy = greedy_pass_at_1(model, tok, test_rows)
     lo, hi = PASS_BAND
-    if not (lo <= test_p1 <= hi and test_pk >= PASS_AT_8_MIN):
+    if spec.check_band and not (lo <= test_p1 <= hi and test_pk >= PASS_AT_8_MIN):
         raise RuntimeError(
             f"tiny warm start (seed {spec.seed}) missed its band: held-out pass@1 {test_p1:.3f} (want [{lo}, {hi}]), "
             f"pass@{spec.eval_samples} {test_pk:.3f} (want >= {PASS_AT_8_MIN})"
