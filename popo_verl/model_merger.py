@@ -108,7 +108,8 @@ def merge_lora_state(state: dict, scaling: float) -> dict:
 
 def merge_lora_in_hf_dir(hf_dir: str, scaling: float) -> int:
     """Rewrite the `huggingface/` folder verl saves for a LoRA run, whose files hold PEFT's names (which no HF
-    loader reads), as the merged HF model (`merge_lora_state`). Returns how many adapters were merged."""
+    loader reads), as the merged HF model (`merge_lora_state`) without the predictor head. Returns how many adapters
+    were merged (0: nothing rewritten)."""
     from safetensors.torch import save_file
 
     files = safetensors_files(hf_dir)
@@ -121,7 +122,8 @@ def merge_lora_in_hf_dir(hf_dir: str, scaling: float) -> int:
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.exists(index):
         os.remove(index)
-    save_file(merge_lora_state(state, scaling), os.path.join(hf_dir, "model.safetensors"), metadata={"format": "pt"})
+    save_file(strip_predictor(merge_lora_state(state, scaling)), os.path.join(hf_dir, "model.safetensors"),
+              metadata={"format": "pt"})
     return merged
 
 

@@ -48,12 +48,6 @@ def _where() -> dict:
     return {"host": socket.gethostname(), "ray_node": node}
 
 
-def lora_rank(model_config) -> int:
-    """The LoRA rank a model config asks for (`lora.rank` or `lora_rank`, as verl's trainer reads it); 0 = none."""
-    rank = (model_config.get("lora", None) or {}).get("rank", 0) or model_config.get("lora_rank", 0)
-    return int(rank or 0)
-
-
 def popo_engine_cls(engine) -> type:
     """POPO's subclass of the stock engine verl built: FSDP/FSDP2, or Megatron (where megatron-core is installed)."""
     if type(engine) is FSDPEngineWithLMHead:
@@ -111,7 +105,8 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
         # keyed by each row's tokens: a resumed run, or one on another number of ranks, draws the same noise.
         self._noise_seed = int(self.config.actor.get("data_loader_seed", 0) or 0)
         PopoTrainingWorker.popo_settings = (cfg, self._noise_seed)
-        self.popo_lora = lora_rank(self.config.model) > 0
+        # the key verl's FSDP engine applies PEFT for (FSDPEngine._is_lora); Megatron's lora.rank is refused at start
+        self.popo_lora = int(self.config.model.get("lora_rank", 0) or 0) > 0
         if self.popo_lora:
             # Under LoRA the siamese is the actor's own base plus EMA adapters (LoraSiamese): verl's init_model
             # (verl/workers/engine_workers.py) builds a ref engine, a second full model, whenever the role names
@@ -228,9 +223,11 @@ class PopoActorRolloutRefWorker(ActorRolloutRefWorker):
             from popo_verl.model_merger import merge_lora_in_hf_dir, strip_predictor_from_hf_dir
 
             hf_dir = os.path.join(local_path, "huggingface")
-            if self.popo_lora:  # verl writes it under PEFT's names, which no HF loader reads: merged here
-                merge_lora_in_hf_dir(hf_dir, float(self.config.model.lora_alpha) / lora_rank(self.config.model))
-            strip_predictor_from_hf_dir(hf_dir)
+            # under LoRA verl writes it under PEFT's names, which no HF loader reads: merged here, the head dropped
+            # in the same rewrite (the folder is read and written once)
+            scaling = float(self.config.model.lora_alpha) / int(self.config.model.lora_rank) if self.popo_lora else 0.0
+            if not (self.popo_lora and merge_lora_in_hf_dir(hf_dir, scaling)):
+                strip_predictor_from_hf_dir(hf_dir)
         checkpoint.commit(local_path, self.rank, self.world_size, self.ema.state(), written_by=_where())
         if dist.is_initialized():
             dist.barrier()
