@@ -63,6 +63,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "psr": ("psr", []),
     "nsr": ("nsr", []),
     "w_reinforce": ("w_reinforce", []),
+    # one of verl's entropy-preserving policy losses (Cui et al. 2025, arXiv 2505.22617), at verl's defaults
+    "grpo_clip_cov": ("grpo", ["actor_rollout_ref.actor.policy_loss.loss_mode=clip_cov"]),
     # positive-aware dynamic sampling (issue #35): regenerate the groups without a positive until all 16 of the
     # step's groups (run_tiny_cpu.sh's TRAIN_BATCH) have one, within max_gen_rounds (3) x 16 prompts
     "popo_dynamic": ("popo", ["algorithm.popo.min_groups_with_positive=16"]),
@@ -75,12 +77,14 @@ MAIN = ("popo", "grpo")
 QUICK_STEPS = 20
 QUICK_OVERRIDES = ["actor_rollout_ref.actor.optim.lr_scheduler_type=constant"]
 #: measured on request only (`--variants popo_nll_sequence`, `--variants psr nsr w_reinforce`): not the paper's ablations
-EXTRA = ("popo_nll_sequence", "psr", "nsr", "w_reinforce", "popo_dynamic", "popo_lora", "popo_lora_lr3e-3")
+EXTRA = ("popo_nll_sequence", "psr", "nsr", "w_reinforce", "grpo_clip_cov", "popo_dynamic", "popo_lora",
+         "popo_lora_lr3e-3")
 DATA_SOURCE = "tiny_arith"
 VAL_N = 8
 STEP_METRICS = {"reward": "critic/score/mean", "neg_delta": "popo/neg_logprob_delta", "pos_delta": "popo/pos_logprob_delta",
                 "step_s": "timing_s/step", "gen_rounds": "popo/gen_rounds",
-                "groups_without_positive": "popo/groups_without_positive"}
+                "groups_without_positive": "popo/groups_without_positive",
+                "entropy": "actor/entropy"}  # verl's old-log-prob pass over all of a step's rollouts, every method
 
 
 def parse_steps(text: str) -> list[tuple[int, dict[str, float]]]:
@@ -125,13 +129,17 @@ def warm_start_id(seed: int) -> str:
     return hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
 
 
-def run_variant(name: str, seed: int, args, workdir: Path) -> dict:
+def run_variant(name: str, seed: int, args, workdir: Path, save_final: bool = False) -> dict:
+    """One run through run_tiny_cpu.sh. save_final: keep its last policy (the run's `ckpt` folder is returned; the
+    caller deletes it)."""
     algo, overrides = VARIANTS[name]
     log = workdir / f"{name}_s{seed}.log"
     # RAY_ADDRESS=local: every run starts its own Ray instance, never joins another run's or a user's cluster
     env = dict(os.environ, RAY_ADDRESS="local", ALGO=algo, TINY_SEED=str(seed), SEED=str(seed), TEST_FREQ=str(args.test_freq),
                VAL_N=str(VAL_N), SAVE_FREQ="-1", LOG_FILE=str(log),
                CKPT_DIR=str(workdir / f"ckpt_{name}_{seed}_{time.time_ns()}"))
+    if save_final:
+        env.pop("SAVE_FREQ")  # the script's default: one checkpoint, at the last step
     if args.steps:
         env["TOTAL_STEPS"] = str(args.steps)
     extra = ["trainer.resume_mode=disable", f"actor_rollout_ref.rollout.seed={seed}"]
@@ -146,9 +154,10 @@ def run_variant(name: str, seed: int, args, workdir: Path) -> dict:
     curves = curves_from_log(log.read_text(errors="replace"))  # verl's whole step lines (the console shows them short)
     if len(curves["pass@1"]) < 2:
         raise RuntimeError(f"{name} seed {seed}: fewer than two held-out measurements in the log {log}")
-    return {"variant": name, "seed": seed, "steps": max(curves["pass@1"]), "wall_s": round(time.time() - t0, 1),
-            "overrides": overrides + list(args.overrides), "warm_start": warm_start_id(seed),
-            "curves": {m: {str(s): v for s, v in c.items()} for m, c in curves.items()}}
+    run = {"variant": name, "seed": seed, "steps": max(curves["pass@1"]), "wall_s": round(time.time() - t0, 1),
+           "overrides": overrides + list(args.overrides), "warm_start": warm_start_id(seed),
+           "curves": {m: {str(s): v for s, v in c.items()} for m, c in curves.items()}}
+    return {**run, "ckpt": env["CKPT_DIR"]} if save_final else run
 
 
 # ------------------------------------------------------------------------------------------ statistics

@@ -22,7 +22,9 @@ popo_verl/plugin.py checks POPO's config), so the refusal comes in seconds, not 
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
 import re
 import zipfile
@@ -53,6 +55,31 @@ def verl_files(actor_dir: str, rank: int, world: int) -> list[str]:
     """This rank's shards as verl's FSDPCheckpointManager names them (verl/utils/checkpoint/fsdp_checkpoint_manager.py)."""
     names = (f"{kind}_world_size_{world}_rank_{rank}.pt" for kind in ("model", "optim", "extra_state"))
     return [p for p in (os.path.join(actor_dir, n) for n in names) if os.path.exists(p)]
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def full_model_state(actor_dir) -> dict[str, torch.Tensor]:
+    """The whole model of a checkpoint's actor folder (actor and head), fp32, from verl's FSDP2 shards (every parameter
+    Shard(0) over the ranks): for checks and comparisons on the CPU."""
+    files = sorted(glob.glob(os.path.join(actor_dir, "model_world_size_*_rank_*.pt")),
+                   key=lambda f: int(f.rsplit("_", 1)[1][:-3]))
+    # outside a process group, unpickling each DTensor's mesh logs a torch.compile warning: one line per tensor
+    mesh_log = logging.getLogger("torch.distributed.device_mesh")
+    level = mesh_log.level
+    mesh_log.setLevel(logging.ERROR)
+    try:
+        shards = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
+    finally:
+        mesh_log.setLevel(level)
+    return {k: torch.cat([getattr(s[k], "_local_tensor", s[k]).float() for s in shards], dim=0) for k in shards[0]}
+
+
+def full_siamese_state(actor_dir) -> tuple[dict[str, torch.Tensor], dict]:
+    """The whole siamese of a checkpoint's actor folder, fp32, from its ranks' shards; and rank 0's EMA state."""
+    files = sorted(glob.glob(os.path.join(actor_dir, POPO_DIR, "rank_*_of_*.pt")),
+                   key=lambda f: int(os.path.basename(f).split("_")[1]))
+    states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
+    return {k: torch.cat([s["siamese"][k].float() for s in states], dim=0) for k in states[0]["siamese"]}, states[0]
 
 
 # ------------------------------------------------------------------------------------------------ writing

@@ -6,8 +6,8 @@ silently train something else, so a failure here prints its traceback to stderr 
 
 Installing popo-verl must change nothing for a run that does not ask for POPO or the CPU backend, so this module
 registers lazily (each registry entry when verl imports that registry: popo_verl/import_hooks.py) and patches nothing
-by itself: the CPU backend's changes need POPO_VERL_CPU=1, the Ctrl-C stop needs POPO_STOP_FILE (README, "What
-popo-verl changes in verl").
+by itself: the CPU backend's changes need POPO_VERL_CPU=1, the Ctrl-C stop needs POPO_STOP_FILE, the stop when the
+Ray head dies POPO_RAY_HEAD_TIMEOUT_S (README, "What popo-verl changes in verl").
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from popo_verl.import_hooks import when_imported
 logger = logging.getLogger(__name__)
 
 #: the environment through which a run asks for popo-verl's changes to verl, or that those changes set
-ENV_SWITCHES = ("POPO_VERL_CPU", "VERL_PLATFORM", "VERL_ENGINE_DEVICE", "POPO_STOP_FILE", "TQ_NUM_THREADS")
+ENV_SWITCHES = ("POPO_VERL_CPU", "VERL_PLATFORM", "VERL_ENGINE_DEVICE", "POPO_STOP_FILE", "POPO_RAY_HEAD_TIMEOUT_S",
+                "TQ_NUM_THREADS")
 #: verl and hydra as without popo-verl, short of uninstalling it: verl skips its plugins, hydra our search path
 WITHOUT_POPO_VERL = {"VERL_USE_EXTERNAL_PLUGINS": "none", "POPO_VERL_HYDRA": "0"}
 
@@ -33,7 +34,7 @@ BACKEND = "popo_verl.cpu.backend"
 REGISTRATIONS = (
     ("verl.trainer.ppo.core_algos", "popo_verl.algos", "register"),  # advantage estimator and policy loss "popo"
     ("verl.trainer.ppo.v1", "popo_verl.trainer", None),  # trainer mode "popo" (its @register_trainer)
-    ("verl.trainer.ppo.v1.trainer_sync", "popo_verl.stop", "register"),  # the Ctrl-C stop, with POPO_STOP_FILE only
+    ("verl.trainer.ppo.v1.trainer_sync", "popo_verl.stop", "register"),  # Ctrl-C / Ray-head stop, asked for only
 )
 
 

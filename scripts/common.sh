@@ -93,6 +93,9 @@ PROJECT_NAME=${PROJECT_NAME:-popo_verl}
 EXPERIMENT_NAME=${EXPERIMENT_NAME:-${ALGO_TAG}_${MODEL}-${SIZE}_${PRESET}}${EXPERIMENT_SUFFIX:+_$EXPERIMENT_SUFFIX}
 CKPT_DIR=${CKPT_DIR:-$PWD/checkpoints/${PROJECT_NAME}/${EXPERIMENT_NAME}}
 LOGGER=${LOGGER:-[console,wandb]}
+# after each step the trainer asks the Ray head (its GCS); without an answer in this many seconds it saves a
+# checkpoint and ends the run, before Ray's own 60 s timeout takes every process down mid-step (popo_verl/stop.py)
+POPO_RAY_HEAD_TIMEOUT_S=${POPO_RAY_HEAD_TIMEOUT_S:-10}
 
 compose_only=false
 for arg in "$@"; do [[ "$arg" == "--cfg" || "$arg" == "--help" || "$arg" == "-h" ]] && compose_only=true; done
@@ -204,6 +207,7 @@ TRAINER_ARGS=(
   trainer.project_name="$PROJECT_NAME"
   trainer.experiment_name="$EXPERIMENT_NAME"
   trainer.logger="$LOGGER"
+  +ray_kwargs.ray_init.runtime_env.env_vars.POPO_RAY_HEAD_TIMEOUT_S="'$POPO_RAY_HEAD_TIMEOUT_S'"  # a string, for Ray
 )
 
 # launch ALGO_ARG... -- USER_OVERRIDE...: the user's overrides come last, so they win.

@@ -137,6 +137,10 @@ export PYTHONUNBUFFERED=1                      # lines reach the console and the
 # Ray would prestart one idle Python worker per logical CPU (32 here); on 2 cores that costs minutes.
 export RAY_prestart_worker_first_driver=${RAY_prestart_worker_first_driver:-0}
 export RAY_enable_worker_prestart=${RAY_enable_worker_prestart:-0}
+# after each step the trainer asks the Ray head (its GCS); without an answer in this many seconds it saves a
+# checkpoint and ends the run, before Ray's own 60 s timeout takes every process down mid-step (popo_verl/stop.py);
+# 0 turns the check off. Passed to the job's runtime_env: an existing cluster's processes do not see this shell's.
+POPO_RAY_HEAD_TIMEOUT_S=${POPO_RAY_HEAD_TIMEOUT_S:-10}
 
 # popo_verl's reward function; the task is built after the overrides are checked
 REWARD_FILE=${REWARD_FILE:-$("$PYTHON" -c 'import pathlib, popo_verl; print(pathlib.Path(popo_verl.__file__).parent / "reward.py")')}
@@ -232,6 +236,7 @@ TRAINER_ARGS=(
   trainer.resume_mode=auto
   trainer.validation_data_dir="$VAL_DIR"       # per-sample held-out results: the summary's pass@1 counts correct ones
   actor_rollout_ref.actor.checkpoint.save_contents=[model,optimizer,extra,hf_model]
+  +ray_kwargs.ray_init.runtime_env.env_vars.POPO_RAY_HEAD_TIMEOUT_S="'$POPO_RAY_HEAD_TIMEOUT_S'"  # a string, for Ray
 )
 
 # every override checked against verl's config in about a second, before verl is imported: an unknown key or a bad

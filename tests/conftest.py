@@ -13,12 +13,12 @@ import pytest
 import torch
 from tensordict import TensorDict
 
-#: the test files that run the longest, longest first (seconds on 2 cores, stop 43's suite: 590, 210, 180, 170, 120,
-#: 110, 100, 100; stop 45: test_lora.py 130, and test_checkpoints.py's run killed while saving moved into
-#: test_e2e_cpu.py's killed-worker test, sharing its runs). pytest-xdist's loadfile hands whole files to its two workers in collection order: a long file
-#: collected last ran alone at the end (19m46s; the work itself fits in about 16).
-LONGEST_FILES = ("test_e2e_cpu.py", "test_learning.py", "test_reward_modes.py", "test_lora.py", "test_multinode.py",
-                 "test_tiny_task.py", "test_baselines.py", "test_run_output.py", "test_checkpoints.py")
+#: the test files that run the longest, longest first (seconds on 2 cores, stop 46's suite: about 500, 210, 180, 150,
+#: 145, 80, 75; the Ctrl-C run shares test_e2e_cpu.py's KL-anchor run, the 2-rank POPO run test_multinode.py's).
+#: pytest-xdist's loadfile hands whole files to its two workers in collection order: a long file collected last ran
+#: alone at the end (19m46s; the work itself fits in about 16).
+LONGEST_FILES = ("test_e2e_cpu.py", "test_learning.py", "test_lora.py", "test_multinode.py", "test_reward_modes.py",
+                 "test_tiny_task.py", "test_baselines.py", "test_checkpoints.py", "test_run_output.py")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -62,6 +62,12 @@ def _load_benchmark(name: str):
 def learning():
     """benchmarks/learning.py"""
     return _load_benchmark("learning")
+
+
+@pytest.fixture(scope="session")
+def exploration():
+    """benchmarks/exploration.py"""
+    return _load_benchmark("exploration")
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ def test_curves_come_from_verls_validation_and_step_keys(learning):
     curves = learning.curves_from_log(_log({0: (0.25, 0.4), 10: (0.3, 0.5)}))
     assert curves == {"pass@1": {0: 0.25, 10: 0.3}, "pass@8": {0: 0.4, 10: 0.5}, "reward": {1: 0.25, 11: 0.25},
                       "neg_delta": {1: -0.01, 11: -0.01}, "pos_delta": {1: 0.02, 11: 0.02}, "step_s": {},
-                      "gen_rounds": {}, "groups_without_positive": {}}
+                      "gen_rounds": {}, "groups_without_positive": {}, "entropy": {}}
 
 
 def _run(variant, seed, start, end, neg=-0.01):
@@ -349,3 +349,40 @@ def test_compare_plots_runs_of_your_own_from_their_logs(learning, tmp_path, caps
         learning.main(["--compare", f"x={tmp_path / 'empty.log'}"])
     with pytest.raises(SystemExit, match="NAME=LOG"):
         learning.main(["--compare", str(popo)])
+
+
+# ------------------------------------------------------------------------------ benchmarks/exploration.py (issue #36)
+def _xrun(method, seed, start, end, entropy=0.15):
+    """A run's record as exploration.py stores it: pass@k at the warm start and at the end (k = 1, 2, 4)."""
+    return {"method": method, "variant": method, "seed": seed, "warm_start": "w", "n": 4, "final_step": 200,
+            "train_s": 400.0, "overrides": [], "curves": {"entropy": {str(s): entropy for s in range(1, 21)}},
+            "pass_at_k": {"start": {"1": start[0], "2": start[1], "4": start[2]},
+                          "end": {"1": end[0], "2": end[1], "4": end[2]}}}
+
+
+def test_exploration_report_pairs_gains_by_seed_and_reads_pass_at_k_against_the_warm_start(exploration, tmp_path):
+    start = (0.30, 0.50, 0.90)
+    runs = [_xrun("grpo", s, start, (0.40 + 0.01 * s, 0.55, 0.85 - 0.01 * s)) for s in (0, 1, 2)]
+    runs += [_xrun("popo", s, start, (0.45, 0.60, 0.91 + 0.01 * s), entropy=0.2) for s in (0, 1, 2)]
+    runs += [_xrun("psr", s, start, (0.50, 0.55, 0.80 + 0.01 * s)) for s in (0, 1, 2)]
+    text = exploration.summarise(runs, tmp_path)
+    assert "| popo | 3 | 200 | 0.300 -> 0.450 | 0.150 ± 0.000 | 0.900 -> 0.920 | 0.020 ± 0.010 | 0.200 -> 0.200 | 400 |" in text
+    # POPO - GRPO per seed, pass@1: 0.05, 0.04, 0.03; pass@4: 0.06, 0.08, 0.10 (half-width 4.303 x 0.02 / sqrt 3)
+    assert "| popo | +0.040 [+0.015, +0.065], 3 seeds | +0.080 [+0.030, +0.130], 3 seeds |" in text
+    assert "GRPO gains held-out pass@1 on every seed (3): the comparison stands." in text
+    assert "- grpo: -0.060 [-0.085, -0.035], 3 seeds: below the warm start" in text
+    assert "- popo: +0.020 [-0.005, +0.045], 3 seeds: not distinguishable from the warm start" in text
+    assert "- psr: -0.090 [-0.115, -0.065], 3 seeds: below the warm start" in text
+    assert "| popo | 400 | 267 |" in text  # 400 s for +0.15: 267 s per +0.1
+    assert (tmp_path / "exploration.md").read_text() == text and (tmp_path / "exploration.png").stat().st_size > 1000
+    runs[0] = _xrun("grpo", 0, start, (0.29, 0.5, 0.8))
+    assert "does NOT gain held-out pass@1 on every seed: the comparison against it means nothing" in \
+        exploration.summarise(runs, tmp_path)
+
+
+def test_exploration_pass_at_k_curve_samples_the_model(exploration):
+    """The unbiased pass@k from popo_verl.evaluate on the tiny warm start (4 samples on 8 held-out prompts)."""
+    tiny = exploration._tiny_dir(0)
+    curve = exploration.pass_at_k_curve(tiny / "model", tiny / "data" / "test.parquet", n=4, limit=8)
+    assert sorted(curve) == [1, 2, 4]
+    assert 0 <= curve[1] <= curve[2] <= curve[4] <= 1 and curve[4] > 0

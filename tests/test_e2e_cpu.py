@@ -4,10 +4,10 @@ trainer, workers, FSDP2 engines and Ray, on the tiny task. Each run happens once
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from popo_verl import checkpoint
 from popo_verl.tiny.summary import parse_steps
 
 pytestmark = pytest.mark.e2e
@@ -27,7 +28,10 @@ TAU = 0.9  # a fast EMA so three steps move the siamese measurably
 
 
 def run_tiny(tmp: Path, tiny_dir: str, algo: str, *overrides: str, ranks: int = 1, steps: int = 3, save_freq: int = -1,
-             test_freq: int = -1, ckpt: Path | None = None, expect_ok: bool = True, env_extra: dict | None = None):
+             test_freq: int = -1, ckpt: Path | None = None, expect_ok: bool = True, env_extra: dict | None = None,
+             ctrl_c_at_step: int | None = None):
+    """scripts/run_tiny_cpu.sh with small steps. ctrl_c_at_step: a terminal's Ctrl-C (SIGINT to the script's whole
+    process group) once the console shows that step's line."""
     ckpt = ckpt or tmp / "ckpt"
     env = dict(os.environ)
     env.update(
@@ -38,10 +42,11 @@ def run_tiny(tmp: Path, tiny_dir: str, algo: str, *overrides: str, ranks: int = 
     env.update(env_extra or {})
     log_file = Path(env["LOG_FILE"])
     before = log_file.stat().st_size if log_file.exists() else 0  # the console appends: this run's part only
-    r = subprocess.run(
-        ["bash", str(SCRIPT), "trainer.val_before_train=false", *overrides],
-        cwd=str(tmp), env=env, capture_output=True, text=True, timeout=900,
-    )
+    cmd = ["bash", str(SCRIPT), "trainer.val_before_train=false", *overrides]
+    if ctrl_c_at_step is None:
+        r = subprocess.run(cmd, cwd=str(tmp), env=env, capture_output=True, text=True, timeout=900)
+    else:
+        r = _interrupted(cmd, tmp, env, ctrl_c_at_step)
     # the console shows verl's step lines short; the log file keeps them whole (popo_verl/tiny/console.py)
     full = ""
     if log_file.exists():
@@ -54,18 +59,30 @@ def run_tiny(tmp: Path, tiny_dir: str, algo: str, *overrides: str, ranks: int = 
     return {"rc": r.returncode, "log": log, "stdout": r.stdout, "steps": dict(parse_steps(full)), "ckpt": ckpt}
 
 
+def _interrupted(cmd: list[str], cwd: Path, env: dict, step: int) -> subprocess.CompletedProcess:
+    proc = subprocess.Popen(cmd, cwd=str(cwd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True,
+                            # as from a terminal: a SIGINT ignored on entry (inherited from this process once an
+                            # earlier test has made it ignore SIGINT) could not be trapped by the script (POSIX)
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    out, deadline = [], time.time() + 400
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith(f"step {step}: "):  # the console's short step line
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+        assert time.time() < deadline, "".join(out[-40:])
+    out += proc.stdout.readlines()
+    return subprocess.CompletedProcess(cmd, proc.wait(timeout=300), "".join(out), "")
+
+
 def model_state(step_dir: Path) -> dict[str, torch.Tensor]:
     """Full weights from verl's FSDP2 shards (Shard(0) on every parameter)."""
-    files = sorted(glob.glob(str(step_dir / "actor" / "model_world_size_*_rank_*.pt")), key=lambda f: int(f.rsplit("_", 1)[1][:-3]))
-    shards = [torch.load(f, map_location="cpu", weights_only=False) for f in files]
-    return {k: torch.cat([getattr(s[k], "_local_tensor", s[k]).float() for s in shards], dim=0) for k in shards[0]}
+    return checkpoint.full_model_state(step_dir / "actor")
 
 
 def siamese_state(step_dir: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    files = sorted(glob.glob(str(step_dir / "actor" / "popo_siamese" / "rank_*_of_*.pt")), key=lambda f: int(Path(f).name.split("_")[1]))
-    states = [torch.load(f, map_location="cpu", weights_only=True) for f in files]
-    full = {k: torch.cat([s["siamese"][k].float() for s in states], dim=0) for k in states[0]["siamese"]}
-    return full, states[0]
+    return checkpoint.full_siamese_state(step_dir / "actor")
 
 
 def initial_state(tiny_dir: str) -> dict[str, torch.Tensor]:
@@ -174,56 +191,6 @@ def test_siamese_is_the_ema_of_the_actor(popo_1rank, tiny_dir):
     assert pred1 and any(not torch.equal(pred1[k], pred3[k]) for k in pred1), "L_sim trains the predictor"
 
 
-EVEN_PROMPTS_WRONG = """\
-from popo_verl.reward import compute_score as tiny_reward
-
-
-def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs):
-    # every response to an even-numbered prompt is wrong: about half the groups have no positive
-    wrong = int(extra_info["index"]) % 2 == 0
-    return 0.0 if wrong else tiny_reward(data_source, solution_str, ground_truth, extra_info, **kwargs)
-"""
-ROUNDS = 3
-
-
-def test_popo_with_two_fsdp2_ranks_padded_micro_batches_and_dynamic_sampling(tmp_path_factory, tiny_dir):
-    """2 ranks, and the padded layout (use_remove_padding=false; the 1-rank runs cover the packed one).
-    Positive-aware dynamic sampling (algorithm.popo.min_groups_with_positive = the batch's 8 groups) under a reward
-    that fails every response to half of the prompts: the groups without a positive are regenerated, within
-    max_gen_rounds x 8 prompts per step."""
-    tmp = tmp_path_factory.mktemp("popo2")
-    reward = tmp / "even_prompts_wrong.py"
-    reward.write_text(EVEN_PROMPTS_WRONG)
-    # micro-batches of 4 rows (verl's log-prob passes need the 32 rows of a rank to divide): a rank's positives are
-    # padded up to a multiple of 4 whenever their count is not one of dp x 4 = 8, so the padding rows do not hang on
-    # an odd positive count alone (the samples of a loaded machine vary)
-    out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, "actor_rollout_ref.model.use_remove_padding=false",
-                   "algorithm.popo.min_groups_with_positive=8", f"algorithm.popo.max_gen_rounds={ROUNDS}",
-                   ranks=2, steps=3, save_freq=3, env_extra={"MICRO": "4", "REWARD_FILE": str(reward)})
-    assert sorted(out["steps"]) == [1, 2, 3]
-    budget = (ROUNDS - 1) * 8 // 2  # groups regenerated at most: 2 new prompts each, (rounds - 1) x 8 prompts
-    for m in out["steps"].values():
-        assert 1 <= m["popo/gen_rounds"] <= ROUNDS
-        # 2 new prompts per regenerated group, less the ones still owed when the batch filled up
-        assert 1 + (m["popo/groups_regenerated"] > 0) / 8 <= m["popo/gen_rounds"] <= 1 + 2 * m["popo/groups_regenerated"] / 8
-        assert m["popo/groups_regenerated"] <= budget
-        # the batch holds 8 groups with a positive, unless the budget ran out first
-        assert m["popo/groups_without_positive"] == 0 or m["popo/groups_regenerated"] == budget, m
-    # a round of 8 prompts without an even-numbered one has odds 1/256: some step regenerated groups
-    assert any(m["popo/groups_regenerated"] > 0 for m in out["steps"].values())
-    assert any(m["popo/rows_updated"] % 8 for m in out["steps"].values()), "padding rows at dp = 2 in some step"
-    for m in out["steps"].values():
-        assert m["training/rollout_probs_diff_max"] < 1e-4, "padded forward gives the rollout's log-probs"
-        assert m["popo/rows_updated"] == round(m["popo/positive_ratio"] * ROWS_PER_STEP)
-        # the update batch's padding rows were cleared: no row of an earlier step stays in TransferQueue
-        assert m["popo/tq_rows_held"] == ROWS_PER_STEP, m["popo/tq_rows_held"]
-        assert m["popo/skipped_step"] == 1 or -1 <= m["popo/cos_sim"] <= 1
-    siamese, state = siamese_state(out["ckpt"] / "global_step_3")
-    actor = model_state(out["ckpt"] / "global_step_3")
-    assert state["ema_steps"] == 3
-    assert any(not torch.allclose(siamese[k], actor[k]) for k in siamese)
-
-
 def resume_override(root: Path, step: int) -> str:
     return f"trainer.resume_mode=resume_path trainer.resume_from_path={root / f'global_step_{step}'}"
 
@@ -244,7 +211,6 @@ def test_killed_mid_step_then_while_saving_the_reruns_resume_from_the_last_compl
        is complete. (Equality needs the same checkpoint: two fresh runs of the same command already differ by ~1e-6
        in the weights after one step, CPU kernels' run-to-run noise.)
     A truncated file behind the same refusal (resume_mode=auto picking it) is tests/test_checkpoints.py's part."""
-    from popo_verl import checkpoint
 
     tmp = tmp_path_factory.mktemp("popo_killed")
     ckpt, stamp = tmp / "ckpt", tmp / "killed_at"
@@ -293,7 +259,8 @@ def test_killed_mid_step_then_while_saving_the_reruns_resume_from_the_last_compl
 
     out = run_tiny(tmp, tiny_dir, "popo", *POPO_ARGS, PACKED, steps=3, save_freq=1, ckpt=ckpt)
     assert sorted(out["steps"]) == [3], "the resumed run starts at step 3"
-    assert checkpoint.problem(str(ckpt / "global_step_3"), 0, 1) is None
+    assert (ckpt / "global_step_3" / "actor" / checkpoint.POPO_DIR).is_dir()
+    assert checkpoint.problem(str(ckpt / "global_step_3" / "actor"), 0, 1) is None
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "3"
     a, b = popo_1rank["steps"][3], out["steps"][3]
     for key in ("popo/positive_ratio", "popo/rows_updated", "critic/score/mean", "popo/ema_steps"):
@@ -351,21 +318,39 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, **kw
 """
 
 
-def test_a_step_without_positives_then_the_kl_anchor_without_predictor(tmp_path, tiny_dir):
-    """Two steps of one run (start-up is most of a run's time):
+def test_a_step_without_positives_then_the_kl_anchor_without_predictor_then_ctrl_c(tmp_path, tiny_dir):
+    """One run of 40 steps (start-up is most of a run's time), stopped by Ctrl-C after step 2:
     (f) step 1's rewards are all 0: no crash, no NaN, a warning, the step logged as skipped, and the LR schedule
     still advances once per training step (a 4-step linear warm-up: lr/4 after step 1, lr/2 after step 2);
     then step 2 trains with anchor=kl (k3 KL to the siamese instead of L_sim) and predictor_layers=0 (no head),
-    logging the Theorem 3.1 metrics."""
+    logging the Theorem 3.1 metrics.
+    The run script's first Ctrl-C (SIGINT to its whole process group, as a terminal sends it) lets the trainer
+    finish its step, save a checkpoint with the HF policy and end normally; the summary names the policy."""
     reward = tmp_path / "first_batch_zero.py"
     reward.write_text(FIRST_BATCH_ZERO.format(n=ROWS_PER_STEP, counter=str(tmp_path / "reward_calls")))
     out = run_tiny(tmp_path, tiny_dir, "popo", "actor_rollout_ref.actor.optim.lr_warmup_steps=4", "algorithm.popo.anchor=kl",
-                   "algorithm.popo.predictor_layers=0", "algorithm.popo.implicit_negative_interval=1", steps=2,
-                   save_freq=2, env_extra={"REWARD_FILE": str(reward)})
+                   "algorithm.popo.predictor_layers=0", "algorithm.popo.implicit_negative_interval=1", steps=40,
+                   save_freq=-1, env_extra={"REWARD_FILE": str(reward)}, ctrl_c_at_step=2)
+    text = out["stdout"]
+    stopped = [int(s) for s in re.findall(r"stop requested: checkpoint saved at step (\d+)", text)]
+    # say whether the script took the Ctrl-C, to tell a lost signal from a missed stop
+    took = "Ctrl-C: stopping after this step" in text
+    assert len(stopped) == 1 and 2 <= stopped[0] < 40, (
+        f"script acknowledged the Ctrl-C: {took}; stop file present: {any(tmp_path.glob('runs/*/*/stop_requested'))}"
+        f"\n{text[-3000:]}")
+    stop = stopped[0]
+    hf = out["ckpt"] / f"global_step_{stop}" / "actor" / "huggingface"
+    assert any(hf.glob("*.safetensors")), f"no HF policy in {hf}"
+    assert (out["ckpt"] / "latest_checkpointed_iteration.txt").read_text().strip() == str(stop)
+    lines = text.rstrip().splitlines()
+    assert f"policy at step {stop}: {hf}" in lines
+    assert any(line.startswith(f"evaluate it: python -m popo_verl.evaluate --preset tiny --model {hf}") for line in lines)
+
     steps = out["steps"]
-    assert sorted(steps) == [1, 2]
+    assert sorted(steps) == list(range(1, stop + 1))
     for s, m in steps.items():
-        assert m["actor/lr"] == pytest.approx(1e-3 * s / 4, rel=1e-6), m["actor/lr"]
+        if s <= 4:  # the warm-up's steps
+            assert m["actor/lr"] == pytest.approx(1e-3 * s / 4, rel=1e-6), m["actor/lr"]
         assert all(v == v for v in m.values()), f"NaN in step {s}'s metrics"
     first, second = steps[1], steps[2]
     assert first["popo/positive_ratio"] == 0 and first["popo/skipped_step"] == 1 and first["popo/rows_updated"] == 0
@@ -375,6 +360,6 @@ def test_a_step_without_positives_then_the_kl_anchor_without_predictor(tmp_path,
     # one step's sign is noise here (tests/test_learning.py checks the averages over a learning run)
     assert abs(second["popo/pos_logprob_delta"]) < 1 and abs(second["popo/neg_logprob_delta"]) < 1
     # no predictor head anywhere in the actor's weights, and the actor trained
-    state, initial = model_state(out["ckpt"] / "global_step_2"), initial_state(tiny_dir)
+    state, initial = model_state(out["ckpt"] / f"global_step_{stop}"), initial_state(tiny_dir)
     assert not [k for k in state if "popo_predictor" in k]
     assert any(not torch.equal(v, initial[k]) for k, v in state.items() if k in initial)

@@ -215,6 +215,26 @@ def test_summary_of_a_failed_run_says_so_last(tmp_path):
     assert r.stdout.splitlines()[-1].startswith("the run FAILED (exit status 137)")
 
 
+def test_summary_of_a_run_that_ray_ended_when_its_head_died(tmp_path):
+    """The Ray head's GCS gone and no POPO stop (a step longer than POPO_RAY_HEAD_TIMEOUT_S, or the check off): Ray
+    ends every process 60 s later. The summary says so, that the console missed the last steps' lines, and where
+    the same command resumes (tests/test_multinode.py runs the stop that saves first, on a real cluster)."""
+    fatal = ("[2026-12-07 22:09:00,907 E 8839 8857] rpc_client.h:204: Failed to connect to GCS within 60 seconds. GCS "
+             "may have been killed. The program will terminate.\n")
+    text = "step:1 - training/global_step:1 - timing_s/step:2.0\n" + fatal
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    lines = summary.report(text, "train.log", checkpoint_dir=ckpt, exit_status=1)
+    assert lines[-2] == ("the Ray head stopped answering and Ray ended the run 60 s later; the step lines after it went "
+                         "did not reach this console (Ray forwards them through the head); no checkpoint was saved: "
+                         "the same command starts over")
+    (ckpt / "latest_checkpointed_iteration.txt").write_text("4")
+    lines = summary.report(text, "train.log", checkpoint_dir=ckpt, exit_status=1)
+    assert lines[-2].endswith("the steps after step 4 are lost; once the cluster is up again, the same command "
+                              "resumes from there (trainer.resume_mode=auto)")
+    assert lines[-1].startswith("the run FAILED (exit status 1)")
+
+
 # ------------------------------------------------------------------------------------------ early errors
 def test_bad_popo_key_fails_in_the_driver_before_ray_starts(tmp_path):
     t0 = time.time()
@@ -351,44 +371,6 @@ def test_verls_own_refusal_is_one_line_before_ray_starts(tmp_path):
 
 # ------------------------------------------------------------------------------------------ the main job
 @pytest.mark.e2e
-def test_ctrl_c_saves_the_policy_and_the_summary_says_where(tmp_path):
-    """The run script's first Ctrl-C (SIGINT to its whole process group, as a terminal sends it) lets the trainer
-    finish its step, save a checkpoint with the HF policy and end normally; the summary names the policy."""
-    import signal
-
-    ckpt = tmp_path / "ckpt"
-    env = dict(os.environ, RUN_DIR=str(tmp_path / "run"), CKPT_DIR=str(ckpt), TOTAL_STEPS="40", TEST_FREQ="-1")
-    proc = subprocess.Popen(["bash", str(ROOT / "scripts" / "run_tiny_cpu.sh"), "trainer.val_before_train=false",
-                             "trainer.resume_mode=disable"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
-                            # as from a terminal: a SIGINT ignored on entry (inherited from this process once an
-                            # earlier test has made it ignore SIGINT) could not be trapped by the script (POSIX)
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    out = []
-    deadline = time.time() + 400
-    for line in proc.stdout:
-        out.append(line)
-        if line.startswith("step 2: "):  # the console's short step line
-            os.killpg(proc.pid, signal.SIGINT)
-            break
-        assert time.time() < deadline, "".join(out[-40:])
-    out += proc.stdout.readlines()
-    assert proc.wait(timeout=300) == 0, "".join(out[-60:])
-    text = "".join(out)
-    stopped = [int(s) for s in __import__("re").findall(r"stop requested: checkpoint saved at step (\d+)", text)]
-    # say whether the script took the Ctrl-C, to tell a lost signal from a missed stop
-    took = "Ctrl-C: stopping after this step" in text
-    assert len(stopped) == 1 and 2 <= stopped[0] < 40, (
-        f"script acknowledged the Ctrl-C: {took}; stop file present: {(tmp_path / 'run' / 'stop_requested').exists()}"
-        f"\n{text[-3000:]}")
-    hf = ckpt / f"global_step_{stopped[0]}" / "actor" / "huggingface"
-    assert any(hf.glob("*.safetensors")), f"no HF policy in {hf}"
-    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == str(stopped[0])
-    lines = text.rstrip().splitlines()
-    assert f"policy at step {stopped[0]}: {hf}" in lines
-    assert any(line.startswith(f"evaluate it: python -m popo_verl.evaluate --preset tiny --model {hf}") for line in lines)
-
-
 def test_config_diff_lists_what_algorithm_popo_changes():
     """`python -m popo_verl.config diff` composes through verl's own command line with and without algorithm=popo."""
     from popo_verl.config import popo_defaults

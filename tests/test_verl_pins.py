@@ -196,6 +196,35 @@ def test_the_hooks_for_early_errors_and_ctrl_c_still_fit_verl():
     assert "self.global_steps <= self.total_training_steps" in fit
 
 
+RAY_HEAD_CHECK = """
+import os, signal, sys, time
+import psutil, ray
+from popo_verl import stop
+ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
+print("up", stop.ray_head_answers(5.0), flush=True)
+gcs = [p for p in psutil.Process().children(recursive=True) if "gcs_server" in " ".join(p.cmdline())]
+for p in gcs:
+    p.kill()
+t = time.monotonic()
+print("down", stop.ray_head_answers(2.0), round(time.monotonic() - t, 1), len(gcs), flush=True)
+os._exit(0)  # ray.shutdown would wait for the dead GCS
+"""
+
+
+def test_the_ray_head_check_still_fits_ray():
+    """popo_verl/stop.py asks the GCS through Ray's private GcsClient (`internal_kv_get` with a timeout, raising
+    RpcError when the GCS does not answer): against a real local Ray whose GCS is killed. In a child process: Ray
+    ends a process whose GCS has been gone 60 s."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", RAY_HEAD_CHECK], capture_output=True, text=True, timeout=120)
+    lines = [line.split() for line in r.stdout.splitlines() if line.startswith(("up", "down"))]
+    assert lines[0] == ["up", "True"], r.stdout + r.stderr[-3000:]
+    _, answered, waited, killed = lines[1]
+    assert answered == "False" and killed == "1" and 1.5 <= float(waited) < 10, lines[1]
+
+
 def test_the_megatron_engine_hooks_still_fit_verl():
     """popo_verl/engines/megatron.py subclasses verl's MegatronEngineWithLMHead
     (verl/workers/engine/megatron/transformer_impl.py); read from verl's source, so it is checked without

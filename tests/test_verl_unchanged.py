@@ -116,13 +116,24 @@ def test_verl_runs_without_popo_see_verls_own_functions():
     assert with_plugin["verl"]["validate_config wrapped"] is False and with_plugin["verl"]["agent loop's hydra"] is True
 
 
-def test_the_ctrl_c_stop_hooks_verl_only_when_its_launcher_asks():
+def test_the_stop_hooks_verl_only_when_its_launcher_asks():
     code = """
+        import os
         from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
-        print(getattr(PPOTrainerSync.on_step_end, "_popo_stop", False))
+        from popo_verl import stop
+        hooked = lambda: getattr(PPOTrainerSync.on_step_end, "_popo_stop", False)
+        print(hooked())
+        # the stop when the Ray head dies: asked for by a positive POPO_RAY_HEAD_TIMEOUT_S; 0 is off
+        os.environ["POPO_RAY_HEAD_TIMEOUT_S"] = "0"
+        stop.register()
+        print(hooked())
+        os.environ["POPO_RAY_HEAD_TIMEOUT_S"] = "10"
+        stop.register()
+        print(hooked())
     """
-    assert _python(code).stdout.split()[-1] == "False"
-    assert _python(code, {"POPO_STOP_FILE": "/nonexistent/stop"}).stdout.split()[-1] == "True"
+    assert _python(code).stdout.split()[-3:] == ["False", "False", "True"]
+    # the Ctrl-C stop, hooked at verl's import when the launcher set POPO_STOP_FILE
+    assert _python(code, {"POPO_STOP_FILE": "/nonexistent/stop"}).stdout.split()[-3] == "True"
 
 
 def test_the_cpu_backend_changes_verl_when_asked_for():

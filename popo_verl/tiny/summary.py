@@ -127,6 +127,29 @@ def lost_worker(text: str, checkpoint_dir=None) -> str | None:
     return f"a Ray worker died: {name} (pid {pid}){why}; {again}"
 
 
+_HEAD_STOPPED = re.compile(r"popo-verl: the Ray head stopped answering \((.*?)\) after step (\d+)")
+_GCS_FATAL = re.compile(r"Failed to connect to GCS within (\d+) seconds")
+_UNSEEN = "the step lines after it went did not reach this console (Ray forwards them through the head)"
+
+
+def lost_head(text: str, checkpoint_dir=None) -> str | None:
+    """One line for a run that ended because the Ray head's GCS stopped answering: POPO's stop after a step, with
+    that step saved (popo_verl/stop.py), or Ray's own end of every process a minute later, the steps since the last
+    checkpoint lost. None when the head did not go."""
+    stopped = _HEAD_STOPPED.search(text)
+    if stopped:
+        why, step = stopped.groups()
+        return (f"the Ray head stopped answering ({why}): the run stopped after step {step}, saved; {_UNSEEN}; once "
+                f"the cluster is up again, the same command resumes from step {step} (trainer.resume_mode=auto)")
+    fatal = _GCS_FATAL.search(text)
+    if not fatal:
+        return None
+    saved = tracked_step(checkpoint_dir) if checkpoint_dir is not None else None
+    again = (f"the steps after step {saved} are lost; once the cluster is up again, the same command resumes from there "
+             "(trainer.resume_mode=auto)" if saved else "no checkpoint was saved: the same command starts over")
+    return f"the Ray head stopped answering and Ray ended the run {fatal.group(1)} s later; {_UNSEEN}; {again}"
+
+
 def _training_steps(steps) -> list[tuple[int, dict[str, float]]]:
     return [(s, m) for s, m in steps if "training/global_step" in m]
 
@@ -143,7 +166,7 @@ def report(text: str, log_name: str, validation_dir=None, checkpoint_dir=None, t
                      f"above and in {log_name}"
         else:
             failed = f"the run FAILED (exit status {exit_status}): its error is above and in {log_name}"
-        died = lost_worker(text, checkpoint_dir)
+        died = lost_head(text, checkpoint_dir) or lost_worker(text, checkpoint_dir)
         lines += [died, failed] if died else [failed]
     return lines
 

@@ -65,8 +65,8 @@ TESTS = (
 )
 
 # popo_verl.plugin's ENV_SWITCHES and WITHOUT_POPO_VERL, spelled out: --record runs with popo-verl uninstalled
-OUR_SWITCHES = ("POPO_VERL_CPU", "VERL_PLATFORM", "VERL_ENGINE_DEVICE", "POPO_STOP_FILE", "TQ_NUM_THREADS",
-                "VERL_USE_EXTERNAL_PLUGINS", "POPO_VERL_HYDRA")
+OUR_SWITCHES = ("POPO_VERL_CPU", "VERL_PLATFORM", "VERL_ENGINE_DEVICE", "POPO_STOP_FILE", "POPO_RAY_HEAD_TIMEOUT_S",
+                "TQ_NUM_THREADS", "VERL_USE_EXTERNAL_PLUGINS", "POPO_VERL_HYDRA")
 
 #: how "without popo-verl" is approximated where it cannot be uninstalled (verl's and hydra's own switches)
 WITHOUT_PLUGIN_ENV = {"VERL_USE_EXTERNAL_PLUGINS": "none", "POPO_VERL_HYDRA": "0"}
