@@ -71,7 +71,6 @@ class Cluster:
         # which pytest's own temp dirs under xdist (/tmp/pytest-of-root/pytest-N/popen-gwK/...) do not leave room for
         self.temp_dir = tempfile.mkdtemp(prefix="ray", dir="/tmp")
         self.env: dict[str, str] = {}
-        self.start()
 
     def start(self) -> None:
         env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
@@ -102,6 +101,7 @@ class Cluster:
 def two_nodes():
     cluster = Cluster()
     try:
+        cluster.start()  # in the try: a second node that fails to start must not leave the head running
         yield cluster
     finally:
         cluster.kill()
