@@ -37,6 +37,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import learning  # benchmarks/learning.py: the runs and the statistics
 
+sys.path.insert(0, str(learning.ROOT))
+from popo_verl import evaluate
+from popo_verl.tiny import default_dir
+from popo_verl.tiny.summary import latest_policy
+
 ROOT = learning.ROOT
 METHODS = ("popo", "grpo", "psr", "nsr", "w_reinforce", "grpo_clip_cov")
 BASELINE = "grpo"
@@ -48,9 +53,6 @@ QUICK = {"methods": ("popo", "grpo"), "seeds": (0,), "steps": 10, "n": 8}
 
 
 def _tiny_dir(seed: int) -> Path:
-    sys.path.insert(0, str(ROOT))
-    from popo_verl.tiny import default_dir
-
     return Path(default_dir(seed))
 
 
@@ -58,9 +60,6 @@ def pass_at_k_curve(model_dir: str | Path, test_file: str | Path, n: int, seed: 
                     limit: int | None = None) -> dict[int, float]:
     """Held-out pass@k for k = 1, 2, 4, ..., n: n samples per prompt at temperature 1, 32 new tokens (the protocol
     run_tiny_cpu.sh validates with), the unbiased estimator."""
-    sys.path.insert(0, str(ROOT))
-    from popo_verl import evaluate
-
     result = evaluate.evaluate(str(model_dir), [str(test_file)], n=n, temperature=1.0, top_p=1.0, max_new_tokens=32,
                                batch_size=max(1, 512 // n), seed=seed, limit=limit, show_progress=False,
                                verifier="last-boxed")
@@ -71,9 +70,6 @@ def pass_at_k_curve(model_dir: str | Path, test_file: str | Path, n: int, seed: 
 def run_method(method: str, seed: int, args, workdir: Path, start_curve: dict[int, float]) -> dict:
     """One training run, then the pass@k curve of its last policy (its checkpoint is deleted after)."""
     run = learning.run_variant(method, seed, args, workdir, save_final=True)
-    sys.path.insert(0, str(ROOT))
-    from popo_verl.tiny.summary import latest_policy
-
     policy = latest_policy(run.pop("ckpt"))
     if policy is None:
         raise RuntimeError(f"{method} seed {seed}: no saved policy")
@@ -81,7 +77,7 @@ def run_method(method: str, seed: int, args, workdir: Path, start_curve: dict[in
     end = pass_at_k_curve(path, _tiny_dir(seed) / "data" / "test.parquet", args.n, seed=seed)
     shutil.rmtree(Path(path).parents[2], ignore_errors=True)  # global_step_N: the runs are many, the disk is not
     steps = run["curves"].get("step_s", {})
-    run.update({"method": method, "n": args.n, "final_step": step, "train_s": round(sum(steps.values()), 1),
+    run.update({"n": args.n, "final_step": step, "train_s": round(sum(steps.values()), 1),
                 "pass_at_k": {"start": {str(k): v for k, v in start_curve.items()},
                               "end": {str(k): v for k, v in end.items()}}})
     return run
@@ -99,7 +95,7 @@ def pk_gain(run: dict, k: int) -> float:
 def _by_method(runs: list[dict]) -> dict[str, list[dict]]:
     by: dict[str, list[dict]] = {}
     for r in runs:
-        by.setdefault(r["method"], []).append(r)
+        by.setdefault(r["variant"], []).append(r)
     return {m: by[m] for m in [*METHODS, *sorted(set(by) - set(METHODS))] if m in by}
 
 
@@ -108,13 +104,6 @@ def paired_pk(runs: list[dict], baseline: list[dict], k: int) -> list[float]:
     base = {learning._key(r): r for r in baseline}
     return [pk_gain(r, k) - pk_gain(base[learning._key(r)], k) for r in sorted(runs, key=learning._key)
             if learning._key(r) in base]
-
-
-def _interval(d: list[float]) -> str:
-    if not d:
-        return "no paired run"
-    m, lo, hi = learning.mean_ci(d)
-    return f"{m:+.3f} " + (f"[{lo:+.3f}, {hi:+.3f}]" if len(d) > 1 else "(no interval)") + f", {learning._seeds(len(d))}"
 
 
 def _entropy(run: dict) -> dict[int, float]:
@@ -154,7 +143,7 @@ def summarise(runs: list[dict], out_dir: Path) -> str:
               f"| method | pass@1 gain - {BASELINE}'s | pass@{kmax} gain - {BASELINE}'s |", "|---|---|---|"]
     for m, rs in by.items():
         if m != BASELINE:
-            lines.append(f"| {m} | {_interval(paired_pk(rs, base, 1))} | {_interval(paired_pk(rs, base, kmax))} |")
+            lines.append(f"| {m} | {learning.interval(paired_pk(rs, base, 1))} | {learning.interval(paired_pk(rs, base, kmax))} |")
     lines.append("")
     if base:
         learns = all(pk_gain(r, 1) > 0 for r in base)
@@ -171,7 +160,7 @@ def summarise(runs: list[dict], out_dir: Path) -> str:
             _, lo, hi = learning.mean_ci(d)
             verdict = ("above the warm start" if lo > 0 else "below the warm start" if hi < 0
                        else "not distinguishable from the warm start")
-        lines.append(f"- {m}: {_interval(d)}: {verdict}")
+        lines.append(f"- {m}: {learning.interval(d)}: {verdict}")
     lines += ["", "## Cost: training seconds per +0.1 held-out pass@1", "",
               "Training seconds: the sum of verl's `timing_s/step` (rollout, log-probs, update; no validation), one run "
               "at a time on the machine's cores.", "",
@@ -239,9 +228,9 @@ def main(argv=None) -> int:
         ap.error(f"--n must be a power of 2 (k = 1, 2, 4, ..., n), got {args.n}")
     out_dir = Path(args.out or ROOT / "benchmarks" / "results" / ("exploration_quick" if args.quick else ""))
     store = out_dir / "exploration.json"
-    stored: list[dict] = json.loads(store.read_text()) if store.exists() else []
+    stored = learning.load_runs(store)
     if args.report:
-        runs = [r for r in stored if r["method"] in args.methods and r["seed"] in args.seeds]
+        runs = learning.runs_of(stored, args.methods, args.seeds)
         if not runs:
             ap.error(f"--report: no run of {args.methods} on seeds {args.seeds} in {store}")
         print(summarise(runs, out_dir))
@@ -251,13 +240,14 @@ def main(argv=None) -> int:
     args.test_freq = min(TEST_FREQ, args.steps)
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    builds = {s: learning.warm_start_id(s) for s in args.seeds}  # hashes the seed's weights: once per seed
+
     def same(r: dict, m: str, s: int) -> bool:
-        return ((r["method"], r["seed"], r["final_step"], r["n"]) == (m, s, args.steps, args.n)
-                and r["overrides"] == learning.VARIANTS[m][1] + list(args.overrides)
-                and r["warm_start"] == learning.warm_start_id(s))
+        return ((r["variant"], r["seed"], r["final_step"], r["n"]) == (m, s, args.steps, args.n)
+                and r["overrides"] == learning.VARIANTS[m][1] + list(args.overrides) and r["warm_start"] == builds[s])
 
     kept = [r for r in stored if args.resume and any(same(r, m, s) for m in args.methods for s in args.seeds)]
-    others = [r for r in stored if r not in kept and not (r["method"] in args.methods and r["seed"] in args.seeds)]
+    others = [r for r in stored if r not in kept and not (r["variant"] in args.methods and r["seed"] in args.seeds)]
     jobs = [(m, s) for s in args.seeds for m in args.methods if not any(same(r, m, s) for r in kept)]
     workdir = Path("/tmp") / f"popo_exploration_{os.getpid()}"
     workdir.mkdir(parents=True, exist_ok=True)

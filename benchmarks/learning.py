@@ -222,13 +222,26 @@ def _direction(lo: float, hi: float) -> str:
     return "no clear effect (interval spans 0)"
 
 
-def _vs(runs: list[dict], baseline: list[dict]) -> str:
-    """'mean [low, high], n seeds' of the gain of runs minus the gain of baseline, paired by seed."""
-    d = paired(runs, baseline)
+def interval(d: list[float]) -> str:
+    """'mean [low, high], n seeds' of paired differences (exploration.py's too)."""
     if not d:
         return "no paired run"
     m, lo, hi = mean_ci(d)
     return f"{m:+.3f} " + (f"[{lo:+.3f}, {hi:+.3f}]" if len(d) > 1 else "(no interval)") + f", {_seeds(len(d))}"
+
+
+def _vs(runs: list[dict], baseline: list[dict]) -> str:
+    """The gain of runs minus the gain of baseline, paired by seed."""
+    return interval(paired(runs, baseline))
+
+
+def load_runs(store: Path) -> list[dict]:
+    """The runs a benchmark stored (learning.json, exploration.json), none before its first."""
+    return json.loads(store.read_text()) if store.exists() else []
+
+
+def runs_of(runs: list[dict], variants, seeds) -> list[dict]:
+    return [r for r in runs if r["variant"] in variants and r["seed"] in seeds]
 
 
 def _seeds(n: int) -> str:
@@ -507,9 +520,9 @@ def main(argv=None) -> int:
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     store = out_dir / "learning.json"
-    stored: list[dict] = json.loads(store.read_text()) if store.exists() else []
+    stored = load_runs(store)
     if args.report:
-        results = [r for r in stored if r["variant"] in args.variants and r["seed"] in args.seeds]
+        results = runs_of(stored, args.variants, args.seeds)
         if not results:
             ap.error(f"--report: no run of {args.variants} on seeds {args.seeds} in {store}")
         print(summarise(results, out_dir))

@@ -354,7 +354,7 @@ def test_compare_plots_runs_of_your_own_from_their_logs(learning, tmp_path, caps
 # ------------------------------------------------------------------------------ benchmarks/exploration.py (issue #36)
 def _xrun(method, seed, start, end, entropy=0.15):
     """A run's record as exploration.py stores it: pass@k at the warm start and at the end (k = 1, 2, 4)."""
-    return {"method": method, "variant": method, "seed": seed, "warm_start": "w", "n": 4, "final_step": 200,
+    return {"variant": method, "seed": seed, "warm_start": "w", "n": 4, "final_step": 200,
             "train_s": 400.0, "overrides": [], "curves": {"entropy": {str(s): entropy for s in range(1, 21)}},
             "pass_at_k": {"start": {"1": start[0], "2": start[1], "4": start[2]},
                           "end": {"1": end[0], "2": end[1], "4": end[2]}}}

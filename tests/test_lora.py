@@ -18,6 +18,7 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
+from popo_verl import checkpoint
 from popo_verl.config import validate_popo_config
 from popo_verl.engines.common import local_shard
 from popo_verl.engines.fsdp import LoraSiamese, is_adapter_param
@@ -198,12 +199,12 @@ def lora_run(tmp_path_factory, tiny_dir):
 
 
 def shards(step_dir: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(step_dir / "actor" / "model_world_size_1_rank_0.pt", map_location="cpu", weights_only=False)
-    return {k: getattr(v, "_local_tensor", v).float() for k, v in state.items()}
+    return checkpoint.full_model_state(step_dir / "actor")
 
 
 def siamese_of(step_dir: Path) -> dict:
-    return torch.load(step_dir / "actor" / "popo_siamese" / "rank_0_of_1.pt", map_location="cpu", weights_only=True)
+    """The rank's saved siamese state: the adapters' EMA and ema_steps."""
+    return checkpoint.full_siamese_state(step_dir / "actor")[1]
 
 
 def test_lora_trains_through_verl_with_the_base_frozen_and_the_siamese_an_ema_of_the_adapters(lora_run, tiny_dir):

@@ -226,8 +226,8 @@ def test_summary_of_a_run_that_ray_ended_when_its_head_died(tmp_path):
     ckpt.mkdir()
     lines = summary.report(text, "train.log", checkpoint_dir=ckpt, exit_status=1)
     assert lines[-2] == ("the Ray head stopped answering and Ray ended the run 60 s later; the step lines after it went "
-                         "did not reach this console (Ray forwards them through the head); no checkpoint was saved: "
-                         "the same command starts over")
+                         "did not reach this console (Ray forwards them through the head); no checkpoint was saved "
+                         "yet: the same command starts over")
     (ckpt / "latest_checkpointed_iteration.txt").write_text("4")
     lines = summary.report(text, "train.log", checkpoint_dir=ckpt, exit_status=1)
     assert lines[-2].endswith("the steps after step 4 are lost; once the cluster is up again, the same command "

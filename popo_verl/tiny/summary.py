@@ -121,10 +121,15 @@ def lost_worker(text: str, checkpoint_dir=None) -> str | None:
     why = f": {detail.strip()}" if detail else ""
     if checkpoint_dir is None:
         return f"a Ray worker died: {name} (pid {pid}){why}"
-    saved = tracked_step(checkpoint_dir)
-    again = (f"the steps after step {saved} are lost; the same command resumes from there (trainer.resume_mode=auto)"
-             if saved else "no checkpoint was saved yet: the same command starts over")
-    return f"a Ray worker died: {name} (pid {pid}){why}; {again}"
+    return f"a Ray worker died: {name} (pid {pid}){why}; {_rerun(checkpoint_dir)}"
+
+
+def _rerun(checkpoint_dir, first: str = "") -> str:
+    """Where the same command goes on after a run that died: from the last complete checkpoint, or from the start.
+    first: what must happen before it (the cluster back up)."""
+    saved = tracked_step(checkpoint_dir) if checkpoint_dir is not None else None
+    return (f"the steps after step {saved} are lost; {first}the same command resumes from there "
+            "(trainer.resume_mode=auto)" if saved else "no checkpoint was saved yet: the same command starts over")
 
 
 _HEAD_STOPPED = re.compile(r"popo-verl: the Ray head stopped answering \((.*?)\) after step (\d+)")
@@ -144,9 +149,7 @@ def lost_head(text: str, checkpoint_dir=None) -> str | None:
     fatal = _GCS_FATAL.search(text)
     if not fatal:
         return None
-    saved = tracked_step(checkpoint_dir) if checkpoint_dir is not None else None
-    again = (f"the steps after step {saved} are lost; once the cluster is up again, the same command resumes from there "
-             "(trainer.resume_mode=auto)" if saved else "no checkpoint was saved: the same command starts over")
+    again = _rerun(checkpoint_dir, "once the cluster is up again, ")
     return f"the Ray head stopped answering and Ray ended the run {fatal.group(1)} s later; {_UNSEEN}; {again}"
 
 
