@@ -30,11 +30,12 @@ WITHOUT_POPO_VERL = {"VERL_USE_EXTERNAL_PLUGINS": "none", "POPO_VERL_HYDRA": "0"
 #: registers itself at the end of its own import, as well as through register_all
 BACKEND = "popo_verl.cpu.backend"
 
-#: (verl module, our module, its registering function): each registration waits for verl to import that module
+#: (verl's or Ray's module, our module, its registering function): each waits for the import of that module
 REGISTRATIONS = (
     ("verl.trainer.ppo.core_algos", "popo_verl.algos", "register"),  # advantage estimator and policy loss "popo"
     ("verl.trainer.ppo.v1", "popo_verl.trainer", None),  # trainer mode "popo" (its @register_trainer)
     ("verl.trainer.ppo.v1.trainer_sync", "popo_verl.stop", "register"),  # Ctrl-C / Ray-head stop, asked for only
+    ("ray._private.worker", "popo_verl.ray_head", "register"),  # the driver's GCS polls paused while the head is gone
 )
 
 

@@ -10,10 +10,11 @@ The Ray head's GCS dying (killed, out of memory) does not stop verl's loop: the 
 process, so training goes on, but its output no longer reaches the driver (Ray forwards it through the GCS), and
 60 s later (Ray's gcs_rpc_server_reconnect_timeout_s) every Ray process exits, the trainer mid-step or mid-save,
 and the steps since the last checkpoint are lost. With POPO_RAY_HEAD_TIMEOUT_S set, the trainer asks the GCS after
-each step (one call, answered in a millisecond when it is up); without an answer in that many seconds, it saves a
-checkpoint the same way and raises a RuntimeError, whose message reaches the driver in the task's reply (no GCS
-needed). A builtin class on purpose: the driver unpickles the error, and a class of ours would import this module
-there, whose import hooks verl's trainer and so imports verl, which writes to the dead GCS and hangs.
+each step (one call, answered in a millisecond when it is up; popo_verl/ray_head.py, which also keeps the driver
+from spinning while the GCS is gone); without an answer in that many seconds, it saves a checkpoint the same way
+and raises a RuntimeError, whose message reaches the driver in the task's reply (no GCS needed). A builtin class
+on purpose: the driver unpickles the error, and a class of ours would import this module there, whose import hooks
+verl's trainer and so imports verl, which writes to the dead GCS and hangs.
 
 Without POPO_STOP_FILE or POPO_RAY_HEAD_TIMEOUT_S set, nothing changes.
 """
@@ -23,9 +24,10 @@ from __future__ import annotations
 import functools
 import os
 
+from popo_verl.ray_head import gcs_address, head_timeout_s, ray_head_answers
+
 STOP_FILE_ENV = "POPO_STOP_FILE"
 STOP_MESSAGE = "popo-verl: stop requested: checkpoint saved at step {step}; training ends here"
-HEAD_TIMEOUT_ENV = "POPO_RAY_HEAD_TIMEOUT_S"
 HEAD_LOST_MESSAGE = ("popo-verl: the Ray head stopped answering (its GCS at {address} gave no reply in {timeout:g} s) "
                      "after step {step}: checkpoint saved at step {step}; training ends here. Once the cluster is up "
                      "again, the same command resumes from step {step} (trainer.resume_mode=auto)")
@@ -34,37 +36,6 @@ HEAD_LOST_MESSAGE = ("popo-verl: the Ray head stopped answering (its GCS at {add
 def stop_requested() -> bool:
     path = os.environ.get(STOP_FILE_ENV)
     return bool(path) and os.path.exists(path)
-
-
-def head_timeout_s() -> float | None:
-    """POPO_RAY_HEAD_TIMEOUT_S in seconds; None (no check) when unset, empty or 0."""
-    value = float(os.environ.get(HEAD_TIMEOUT_ENV) or 0)
-    return value if value > 0 else None
-
-
-def ray_head_answers(timeout_s: float) -> bool:
-    """Whether this process's Ray GCS answers one call within timeout_s (True outside Ray: no head to lose).
-    Ray's private GcsClient (ray/_raylet.pyx `GcsClient.internal_kv_get`, ray 2.60): the public API has no call
-    that takes a timeout; tests/test_verl_pins.py pins it against a GCS it kills."""
-    import ray
-    from ray.exceptions import RpcError
-
-    if not ray.is_initialized():
-        return True
-    try:
-        ray._private.worker.global_worker.gcs_client.internal_kv_get(b"alive", b"popo_verl", timeout=timeout_s)
-    except RpcError:
-        return False
-    return True
-
-
-def _gcs_address() -> str:
-    import ray
-
-    try:
-        return ray._private.worker.global_worker.gcs_client.address
-    except Exception:  # only for the message
-        return "?"
 
 
 def _saved_step(trainer) -> int | None:
@@ -86,7 +57,7 @@ def stop_after_step(trainer) -> bool:
     if _saved_step(trainer) != trainer.global_steps:
         trainer._save_checkpoint()
     if head_lost:
-        raise RuntimeError(HEAD_LOST_MESSAGE.format(address=_gcs_address(), timeout=timeout, step=trainer.global_steps))
+        raise RuntimeError(HEAD_LOST_MESSAGE.format(address=gcs_address(), timeout=timeout, step=trainer.global_steps))
     print(STOP_MESSAGE.format(step=trainer.global_steps), flush=True)
     # verl's fit loop runs while global_steps <= total_training_steps and increments after the step
     trainer.total_training_steps = trainer.global_steps

@@ -94,8 +94,9 @@ EXPERIMENT_NAME=${EXPERIMENT_NAME:-${ALGO_TAG}_${MODEL}-${SIZE}_${PRESET}}${EXPE
 CKPT_DIR=${CKPT_DIR:-$PWD/checkpoints/${PROJECT_NAME}/${EXPERIMENT_NAME}}
 LOGGER=${LOGGER:-[console,wandb]}
 # after each step the trainer asks the Ray head (its GCS); without an answer in this many seconds it saves a
-# checkpoint and ends the run, before Ray's own 60 s timeout takes every process down mid-step (popo_verl/stop.py)
-POPO_RAY_HEAD_TIMEOUT_S=${POPO_RAY_HEAD_TIMEOUT_S:-10}
+# checkpoint and ends the run, before Ray's own 60 s timeout takes every process down mid-step (popo_verl/stop.py);
+# exported for the driver, whose polls of the GCS then pause while it is gone (popo_verl/ray_head.py)
+export POPO_RAY_HEAD_TIMEOUT_S=${POPO_RAY_HEAD_TIMEOUT_S:-10}
 
 compose_only=false
 for arg in "$@"; do [[ "$arg" == "--cfg" || "$arg" == "--help" || "$arg" == "-h" ]] && compose_only=true; done

@@ -139,8 +139,9 @@ export RAY_prestart_worker_first_driver=${RAY_prestart_worker_first_driver:-0}
 export RAY_enable_worker_prestart=${RAY_enable_worker_prestart:-0}
 # after each step the trainer asks the Ray head (its GCS); without an answer in this many seconds it saves a
 # checkpoint and ends the run, before Ray's own 60 s timeout takes every process down mid-step (popo_verl/stop.py);
-# 0 turns the check off. Passed to the job's runtime_env: an existing cluster's processes do not see this shell's.
-POPO_RAY_HEAD_TIMEOUT_S=${POPO_RAY_HEAD_TIMEOUT_S:-10}
+# 0 turns the check off. Passed to the job's runtime_env: an existing cluster's processes do not see this shell's;
+# exported for the driver, whose polls of the GCS then pause while it is gone (popo_verl/ray_head.py).
+export POPO_RAY_HEAD_TIMEOUT_S=${POPO_RAY_HEAD_TIMEOUT_S:-10}
 
 # popo_verl's reward function; the task is built after the overrides are checked
 REWARD_FILE=${REWARD_FILE:-$("$PYTHON" -c 'import pathlib, popo_verl; print(pathlib.Path(popo_verl.__file__).parent / "reward.py")')}

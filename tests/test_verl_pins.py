@@ -199,30 +199,44 @@ def test_the_hooks_for_early_errors_and_ctrl_c_still_fit_verl():
 RAY_HEAD_CHECK = """
 import os, signal, sys, time
 import psutil, ray
-from popo_verl import stop
-ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-print("up", stop.ray_head_answers(5.0), flush=True)
+import verl  # the plugin: POPO_RAY_HEAD_TIMEOUT_S is set, the driver's GCS subscribers pause (popo_verl/ray_head.py)
+from popo_verl import ray_head
+ray.init(num_cpus=1, include_dashboard=False)
+worker = ray._private.worker.global_worker
+print("ours", all(getattr(type(s), "_popo_pausing", False) for s in (worker.gcs_log_subscriber,
+                                                                    worker.gcs_error_subscriber)), flush=True)
+print("up", ray_head.ray_head_answers(5.0), flush=True)
 gcs = [p for p in psutil.Process().children(recursive=True) if "gcs_server" in " ".join(p.cmdline())]
 for p in gcs:
     p.kill()
 t = time.monotonic()
-print("down", stop.ray_head_answers(2.0), round(time.monotonic() - t, 1), len(gcs), flush=True)
+print("down", ray_head.ray_head_answers(2.0), round(time.monotonic() - t, 1), len(gcs), flush=True)
+cpu = time.process_time()
+time.sleep(3)
+print("cpu", round(time.process_time() - cpu, 2), flush=True)
 os._exit(0)  # ray.shutdown would wait for the dead GCS
 """
 
 
 def test_the_ray_head_check_still_fits_ray():
-    """popo_verl/stop.py asks the GCS through Ray's private GcsClient (`internal_kv_get` with a timeout, raising
-    RpcError when the GCS does not answer): against a real local Ray whose GCS is killed. In a child process: Ray
-    ends a process whose GCS has been gone 60 s."""
+    """popo_verl/ray_head.py asks the GCS through Ray's private GcsClient (`internal_kv_get` with a timeout, raising
+    RpcError when the GCS does not answer), and subclasses the driver's two GCS subscribers so that their polls
+    pause while it is gone: against a real local Ray whose GCS is killed. Ray 2.60's own driver spends about 2 CPU
+    seconds per second then (its log and error threads spin), which slowed the step in flight past Ray's 60 s. In
+    a child process: Ray ends a process whose GCS has been gone 60 s."""
+    import os
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-c", RAY_HEAD_CHECK], capture_output=True, text=True, timeout=120)
-    lines = [line.split() for line in r.stdout.splitlines() if line.startswith(("up", "down"))]
-    assert lines[0] == ["up", "True"], r.stdout + r.stderr[-3000:]
-    _, answered, waited, killed = lines[1]
-    assert answered == "False" and killed == "1" and 1.5 <= float(waited) < 10, lines[1]
+    env = {**os.environ, "POPO_RAY_HEAD_TIMEOUT_S": "10"}
+    r = subprocess.run([sys.executable, "-c", RAY_HEAD_CHECK], capture_output=True, text=True, timeout=180, env=env)
+    lines = {line.split()[0]: line.split()[1:] for line in r.stdout.splitlines()
+             if line.startswith(("ours", "up", "down", "cpu"))}
+    assert lines.get("ours") == ["True"] and lines.get("up") == ["True"], r.stdout + r.stderr[-3000:]
+    answered, waited, killed = lines["down"]
+    assert answered == "False" and killed == "1" and 1.5 <= float(waited) < 10, lines["down"]
+    # the driver without its GCS, 3 s: a poll per second and thread, not two spinning threads
+    assert float(lines["cpu"][0]) < 0.5, lines["cpu"]
 
 
 def test_the_megatron_engine_hooks_still_fit_verl():

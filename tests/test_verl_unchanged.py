@@ -116,24 +116,31 @@ def test_verl_runs_without_popo_see_verls_own_functions():
     assert with_plugin["verl"]["validate_config wrapped"] is False and with_plugin["verl"]["agent loop's hydra"] is True
 
 
-def test_the_stop_hooks_verl_only_when_its_launcher_asks():
+def test_the_stop_hooks_verl_and_ray_only_when_its_launcher_asks():
+    """The stop hooks verl's trainer, and the driver's GCS polls pause (popo_verl/ray_head.py), only where the
+    launcher asked: POPO_STOP_FILE for the Ctrl-C stop, a positive POPO_RAY_HEAD_TIMEOUT_S for the Ray head's."""
     code = """
         import os
+        import ray._raylet as raylet
         from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
-        from popo_verl import stop
+        from popo_verl import ray_head, stop
         hooked = lambda: getattr(PPOTrainerSync.on_step_end, "_popo_stop", False)
-        print(hooked())
+        pausing = lambda: all(getattr(getattr(raylet, n), "_popo_pausing", False)
+                              for n in ("GcsLogSubscriber", "GcsErrorSubscriber"))
+        print(hooked(), pausing())
         # the stop when the Ray head dies: asked for by a positive POPO_RAY_HEAD_TIMEOUT_S; 0 is off
         os.environ["POPO_RAY_HEAD_TIMEOUT_S"] = "0"
-        stop.register()
-        print(hooked())
+        stop.register(); ray_head.register()
+        print(hooked(), pausing())
         os.environ["POPO_RAY_HEAD_TIMEOUT_S"] = "10"
-        stop.register()
-        print(hooked())
+        stop.register(); ray_head.register()
+        print(hooked(), pausing())
     """
-    assert _python(code).stdout.split()[-3:] == ["False", "False", "True"]
-    # the Ctrl-C stop, hooked at verl's import when the launcher set POPO_STOP_FILE
-    assert _python(code, {"POPO_STOP_FILE": "/nonexistent/stop"}).stdout.split()[-3] == "True"
+    assert _python(code).stdout.split()[-6:] == ["False", "False", "False", "False", "True", "True"]
+    # set by the launcher, both are in place once verl is imported (the plugin)
+    assert _python(code, {"POPO_RAY_HEAD_TIMEOUT_S": "10"}).stdout.split()[-6:-4] == ["True", "True"]
+    # the Ctrl-C stop, hooked at verl's import when the launcher set POPO_STOP_FILE; Ray as it is
+    assert _python(code, {"POPO_STOP_FILE": "/nonexistent/stop"}).stdout.split()[-6:-4] == ["True", "False"]
 
 
 def test_the_cpu_backend_changes_verl_when_asked_for():
