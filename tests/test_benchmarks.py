@@ -367,12 +367,16 @@ def test_exploration_report_pairs_gains_by_seed_and_reads_pass_at_k_against_the_
     runs += [_xrun("psr", s, start, (0.50, 0.55, 0.80 + 0.01 * s)) for s in (0, 1, 2)]
     text = exploration.summarise(runs, tmp_path)
     assert "| popo | 3 | 200 | 0.300 -> 0.450 | 0.150 ± 0.000 | 0.900 -> 0.920 | 0.020 ± 0.010 | 0.200 -> 0.200 | 400 |" in text
-    # POPO - GRPO per seed, pass@1: 0.05, 0.04, 0.03; pass@4: 0.06, 0.08, 0.10 (half-width 4.303 x 0.02 / sqrt 3)
-    assert "| popo | +0.040 [+0.015, +0.065], 3 seeds | +0.080 [+0.030, +0.130], 3 seeds |" in text
+    # POPO - GRPO per seed, pass@1: 0.05, 0.04, 0.03; pass@2: 0.05 each; pass@4: 0.06, 0.08, 0.10 (half-width
+    # 4.303 x 0.02 / sqrt 3); k = 1, the middle k (max(2, 4 / 8)), the largest
+    assert ("| popo | +0.040 [+0.015, +0.065], 3 seeds | +0.050 [+0.050, +0.050], 3 seeds | "
+            "+0.080 [+0.030, +0.130], 3 seeds |") in text
+    assert exploration.report_ks(64) == [1, 8, 64]
     assert "GRPO gains held-out pass@1 on every seed (3): the comparison stands." in text
-    assert "- grpo: -0.060 [-0.085, -0.035], 3 seeds: below the warm start" in text
-    assert "- popo: +0.020 [-0.005, +0.045], 3 seeds: not distinguishable from the warm start" in text
-    assert "- psr: -0.090 [-0.115, -0.065], 3 seeds: below the warm start" in text
+    assert "- grpo: -0.060 [-0.085, -0.035], 3 seeds (warm start 0.900): below the warm start" in text
+    assert "- popo: +0.020 [-0.005, +0.045], 3 seeds (warm start 0.900): not distinguishable from the warm start" in text
+    assert "- psr: -0.090 [-0.115, -0.065], 3 seeds (warm start 0.900): below the warm start" in text
+    assert "## pass@2 against the warm start" in text and "- psr: +0.050 [+0.050, +0.050], 3 seeds (warm start 0.500): above" in text
     assert "| popo | 400 | 267 |" in text  # 400 s for +0.15: 267 s per +0.1
     assert (tmp_path / "exploration.md").read_text() == text and (tmp_path / "exploration.png").stat().st_size > 1000
     runs[0] = _xrun("grpo", 0, start, (0.29, 0.5, 0.8))
